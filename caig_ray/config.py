@@ -1,0 +1,221 @@
+"""Typed, validated configuration: one pydantic model per component, loaded from YAML.
+
+Presets ship as package data (``caig_ray/presets/*.yaml``) so the installed CLI finds them:
+``quick`` (tests), ``demo`` (the README demo) and ``gpu-cluster`` (real checkpoints, placeholders).
+Every model forbids unknown keys, so a typo fails loudly with the key path and the file named.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESETS = ("quick", "demo", "gpu-cluster")
+
+
+class ConfigError(ValueError):
+    """A config file or preset that cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MarketConfig(_Strict):
+    """The simulated ad market (DESIGN.md §3). Every knob of the hidden click model lives here."""
+
+    seed: int = 0
+    n_products: int = Field(40, ge=2)
+    categories: list[str] = ["sneakers", "cosmetics", "electronics", "kitchen", "toys"]
+    product_image_size: int = Field(96, ge=32)
+    ad_image_size: int = Field(96, ge=32)
+    product_fill: float = Field(0.78, gt=0.1, le=1.0)
+    creatives_per_product: tuple[int, int] = (4, 8)
+    impressions: tuple[int, int] = (800, 20000)
+    # Designers in history pick a scene that suits the category this often.
+    designer_match_rate: float = Field(0.95, ge=0.0, le=1.0)
+    # Hidden click model: logit(CTR) = base_logit + category_bias + ... (see caig_ray.market.clicks).
+    base_logit: float = -3.6
+    category_bias: dict[str, float] = {
+        "sneakers": 0.15, "cosmetics": 0.05, "electronics": -0.05, "kitchen": -0.15, "toys": 0.0,
+    }
+    compatible_scenes: dict[str, list[str]] = {
+        "sneakers": ["stadium", "street", "studio"],
+        "cosmetics": ["vanity", "marble", "studio"],
+        "electronics": ["desk", "neon", "studio"],
+        "kitchen": ["kitchen", "marble", "studio"],
+        "toys": ["playroom", "beach", "studio"],
+    }
+    match_bonus: float = 0.25
+    mismatch_penalty: float = 0.6
+    # Eye-catching scenes help every category -- smaller than the mismatch penalty by design.
+    attention_bonus: dict[str, float] = {"stadium": 0.35, "beach": 0.3, "neon": 0.3}
+    palette_effect: dict[str, float] = {
+        "vivid": 0.2, "warm": 0.1, "pastel": 0.05, "neutral": 0.0, "cool": 0.0, "dark": -0.15,
+    }
+    # category x palette preferences added on top of palette_effect.
+    category_palette: dict[str, dict[str, float]] = {
+        "cosmetics": {"pastel": 0.2, "dark": -0.1},
+        "electronics": {"dark": 0.25, "cool": 0.1},
+        "toys": {"vivid": 0.2},
+        "kitchen": {"warm": 0.15},
+        "sneakers": {"vivid": 0.1},
+    }
+    lighting_effect: dict[str, float] = {"bright": 0.15, "soft": 0.05, "dramatic": 0.1, "dim": -0.2}
+    clutter_effect: dict[str, float] = {"minimal": 0.1, "some": 0.0, "busy": -0.2}
+    # Product/background luminance contrast in [0, 1] is visible in the pixels and helps clicks.
+    contrast_weight: float = 0.3
+    # Creative-level noise the pixels do not show (std of a logit offset fixed by the seed).
+    noise_std: float = 0.05
+    # The RM pair band (CTR_hi / CTR_lo) and impression threshold used by the Bayes-ceiling oracle.
+    min_impressions: int = 1000
+    band: tuple[float, float] = (1.05, 1.20)
+
+    @model_validator(mode="after")
+    def _check_tables(self) -> "MarketConfig":
+        lo, hi = self.creatives_per_product
+        if not 2 <= lo <= hi:
+            raise ValueError(f"creatives_per_product must satisfy 2 <= min <= max, got {lo, hi}")
+        if not 0 < self.impressions[0] <= self.impressions[1]:
+            raise ValueError(f"impressions range must be 0 < lo <= hi, got {self.impressions}")
+        if not 1.0 <= self.band[0] < self.band[1]:
+            raise ValueError(f"band must satisfy 1 <= lo < hi, got {self.band}")
+        for key in ("category_bias", "compatible_scenes"):
+            missing = set(self.categories) - set(getattr(self, key))
+            if missing:
+                raise ValueError(f"{key} has no entry for categories {sorted(missing)}")
+        return self
+
+
+class TinyBackboneConfig(_Strict):
+    """Size of the tiny randomly initialised MLLM built on CPU (the embedded default)."""
+
+    family: Literal["qwen2_vl"] = "qwen2_vl"
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 128
+    vision_depth: int = 2
+    vision_embed_dim: int = 32
+    vision_patch_size: int = 14
+    vocab_size: int = 512
+    image_size: int = 56  # product image side fed to the vision tower (multiple of 28)
+    seed: int = 0
+
+
+class PolicyConfig(_Strict):
+    """The prompt model (PM). ``model_path`` None means: the tiny model from ``make-world``."""
+
+    model_path: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tiny: TinyBackboneConfig = TinyBackboneConfig()
+    max_new_tokens: int = Field(24, ge=1)
+    temperature: float = Field(1.0, gt=0.0)
+
+
+class RewardConfig(_Strict):
+    """The reward model (RM): backbone + 2-way last-token head + point-level CTR head."""
+
+    model_path: str | None = None
+    backbone_path: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tiny: TinyBackboneConfig = TinyBackboneConfig(seed=1)
+    pair_image_size: int = Field(56, ge=28)  # each ad resized to this side before concatenation
+    ctr_loss_weight: float = Field(0.5, ge=0.0)
+
+
+class RendererConfig(_Strict):
+    """Which renderer paints backgrounds, and how (DESIGN.md §2 for the diffusers settings)."""
+
+    kind: Literal["procedural", "diffusers"] = "procedural"
+    sd_path: str | None = None
+    controlnet_path: str | None = None
+    image_size: int = Field(96, ge=32)
+    product_fill: float = Field(0.78, gt=0.1, le=1.0)
+    steps: int = Field(30, ge=1)
+    guidance_scale: float = 7.5
+    controlnet_scale: float = 1.0
+    canny_low: int = 100
+    canny_high: int = 200
+    mask_dilate: int = Field(20, ge=1)
+    batch_size: int = Field(4, ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    tiny_sd_size: int = Field(64, ge=32)  # image side used with the tiny SD (multiple of 8)
+
+    @model_validator(mode="after")
+    def _check_paths(self) -> "RendererConfig":
+        if self.kind == "diffusers" and self.image_size % 8:
+            raise ValueError(f"image_size must be a multiple of 8 for diffusers, got {self.image_size}")
+        return self
+
+
+class DataConfig(_Strict):
+    """Where the catalog and click logs are read from (None: the world written by make-world)."""
+
+    catalog: str | None = None
+    click_logs: str | None = None
+
+
+class CaigConfig(_Strict):
+    """Top-level config: one block per component."""
+
+    name: str = "caig"
+    seed: int = 0
+    market: MarketConfig = MarketConfig()
+    policy: PolicyConfig = PolicyConfig()
+    reward: RewardConfig = RewardConfig()
+    renderer: RendererConfig = RendererConfig()
+    data: DataConfig = DataConfig()
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        got = e.get("input")
+        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {key}: {e['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+def preset_path(name: str) -> Path:
+    """Path of a preset shipped with the package."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return Path(str(resources.files("caig_ray") / "presets" / f"{name}.yaml"))
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(source: str | Path, overrides: dict[str, Any] | None = None) -> CaigConfig:
+    """Load a preset name or a YAML file; ``overrides`` is merged on top (nested dicts)."""
+    path = preset_path(str(source)) if str(source) in PRESETS else Path(source)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (presets: {', '.join(PRESETS)})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    if overrides:
+        raw = _deep_merge(raw, overrides)
+    try:
+        return CaigConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, str(path))) from None
+
+
+def save_config(cfg: CaigConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,78 @@
+"""Click logs: parquet with ``product_id, creative_id, image, impressions, clicks`` (+ optional
+title, category, description). ``image`` is a path (relative to the file) or PNG/JPEG bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from caig_ray.data.catalog import DataError, decode_image
+
+REQUIRED = ("product_id", "creative_id", "image", "impressions", "clicks")
+MAX_REPORTED = 20
+
+
+def read_click_logs(path: str | Path, check_images: bool = True) -> pa.Table:
+    """Read and validate a click log. Every bad row is reported (up to 20 listed, with the total);
+    nothing is dropped: either the whole table is good or the read fails."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"click log file not found: {path}")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path}: not a readable parquet file: {e}") from None
+    missing = [c for c in REQUIRED if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; required: {list(REQUIRED)}")
+    for col in ("impressions", "clicks"):
+        if not pa.types.is_integer(table.schema.field(col).type):
+            raise DataError(f"{path}, field '{col}': must be integer, got {table.schema.field(col).type}")
+    cols = {c: table.column(c).to_pylist() for c in ("product_id", "creative_id", "impressions", "clicks")}
+    errors: list[str] = []
+    seen: dict = {}
+    for i in range(table.num_rows):
+        imp, clk, cid = cols["impressions"][i], cols["clicks"][i], cols["creative_id"][i]
+        where = f"{path}, row {i}"
+        for col in ("product_id", "creative_id", "impressions", "clicks"):
+            if cols[col][i] is None:
+                errors.append(f"{where}, field '{col}': missing")
+        if imp is not None and imp < 0:
+            errors.append(f"{where}, field 'impressions': negative ({imp})")
+        if clk is not None and clk < 0:
+            errors.append(f"{where}, field 'clicks': negative ({clk})")
+        if imp is not None and clk is not None and clk > imp:
+            errors.append(f"{where}, field 'clicks': {clk} clicks > {imp} impressions")
+        if cid is not None:
+            if cid in seen:
+                errors.append(f"{where}, field 'creative_id': duplicate {cid!r} (first at row {seen[cid]})")
+            else:
+                seen[cid] = i
+    if check_images:
+        images = table.column("image")
+        for i in range(table.num_rows):
+            try:
+                decode_image(images[i].as_py(), path.parent, f"{path}, row {i}, field 'image'")
+            except DataError as e:
+                errors.append(str(e))
+    if errors:
+        shown = "\n  ".join(errors[:MAX_REPORTED])
+        more = f"\n  ... and {len(errors) - MAX_REPORTED} more" if len(errors) > MAX_REPORTED else ""
+        raise DataError(f"{path}: {len(errors)} bad row(s) in the click log:\n  {shown}{more}")
+    return table
+
+
+def load_log_image(table: pa.Table, row: int, base_dir: str | Path) -> Image.Image:
+    """The ad image of one click-log row, as RGB."""
+    value = table.column("image")[row].as_py()
+    return decode_image(value, Path(base_dir), f"row {row}, field 'image'").convert("RGB")
+
+
+def write_click_logs(rows: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path

@@ -1,0 +1,28 @@
+"""The prompt model (PM): an image-text-to-text MLLM that writes background descriptions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForImageTextToText, Qwen2VLForConditionalGeneration
+
+from caig_ray.config import TinyBackboneConfig
+from caig_ray.models.vlm import DTYPES, build_tiny_processor, load_processor, tiny_vlm_config
+
+
+def make_tiny_policy(tiny: TinyBackboneConfig, out_dir: str | Path) -> Path:
+    """Build the tiny PM (random weights, local tokenizer) and save it; load it with ``load_policy``."""
+    processor = build_tiny_processor(tiny, max_pixels=tiny.image_size * tiny.image_size)
+    torch.manual_seed(tiny.seed)
+    model = Qwen2VLForConditionalGeneration(tiny_vlm_config(tiny, processor.tokenizer))
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def load_policy(path: str | Path, dtype: str = "float32", device: str = "cpu"):
+    """(model, processor) from a local folder -- a real checkpoint or a tiny one alike."""
+    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=DTYPES[dtype]).to(device)
+    return model, load_processor(path)

@@ -1,0 +1,134 @@
+"""The diffusers renderer, done as CAIG does it (DESIGN.md §2): SD inpainting + ControlNet canny.
+
+The product is cropped to its alpha box and centred at ``product_fill`` of the side; the control
+image is the canny edge map of the product only; the inpaint mask is the inverse alpha dilated;
+after inpainting the original product is pasted back with the undilated alpha, so its pixels are
+kept. Both candidates of a pair are rendered with the same seed, so they differ only by prompt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+from caig_ray.config import RendererConfig
+from caig_ray.imaging import RenderedAd, paste_product, place_product
+from caig_ray.models.vlm import DTYPES
+from caig_ray.prompts import clean_prompt
+
+
+def control_and_mask(placed: Image.Image, canny_low: int, canny_high: int, dilate: int) -> tuple[Image.Image, Image.Image, Image.Image]:
+    """(init image on white, canny control image of the product only, inpaint mask) for a placed product."""
+    alpha = np.asarray(placed.getchannel("A"))
+    white = Image.new("RGB", placed.size, (255, 255, 255))
+    white.paste(placed.convert("RGB"), (0, 0), placed.getchannel("A"))
+    edges = cv2.Canny(cv2.cvtColor(np.asarray(white), cv2.COLOR_RGB2GRAY), canny_low, canny_high)
+    near_product = cv2.dilate((alpha > 0).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+    edges = np.where(near_product, edges, 0).astype(np.uint8)
+    mask = cv2.dilate(255 - alpha, np.ones((dilate, dilate), np.uint8))
+    return white, Image.fromarray(np.stack([edges] * 3, -1)), Image.fromarray(mask)
+
+
+class DiffusersRenderer:
+    """Stable Diffusion ControlNet inpainting from local folders; same ``render`` as the procedural one."""
+
+    kind = "diffusers"
+
+    def __init__(self, cfg: RendererConfig):
+        from diffusers import ControlNetModel, StableDiffusionControlNetInpaintPipeline
+
+        if not cfg.sd_path or not cfg.controlnet_path:
+            raise ValueError("renderer.kind=diffusers needs renderer.sd_path and renderer.controlnet_path")
+        for key in ("sd_path", "controlnet_path"):
+            if not Path(getattr(cfg, key)).is_dir():
+                raise FileNotFoundError(f"renderer.{key}: model folder not found: {getattr(cfg, key)}")
+        self.cfg = cfg
+        dtype = DTYPES[cfg.dtype]
+        controlnet = ControlNetModel.from_pretrained(cfg.controlnet_path, dtype=dtype)
+        self.pipe = StableDiffusionControlNetInpaintPipeline.from_pretrained(
+            cfg.sd_path, controlnet=controlnet, safety_checker=None, requires_safety_checker=False, dtype=dtype,
+        ).to(cfg.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        # CAIG's 20x20 dilation is for 512 px; keep the same fraction of the side at other sizes.
+        self.dilate = max(1, round(cfg.mask_dilate * cfg.image_size / 512))
+
+    def render(self, products: list[Image.Image], descriptions: list[str], seeds: list[int]) -> list[RenderedAd]:
+        if not len(products) == len(descriptions) == len(seeds):
+            raise ValueError(
+                f"render: products, descriptions and seeds must have one entry each "
+                f"(got {len(products)}, {len(descriptions)}, {len(seeds)})"
+            )
+        c, out = self.cfg, []
+        for start in range(0, len(products), c.batch_size):
+            sl = slice(start, start + c.batch_size)
+            placed = [place_product(p, c.image_size, c.product_fill) for p in products[sl]]
+            prepared = [control_and_mask(p, c.canny_low, c.canny_high, self.dilate) for p in placed]
+            prompts = [clean_prompt(d) for d in descriptions[sl]]
+            images = self.pipe(
+                prompt=prompts, negative_prompt=[""] * len(prompts),
+                image=[p[0] for p in prepared], control_image=[p[1] for p in prepared],
+                mask_image=[p[2] for p in prepared],
+                height=c.image_size, width=c.image_size, num_inference_steps=c.steps,
+                guidance_scale=c.guidance_scale, controlnet_conditioning_scale=c.controlnet_scale,
+                generator=[torch.Generator("cpu").manual_seed(int(s)) for s in seeds[sl]], output_type="pil",
+            ).images
+            for img, pl, desc, seed in zip(images, placed, descriptions[sl], seeds[sl]):
+                out.append(RenderedAd(image=paste_product(img, pl), description=desc, seed=int(seed)))
+        return out
+
+
+def make_renderer(cfg: RendererConfig):
+    """The renderer ``cfg.kind`` names (both share the ``render`` interface)."""
+    if cfg.kind == "diffusers":
+        return DiffusersRenderer(cfg)
+    from caig_ray.market.render import ProceduralRenderer
+
+    return ProceduralRenderer(cfg.image_size, cfg.product_fill)
+
+
+def make_tiny_sd(sd_dir: str | Path, controlnet_dir: str | Path, corpus: list[str], seed: int = 0) -> tuple[Path, Path]:
+    """A tiny SD1.5-shaped inpainting model (UNet in_channels=9, VAE with latent factor 8, CLIP text
+    encoder with a locally trained tokenizer) and a tiny canny ControlNet, saved as two folders laid
+    out like real checkpoints."""
+    from diffusers import (
+        AutoencoderKL, ControlNetModel, EulerAncestralDiscreteScheduler, StableDiffusionInpaintPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from caig_ray.models.tokenizers import build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(corpus, vocab_size=600)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=len(tokenizer), max_position_embeddings=77, projection_dim=32,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+    blocks = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                  attention_head_dim=(2, 4), norm_num_groups=8)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=9, out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), **blocks,
+    )
+    controlnet = ControlNetModel(
+        in_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        conditioning_embedding_out_channels=(8, 16, 32, 64), **blocks,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 32, 32), in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=8, sample_size=64,
+    )
+    scheduler = EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    pipe = StableDiffusionInpaintPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(sd_dir)
+    controlnet.save_pretrained(controlnet_dir)
+    return Path(sd_dir), Path(controlnet_dir)
