@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up caig-ray in ./.venv on a fresh CPU machine (idempotent: a second run is quick).
+# torch is pinned to the 2.13.0 CPU wheel: an unpinned torch would pull a multi-GB CUDA build.
+# On a GPU cluster install your CUDA torch first and run: pip install -e .
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=.venv/.caig-ray-installed
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
+  echo "setup: .venv is up to date"; exit 0
+fi
+start=$(date +%s)
+.venv/bin/pip install -q --disable-pip-version-check -U pip 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import torch, ray, deepspeed, transformers, diffusers, trl, caig_ray, cv2; print('setup: torch', torch.__version__, '| ray', ray.__version__)"
+touch "$stamp"
+echo "setup: done in $(( $(date +%s) - start )) s"

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set up (scripts/setup.sh) and run the test suite. Extra arguments go to pytest, e.g.
+#   bash scripts/test.sh -m "not slow"      # the quick subset
+# Every Ray process the tests start is stopped on exit, failure included.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh || exit 1
+export HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}"
+cleanup() { .venv/bin/ray stop --force >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+start=$(date +%s)
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+rc=$?
+echo "tests: pytest exited $rc after $(( $(date +%s) - start )) s"
+# pytest exits 5 when it collected no test (e.g. a -m/-k filter matched nothing): not a failure.
+if [ "$rc" -eq 5 ]; then exit 0; fi
+exit "$rc"
