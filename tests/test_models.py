@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from caig_ray.imaging import side_by_side
+from caig_ray.models.policy import load_policy
+from caig_ray.models.reward import last_token_index, load_reward_model
+from caig_ray.prompts import pm_instruction, rm_question
+
+
+def _inputs(processor, images, text):
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+        add_generation_prompt=True, tokenize=False,
+    )
+    return processor(text=[prompt] * len(images), images=images, return_tensors="pt", padding=True)
+
+
+def _product_images(n, size=56):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_policy_save_load_round_trip(quick_world, tmp_path):
+    model, proc = load_policy(quick_world.policy)
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    enc = _inputs(proc, _product_images(2), pm_instruction("red lipstick", {"color": "red"}))
+    with torch.no_grad():
+        before = model(**enc).logits
+    model.save_pretrained(tmp_path / "pm")
+    proc.save_pretrained(tmp_path / "pm")
+    model2, proc2 = load_policy(tmp_path / "pm")
+    enc2 = _inputs(proc2, _product_images(2), pm_instruction("red lipstick", {"color": "red"}))
+    assert torch.equal(enc["input_ids"], enc2["input_ids"])
+    with torch.no_grad():
+        assert torch.equal(model2(**enc2).logits, before)
+
+
+def test_policy_generation_is_seeded(quick_world):
+    model, proc = load_policy(quick_world.policy)
+    enc = _inputs(proc, _product_images(2), pm_instruction("blue sneakers"))
+    outs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        outs.append(model.generate(**enc, max_new_tokens=8, do_sample=True, temperature=1.0))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+    assert outs[0].shape[1] > enc["input_ids"].shape[1]
+
+
+def test_reward_model_heads_and_round_trip(quick_world, tmp_path):
+    rm, proc = load_reward_model(quick_world.reward)
+    assert rm.score.weight.shape == (2, rm.config.get_text_config().hidden_size)
+    assert rm.score.bias is None and rm.ctr_head.bias is None
+    pair = [side_by_side(a, b, 28) for a, b in zip(_product_images(2), _product_images(2)[::-1])]
+    enc = _inputs(proc, pair, rm_question("red lipstick"))
+    with torch.no_grad():
+        out = rm(**enc)
+    assert out.logits.shape == (2, 2) and out.ctr.shape == (2, 2)
+    rm.save_pretrained(tmp_path / "rm")
+    proc.save_pretrained(tmp_path / "rm")
+    rm2, proc2 = load_reward_model(tmp_path / "rm")
+    with torch.no_grad():
+        out2 = rm2(**_inputs(proc2, pair, rm_question("red lipstick")))
+    assert torch.equal(out.logits, out2.logits) and torch.equal(out.ctr, out2.ctr)
+
+
+def test_reward_model_from_a_policy_checkpoint(quick_world):
+    with pytest.raises(ValueError, match="not a trained reward model"):
+        load_reward_model(quick_world.policy)
+    rm, _ = load_reward_model(quick_world.policy, from_backbone=True)
+    pm, _ = load_policy(quick_world.policy)
+    # the backbone comes from the checkpoint, only the heads are new
+    assert torch.equal(rm.model.language_model.embed_tokens.weight, pm.model.language_model.embed_tokens.weight)
+    assert torch.equal(rm.model.visual.patch_embed.proj.weight, pm.model.visual.patch_embed.proj.weight)
+
+
+def test_last_token_index_left_and_right_padding():
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]])
+    assert last_token_index(right).tolist() == [2, 3]
+    assert last_token_index(left).tolist() == [3, 3]
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_reward_model(tmp_path)
