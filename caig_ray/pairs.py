@@ -28,3 +28,46 @@ def band_pairs(
                 if ctr[lo] > 0 and band[0] <= ctr[hi] / ctr[lo] <= band[1]:
                     pairs.append((hi, lo))
     return pairs
+
+
+def split_products(product_ids, test_fraction: float, seed: int) -> tuple[set, set]:
+    """Split distinct products into (train, test) sets with a seeded shuffle: no product in both."""
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    products = sorted(set(product_ids))
+    order = np.random.default_rng([seed, 31]).permutation(len(products))
+    n_test = int(round(test_fraction * len(products)))
+    test = {products[i] for i in order[:n_test]}
+    return set(products) - test, test
+
+
+def mine_rm_pairs(
+    logs, min_impressions: int = 1000, band: tuple[float, float] = (1.05, 1.20),
+    test_fraction: float = 0.2, seed: int = 0,
+) -> list[dict]:
+    """RM training/evaluation pairs from a click-log table (``read_click_logs`` output).
+
+    Each pair: ``product_id``, ``left_row``/``right_row`` (row indices into ``logs``), their
+    creative ids and logged CTRs, ``label`` (0 = left has the higher logged CTR, 1 = right), and
+    ``split`` ("train"/"test", by product). Left/right order comes from a seeded shuffle that gives
+    exactly balanced labels within each split (up to one pair when the count is odd)."""
+    cols = {c: logs.column(c).to_pylist() for c in ("product_id", "creative_id", "impressions", "clicks")}
+    hi_lo = band_pairs(cols["product_id"], cols["impressions"], cols["clicks"], min_impressions, band)
+    _, test = split_products(cols["product_id"], test_fraction, seed)
+    rng = np.random.default_rng([seed, 37])
+    out = []
+    for split in ("train", "test"):
+        mine = [p for p in hi_lo if (cols["product_id"][p[0]] in test) == (split == "test")]
+        flips = np.zeros(len(mine), dtype=bool)
+        flips[: len(mine) // 2] = True
+        rng.shuffle(flips)
+        for (hi, lo), flip in zip(mine, flips):
+            left, right = (lo, hi) if flip else (hi, lo)
+            ctr = lambda r: cols["clicks"][r] / cols["impressions"][r]  # noqa: E731
+            out.append({
+                "product_id": cols["product_id"][hi], "split": split,
+                "left_row": left, "right_row": right,
+                "left_creative": cols["creative_id"][left], "right_creative": cols["creative_id"][right],
+                "ctr_left": ctr(left), "ctr_right": ctr(right), "label": int(flip),
+            })
+    return out
