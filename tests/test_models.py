@@ -85,3 +85,20 @@ def test_last_token_index_left_and_right_padding():
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_reward_model(tmp_path)
+
+
+def test_pair_scorer_batched_equals_one_at_a_time_and_debias_is_symmetric(quick_world):
+    from caig_ray.scoring import PairScorer, PairToScore
+
+    rm, proc = load_reward_model(quick_world.reward)
+    imgs = _product_images(6)
+    pairs = [PairToScore(imgs[i], imgs[i + 3], f"product {i}", {"color": "red"}) for i in range(3)]
+    scorer = PairScorer(rm, proc, size=28, batch_size=3)
+    batched = scorer.score(pairs)
+    single = [PairScorer(rm, proc, size=28, batch_size=1).score([p]) for p in pairs]
+    for k in ("p_left", "p_left_debiased", "ctr_left"):
+        assert batched[k] == pytest.approx([s[k][0] for s in single], abs=1e-5)
+    swapped = scorer.score([PairToScore(p.right, p.left, p.title, p.attributes) for p in pairs])
+    # the debiased score of (R, L) is exactly 1 - that of (L, R)
+    assert swapped["p_left_debiased"] == pytest.approx([1 - x for x in batched["p_left_debiased"]], abs=1e-6)
+    assert all(0 < x < 1 for x in batched["p_left"])
