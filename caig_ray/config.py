@@ -162,6 +162,22 @@ class DataConfig(_Strict):
     click_logs: str | None = None
 
 
+class RMTrainConfig(_Strict):
+    """``train-rm``: Ray Train ``TorchTrainer`` with DeepSpeed ZeRO inside ``train_func``."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(8, ge=1)  # per worker
+    lr: float = Field(1e-3, gt=0)
+    ctr_target_scale: float = Field(1.0, gt=0)  # 1.0 = CAIG's raw CTR target; 100 = CTR in percent
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    max_pairs: int | None = Field(None, ge=2)  # cap on training pairs (tests)
+    max_failures: int = Field(1, ge=0)
+    seed: int = 0
+
+
 class CaigConfig(_Strict):
     """Top-level config: one block per component."""
 
@@ -172,6 +188,7 @@ class CaigConfig(_Strict):
     reward: RewardConfig = RewardConfig()
     renderer: RendererConfig = RendererConfig()
     data: DataConfig = DataConfig()
+    train_rm: RMTrainConfig = RMTrainConfig()
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -1,0 +1,46 @@
+"""``RewardScorer``: the frozen RM, batched and in eval mode, for Ray.
+
+Use it as a Ray Data ``map_batches`` callable class (columns ``left_image``, ``right_image`` as
+encoded image bytes, ``title``; adds ``p_left``, ``p_left_debiased``, ``ctr_left``, ``ctr_right``)
+or as a plain actor (``RewardScorer.as_actor(...)``, with restarts: ``__init__`` reloads from the
+path, so a restarted actor is the same scorer).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import ray
+from PIL import Image
+
+from caig_ray.models.reward import load_reward_model
+from caig_ray.scoring import PairScorer, PairToScore
+
+
+def _image(value) -> Image.Image:
+    return value if isinstance(value, Image.Image) else Image.open(io.BytesIO(bytes(value))).convert("RGB")
+
+
+class RewardScorer:
+    def __init__(self, model_path: str, pair_image_size: int, batch_size: int = 16, device: str = "cpu",
+                 dtype: str = "float32", debias: bool = True):
+        model, processor = load_reward_model(model_path, dtype=dtype, device=device)
+        self.scorer = PairScorer(model, processor, pair_image_size, batch_size, device)
+        self.debias = debias
+
+    def score(self, pairs: list[PairToScore]) -> dict[str, list[float]]:
+        return self.scorer.score(pairs, debias=self.debias)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pairs = [PairToScore(_image(left), _image(right), str(title))
+                 for left, right, title in zip(batch["left_image"], batch["right_image"], batch["title"])]
+        for key, values in self.score(pairs).items():
+            batch[key] = np.asarray(values, dtype=np.float32)
+        return batch
+
+    @classmethod
+    def as_actor(cls, *args, num_cpus: float = 1, num_gpus: float = 0, **kwargs):
+        """A plain actor that survives a crash: restarted and its calls retried."""
+        return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=3, max_task_retries=3)(cls).remote(
+            *args, **kwargs)

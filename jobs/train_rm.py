@@ -1,0 +1,206 @@
+"""Train the reward model on click-log pairs: ``python -m jobs.train_rm`` / ``caig-ray train-rm``.
+
+Ray Train ``TorchTrainer`` with DeepSpeed ZeRO (stage from config) inside ``train_func``: gloo on
+CPU, NCCL on GPU. Every worker mines the same pairs from the click log (seeded), takes its shard,
+and trains; each epoch the consolidated weights are saved with ``save_pretrained`` and reported as
+a Ray Train checkpoint. The final model is copied to ``--out`` so ``RewardScorer`` and the Serve
+endpoint load it by path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from caig_ray.config import CaigConfig, ConfigError, load_config
+from caig_ray.data import DataError, read_click_logs
+from caig_ray.pairs import mine_rm_pairs
+from caig_ray.world import WorldLayout
+
+
+def _skip_shm_comm_build() -> None:
+    """DeepSpeed JIT-builds its shm comm op (~100 s on 2 cores) on first init; gloo on CPU does
+    not use it. Patched through importlib so the real module is changed (DESIGN.md §7)."""
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def train_func(loop: dict) -> None:
+    import deepspeed
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+    from tqdm.auto import tqdm
+
+    from caig_ray.data import load_log_image
+    from caig_ray.losses import rm_loss
+    from caig_ray.models.reward import load_reward_model
+    from caig_ray.scoring import PairToScore, rm_inputs
+
+    cfg = CaigConfig.model_validate(loop["cfg"])
+    tc = cfg.train_rm
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not tc.use_gpu:
+        _skip_shm_comm_build()
+    deepspeed.init_distributed(dist_backend="nccl" if tc.use_gpu else "gloo")
+    device = f"cuda:{ctx.get_local_rank()}" if tc.use_gpu else "cpu"
+    torch.manual_seed(tc.seed)
+
+    logs = read_click_logs(loop["click_logs"], check_images=False)
+    base = Path(loop["click_logs"]).parent
+    pairs = [p for p in mine_rm_pairs(logs, cfg.market.min_impressions, tuple(cfg.market.band),
+                                      tc.test_fraction, tc.seed) if p["split"] == "train"]
+    if tc.max_pairs:
+        pairs = pairs[: tc.max_pairs]
+    per_rank = len(pairs) // world  # equal step counts on every rank, or gloo collectives hang
+    if per_rank < 1:
+        raise ValueError(f"only {len(pairs)} training pairs for {world} workers")
+    shard = pairs[rank * per_rank:(rank + 1) * per_rank]
+    titles = logs.column("title").to_pylist() if "title" in logs.column_names else [""] * logs.num_rows
+    images: dict[int, object] = {}
+
+    def image(row: int):
+        if row not in images:
+            images[row] = load_log_image(logs, row, base)
+        return images[row]
+
+    model, processor = load_reward_model(loop["backbone"], from_backbone=True, dtype=cfg.reward.dtype)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": tc.batch_size, "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0, "zero_optimization": {"stage": tc.zero_stage},
+        "zero_force_ds_cpu_optimizer": False, "bf16": {"enabled": cfg.reward.dtype == "bfloat16"},
+        "steps_per_print": 10**9,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+
+    writer = None
+    if rank == 0 and loop.get("tensorboard"):
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(loop["tensorboard"])
+    step, t0 = 0, time.perf_counter()
+    rng = torch.Generator().manual_seed(tc.seed + rank)
+    for epoch in range(tc.epochs):
+        order = torch.randperm(len(shard), generator=rng).tolist()
+        sums: dict[str, float] = {}
+        batches = range(0, len(order) - tc.batch_size + 1, tc.batch_size) if len(order) >= tc.batch_size else [0]
+        for start in tqdm(batches, desc=f"rm epoch {epoch}", disable=rank != 0):
+            batch = [shard[i] for i in order[start:start + tc.batch_size]]
+            enc = rm_inputs(processor, [PairToScore(image(p["left_row"]), image(p["right_row"]),
+                                                    titles[p["left_row"]] or "") for p in batch],
+                            cfg.reward.pair_image_size).to(device)
+            labels = torch.tensor([p["label"] for p in batch], device=device)
+            ctr_t = torch.tensor([[p["ctr_left"], p["ctr_right"]] for p in batch], device=device)
+            out = engine(**enc)
+            loss, metrics = rm_loss(out.logits, out.ctr, labels, ctr_t, cfg.reward.ctr_loss_weight,
+                                    tc.ctr_target_scale)
+            engine.backward(loss)
+            engine.step()
+            step += 1
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if writer:
+                for k, v in metrics.items():
+                    writer.add_scalar(k, v, step)
+        metrics = {k: v / max(1, len(batches)) for k, v in sums.items()}
+        metrics.update(epoch=epoch, step=step, train_s=time.perf_counter() - t0, pairs_per_rank=len(shard))
+        if epoch == tc.epochs - 1:
+            # P(left) of the trained engine on fixed probe pairs: a reloaded checkpoint must match it
+            engine.eval()
+            probe = pairs[: min(4, len(pairs))]
+            with torch.no_grad():
+                enc = rm_inputs(processor, [PairToScore(image(p["left_row"]), image(p["right_row"]),
+                                                        titles[p["left_row"]] or "") for p in probe],
+                                cfg.reward.pair_image_size).to(device)
+                metrics["probe_p_left"] = torch.softmax(engine(**enc).logits.float(), -1)[:, 0].tolist()
+            metrics["probe_rows"] = [[p["left_row"], p["right_row"]] for p in probe]
+        # every rank takes part in consolidation (ZeRO-3 gathers the partitions)
+        state = engine._zero3_consolidated_16bit_state_dict() if tc.zero_stage == 3 else engine.module.state_dict()
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                engine.module.save_pretrained(d, state_dict=state)
+                processor.save_pretrained(d)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+    if writer:
+        writer.close()
+
+
+def train_rm(cfg: CaigConfig, world_dir: str | Path, out: str | Path, storage: str | Path | None = None) -> dict:
+    """Run the TorchTrainer; the final RM lands in ``out`` (``save_pretrained`` layout)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    lay = WorldLayout(world_dir)
+    click_logs = Path(cfg.data.click_logs or lay.click_logs).resolve()
+    backbone = Path(cfg.reward.backbone_path or lay.reward).resolve()
+    read_click_logs(click_logs)  # refuse bad logs in the driver, before any worker starts
+    out = Path(out).resolve()
+    storage = Path(storage or out.parent / f"{out.name}_ray").resolve()
+    tc = cfg.train_rm
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), num_cpus=None if tc.use_gpu else max(2, tc.num_workers),
+                 include_dashboard=False, log_to_driver=True)
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "click_logs": str(click_logs),
+                           "backbone": str(backbone), "tensorboard": str(out.parent / f"{out.name}_tensorboard")},
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker={"CPU": 1} if not tc.use_gpu else None),
+        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        run_config=RunConfig(name="train_rm", storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=tc.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             worker_runtime_env={"env_vars": env}),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    if out.exists():
+        shutil.rmtree(out)
+    with result.checkpoint.as_directory() as d:
+        shutil.copytree(d, out)
+    summary = {**result.metrics, "wall_s": time.perf_counter() - t0, "model_path": str(out),
+               "zero_stage": tc.zero_stage, "num_workers": tc.num_workers}
+    (out / "train_metrics.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="caig-ray train-rm", description=__doc__)
+    p.add_argument("--preset", default="quick")
+    p.add_argument("--config", default=None)
+    p.add_argument("--world", required=True, help="world folder from make-world (or set data.click_logs)")
+    p.add_argument("--out", required=True, help="folder the trained RM is written to")
+    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--max-pairs", type=int, default=None)
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    over = {k: v for k, v in {"zero_stage": args.zero_stage, "epochs": args.epochs,
+                              "max_pairs": args.max_pairs}.items() if v is not None}
+    try:
+        cfg = load_config(args.config or args.preset, overrides={"train_rm": over} if over else None)
+        summary = train_rm(cfg, args.world, args.out)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

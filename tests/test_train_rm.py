@@ -1,0 +1,39 @@
+"""train-rm on 2 CPU workers (Ray Train + DeepSpeed over gloo); the checkpoint loads into RewardScorer."""
+
+
+import pytest
+import ray
+
+from caig_ray.config import load_config
+from caig_ray.data import load_log_image, read_click_logs
+from caig_ray.imaging import png_bytes
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_train_rm_zero_stage_and_reload_into_scorer(local_ray, quick_world, tmp_path, stage):
+    from actors.scorer import RewardScorer
+    from jobs.train_rm import train_rm
+
+    cfg = load_config("quick", overrides={"train_rm": {"zero_stage": stage, "epochs": 1, "max_pairs": 24,
+                                                       "num_workers": 2}})
+    summary = train_rm(cfg, quick_world.root, tmp_path / "rm")
+    assert summary["zero_stage"] == stage and summary["step"] >= 1
+    assert (tmp_path / "rm" / "config.json").is_file()
+    logs = read_click_logs(quick_world.click_logs, check_images=False)
+    title = logs.column("title").to_pylist()
+    rows = summary["probe_rows"]
+    batch = {"left_image": [png_bytes(load_log_image(logs, a, quick_world.root)) for a, _ in rows],
+             "right_image": [png_bytes(load_log_image(logs, b, quick_world.root)) for _, b in rows],
+             "title": [title[a] for a, _ in rows]}
+    actor = RewardScorer.as_actor(str(tmp_path / "rm"), cfg.reward.pair_image_size, batch_size=4)
+    scored = ray.get(actor.__call__.remote(dict(batch)))
+    assert scored["p_left"] == pytest.approx(summary["probe_p_left"], abs=1e-5)
