@@ -37,3 +37,21 @@ def test_train_rm_zero_stage_and_reload_into_scorer(local_ray, quick_world, tmp_
     actor = RewardScorer.as_actor(str(tmp_path / "rm"), cfg.reward.pair_image_size, batch_size=4)
     scored = ray.get(actor.__call__.remote(dict(batch)))
     assert scored["p_left"] == pytest.approx(summary["probe_p_left"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_evaluate_rm_reports_rm_baseline_and_ceiling(local_ray, quick_world, tmp_path):
+    import json
+
+    from jobs.evaluate_rm import evaluate_rm
+    from jobs.train_rm import train_rm
+
+    cfg = load_config("quick", overrides={"train_rm": {"zero_stage": 1, "epochs": 1, "max_pairs": 16}})
+    train_rm(cfg, quick_world.root, tmp_path / "rm")
+    res = evaluate_rm(cfg, quick_world.root, tmp_path / "rm", tmp_path / "rm_eval.json")
+    assert json.loads((tmp_path / "rm_eval.json").read_text()) == res
+    assert res["n_test_pairs"] > 5 and res["chance"] == 0.5
+    for key in ("rm_accuracy_logged", "rm_debiased_accuracy_logged", "cnn_baseline_accuracy_logged",
+                "bayes_ceiling", "rm_accuracy_true"):
+        assert 0.0 <= res[key] <= 1.0
+    assert res["bayes_ceiling"] > 0.5

@@ -1,0 +1,93 @@
+"""Evaluate the RM on held-out band pairs: ``python -m jobs.evaluate_rm`` / ``caig-ray evaluate-rm``.
+
+Pairwise accuracy (as the paper measures) against the logged order and against the true order
+(market oracle), next to chance, an image-only CNN baseline trained on the same pairs, and the
+market's Bayes ceiling on the same test pairs. Written to ``rm_eval.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from caig_ray.baselines import cnn_p_left, to_tensor, train_pair_cnn
+from caig_ray.config import CaigConfig, ConfigError, load_config
+from caig_ray.data import DataError, load_log_image, read_click_logs
+from caig_ray.models.reward import load_reward_model
+from caig_ray.pairs import mine_rm_pairs
+from caig_ray.scoring import PairScorer, PairToScore
+from caig_ray.world import WorldLayout
+
+
+def evaluate_rm(cfg: CaigConfig, world_dir: str | Path, rm_path: str | Path, out: str | Path) -> dict:
+    lay = WorldLayout(world_dir)
+    logs = read_click_logs(cfg.data.click_logs or lay.click_logs)
+    truth = pq.read_table(lay.truth).column("true_ctr").to_pylist() if lay.truth.is_file() else None
+    tc = cfg.train_rm
+    pairs = mine_rm_pairs(logs, cfg.market.min_impressions, tuple(cfg.market.band), tc.test_fraction, tc.seed)
+    train = [p for p in pairs if p["split"] == "train"]
+    test = [p for p in pairs if p["split"] == "test"]
+    if not test:
+        raise DataError(f"no held-out band pairs in {lay.click_logs}: raise test_fraction or the world size")
+    size = cfg.reward.pair_image_size
+    titles = logs.column("title").to_pylist() if "title" in logs.column_names else [""] * logs.num_rows
+    img = lambda r: load_log_image(logs, r, lay.root).resize((size, size))  # noqa: E731
+    logged = np.array([p["label"] for p in test])
+    result = {"n_train_pairs": len(train), "n_test_pairs": len(test), "chance": 0.5}
+
+    t0 = time.perf_counter()
+    model, processor = load_reward_model(rm_path, dtype=cfg.reward.dtype)
+    scored = PairScorer(model, processor, size, batch_size=32).score(
+        [PairToScore(img(p["left_row"]), img(p["right_row"]), titles[p["left_row"]]) for p in test])
+    result["rm_score_s"] = time.perf_counter() - t0
+    pred = (np.array(scored["p_left"]) < 0.5).astype(int)
+    pred_db = (np.array(scored["p_left_debiased"]) < 0.5).astype(int)
+    result["rm_accuracy_logged"] = float((pred == logged).mean())
+    result["rm_debiased_accuracy_logged"] = float((pred_db == logged).mean())
+
+    t0 = time.perf_counter()
+    cnn = train_pair_cnn(to_tensor([img(p["left_row"]) for p in train]), to_tensor([img(p["right_row"]) for p in train]),
+                         __import__("torch").tensor([p["label"] for p in train]), seed=tc.seed)
+    cnn_pred = (cnn_p_left(cnn, to_tensor([img(p["left_row"]) for p in test]),
+                           to_tensor([img(p["right_row"]) for p in test])) < 0.5).astype(int)
+    result["cnn_train_s"] = time.perf_counter() - t0
+    result["cnn_baseline_accuracy_logged"] = float((cnn_pred == logged).mean())
+
+    if truth is not None:
+        true = np.array([int(truth[p["left_row"]] < truth[p["right_row"]]) for p in test])
+        result["bayes_ceiling"] = float((true == logged).mean())
+        result["rm_accuracy_true"] = float((pred == true).mean())
+        result["rm_debiased_accuracy_true"] = float((pred_db == true).mean())
+        result["cnn_baseline_accuracy_true"] = float((cnn_pred == true).mean())
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="caig-ray evaluate-rm", description=__doc__)
+    p.add_argument("--preset", default="quick")
+    p.add_argument("--config", default=None)
+    p.add_argument("--world", required=True)
+    p.add_argument("--rm", required=True, help="trained RM folder (train-rm --out)")
+    p.add_argument("--out", default="rm_eval.json")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        res = evaluate_rm(load_config(args.config or args.preset), args.world, args.rm, args.out)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
