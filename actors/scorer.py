@@ -23,8 +23,8 @@ def _image(value) -> Image.Image:
 
 
 class RewardScorer:
-    def __init__(self, model_path: str, pair_image_size: int, batch_size: int = 16, device: str = "cpu",
-                 dtype: str = "float32", debias: bool = True):
+    def __init__(self, model_path: str, pair_image_size: int | None = None, batch_size: int = 16,
+                 device: str = "cpu", dtype: str = "float32", debias: bool = True):
         model, processor = load_reward_model(model_path, dtype=dtype, device=device)
         self.scorer = PairScorer(model, processor, pair_image_size, batch_size, device)
         self.debias = debias

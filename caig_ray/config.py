@@ -126,6 +126,9 @@ class RewardConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     tiny: TinyBackboneConfig = TinyBackboneConfig(seed=1)
     pair_image_size: int = Field(56, ge=28)  # each ad resized to this side before concatenation
+    # composite: CAIG's one side-by-side image. two_images: the two ads as two images in one prompt
+    # (the tiny Qwen2-VL cannot learn left-vs-right within one composite; README, reward model).
+    pair_layout: Literal["composite", "two_images"] = "composite"
     ctr_loss_weight: float = Field(0.5, ge=0.0)
 
 
@@ -173,6 +176,9 @@ class RMTrainConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
     ctr_target_scale: float = Field(1.0, gt=0)  # 1.0 = CAIG's raw CTR target; 100 = CTR in percent
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    # CTR-ratio band of the *training* pairs; None = the market band (CAIG trains and tests on it).
+    # Evaluation always uses the market band.
+    train_band: tuple[float, float] | None = None
     max_pairs: int | None = Field(None, ge=2)  # cap on training pairs (tests)
     max_failures: int = Field(1, ge=0)
     seed: int = 0

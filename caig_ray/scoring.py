@@ -24,32 +24,49 @@ class PairToScore:
     attributes: dict | None = None
 
 
-def rm_inputs(processor, pairs: list[PairToScore], size: int, template: int = 0, swap: bool = False) -> dict:
-    """Processor outputs for a batch of pairs (``swap`` puts the right ad on the left)."""
+def rm_inputs(processor, pairs: list[PairToScore], size: int, template: int = 0, swap: bool = False,
+              layout: str = "composite") -> dict:
+    """Processor outputs for a batch of pairs (``swap`` puts the right ad on the left).
+
+    ``layout="composite"`` is CAIG's: one image, the two ads side by side. ``"two_images"`` passes
+    the ads as two images in one prompt ("Left ad: <image> Right ad: <image>"): with M-RoPE and no
+    absolute position embedding, a tiny Qwen2-VL tells the halves of one composite apart only
+    slowly, while two images sit at clearly different positions (see the README's RM section)."""
     images, prompts = [], []
     for p in pairs:
         left, right = (p.right, p.left) if swap else (p.left, p.right)
-        images.append(side_by_side(left, right, size))
-        prompts.append(processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"},
-                                          {"type": "text", "text": rm_question(p.title, p.attributes, template)}]}],
-            add_generation_prompt=True, tokenize=False,
-        ))
+        question = {"type": "text", "text": rm_question(p.title, p.attributes, template)}
+        if layout == "composite":
+            images.append(side_by_side(left, right, size))
+            content = [{"type": "image"}, question]
+        elif layout == "two_images":
+            images += [left.convert("RGB").resize((size, size)), right.convert("RGB").resize((size, size))]
+            content = [{"type": "text", "text": "Left ad:"}, {"type": "image"},
+                       {"type": "text", "text": " Right ad:"}, {"type": "image"}, question]
+        else:
+            raise ValueError(f"unknown pair layout {layout!r}; use 'composite' or 'two_images'")
+        prompts.append(processor.apply_chat_template([{"role": "user", "content": content}],
+                                                     add_generation_prompt=True, tokenize=False))
     return processor(text=prompts, images=images, return_tensors="pt", padding=True)
 
 
 class PairScorer:
     """A frozen, eval-mode RM that scores pairs in batches (the core of ``RewardScorer`` and Serve)."""
 
-    def __init__(self, model, processor, size: int, batch_size: int = 16, device: str = "cpu"):
+    def __init__(self, model, processor, size: int | None = None, batch_size: int = 16, device: str = "cpu",
+                 layout: str | None = None):
         self.model = model.eval().requires_grad_(False).to(device)
-        self.processor, self.size, self.batch_size, self.device = processor, size, batch_size, device
+        self.processor, self.batch_size, self.device = processor, batch_size, device
+        # a trained RM records how it saw pairs; explicit arguments override
+        self.size = size or getattr(model.config, "caig_pair_image_size", 56)
+        self.layout = layout or getattr(model.config, "caig_pair_layout", "composite")
 
     @torch.no_grad()
     def _forward(self, pairs: list[PairToScore], swap: bool) -> tuple[torch.Tensor, torch.Tensor]:
         probs, ctrs = [], []
         for i in range(0, len(pairs), self.batch_size):
-            enc = rm_inputs(self.processor, pairs[i:i + self.batch_size], self.size, swap=swap).to(self.device)
+            enc = rm_inputs(self.processor, pairs[i:i + self.batch_size], self.size, swap=swap,
+                            layout=self.layout).to(self.device)
             out = self.model(**enc)
             probs.append(torch.softmax(out.logits.float(), -1)[:, 0].cpu())
             ctrs.append(out.ctr.float().cpu())

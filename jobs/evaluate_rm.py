@@ -31,9 +31,11 @@ def evaluate_rm(cfg: CaigConfig, world_dir: str | Path, rm_path: str | Path, out
     logs = read_click_logs(cfg.data.click_logs or lay.click_logs)
     truth = pq.read_table(lay.truth).column("true_ctr").to_pylist() if lay.truth.is_file() else None
     tc = cfg.train_rm
-    pairs = mine_rm_pairs(logs, cfg.market.min_impressions, tuple(cfg.market.band), tc.test_fraction, tc.seed)
-    train = [p for p in pairs if p["split"] == "train"]
-    test = [p for p in pairs if p["split"] == "test"]
+    # test: the market band, as the paper evaluates; the baseline trains on the RM's training pairs
+    test = [p for p in mine_rm_pairs(logs, cfg.market.min_impressions, tuple(cfg.market.band),
+                                     tc.test_fraction, tc.seed) if p["split"] == "test"]
+    train = [p for p in mine_rm_pairs(logs, cfg.market.min_impressions, tuple(tc.train_band or cfg.market.band),
+                                      tc.test_fraction, tc.seed) if p["split"] == "train"]
     if not test:
         raise DataError(f"no held-out band pairs in {lay.click_logs}: raise test_fraction or the world size")
     size = cfg.reward.pair_image_size
@@ -44,7 +46,7 @@ def evaluate_rm(cfg: CaigConfig, world_dir: str | Path, rm_path: str | Path, out
 
     t0 = time.perf_counter()
     model, processor = load_reward_model(rm_path, dtype=cfg.reward.dtype)
-    scored = PairScorer(model, processor, size, batch_size=32).score(
+    scored = PairScorer(model, processor, batch_size=32).score(
         [PairToScore(img(p["left_row"]), img(p["right_row"]), titles[p["left_row"]]) for p in test])
     result["rm_score_s"] = time.perf_counter() - t0
     pred = (np.array(scored["p_left"]) < 0.5).astype(int)

@@ -55,8 +55,9 @@ def train_func(loop: dict) -> None:
 
     logs = read_click_logs(loop["click_logs"], check_images=False)
     base = Path(loop["click_logs"]).parent
-    pairs = [p for p in mine_rm_pairs(logs, cfg.market.min_impressions, tuple(cfg.market.band),
-                                      tc.test_fraction, tc.seed) if p["split"] == "train"]
+    band = tuple(tc.train_band or cfg.market.band)
+    pairs = [p for p in mine_rm_pairs(logs, cfg.market.min_impressions, band, tc.test_fraction, tc.seed)
+             if p["split"] == "train"]
     if tc.max_pairs:
         pairs = pairs[: tc.max_pairs]
     per_rank = len(pairs) // world  # equal step counts on every rank, or gloo collectives hang
@@ -97,7 +98,7 @@ def train_func(loop: dict) -> None:
             batch = [shard[i] for i in order[start:start + tc.batch_size]]
             enc = rm_inputs(processor, [PairToScore(image(p["left_row"]), image(p["right_row"]),
                                                     titles[p["left_row"]] or "") for p in batch],
-                            cfg.reward.pair_image_size).to(device)
+                            cfg.reward.pair_image_size, layout=cfg.reward.pair_layout).to(device)
             labels = torch.tensor([p["label"] for p in batch], device=device)
             ctr_t = torch.tensor([[p["ctr_left"], p["ctr_right"]] for p in batch], device=device)
             out = engine(**enc)
@@ -120,13 +121,15 @@ def train_func(loop: dict) -> None:
             with torch.no_grad():
                 enc = rm_inputs(processor, [PairToScore(image(p["left_row"]), image(p["right_row"]),
                                                         titles[p["left_row"]] or "") for p in probe],
-                                cfg.reward.pair_image_size).to(device)
+                                cfg.reward.pair_image_size, layout=cfg.reward.pair_layout).to(device)
                 metrics["probe_p_left"] = torch.softmax(engine(**enc).logits.float(), -1)[:, 0].tolist()
             metrics["probe_rows"] = [[p["left_row"], p["right_row"]] for p in probe]
         # every rank takes part in consolidation (ZeRO-3 gathers the partitions)
         state = engine._zero3_consolidated_16bit_state_dict() if tc.zero_stage == 3 else engine.module.state_dict()
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
+                engine.module.config.caig_pair_layout = cfg.reward.pair_layout
+                engine.module.config.caig_pair_image_size = cfg.reward.pair_image_size
                 engine.module.save_pretrained(d, state_dict=state)
                 processor.save_pretrained(d)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
@@ -188,10 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--max-pairs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     over = {k: v for k, v in {"zero_stage": args.zero_stage, "epochs": args.epochs,
-                              "max_pairs": args.max_pairs}.items() if v is not None}
+                              "max_pairs": args.max_pairs, "lr": args.lr}.items() if v is not None}
     try:
         cfg = load_config(args.config or args.preset, overrides={"train_rm": over} if over else None)
         summary = train_rm(cfg, args.world, args.out)

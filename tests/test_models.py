@@ -102,3 +102,19 @@ def test_pair_scorer_batched_equals_one_at_a_time_and_debias_is_symmetric(quick_
     # the debiased score of (R, L) is exactly 1 - that of (L, R)
     assert swapped["p_left_debiased"] == pytest.approx([1 - x for x in batched["p_left_debiased"]], abs=1e-6)
     assert all(0 < x < 1 for x in batched["p_left"])
+
+
+def test_two_image_layout_and_unknown_layout(quick_world):
+    from caig_ray.scoring import PairScorer, PairToScore, rm_inputs
+
+    rm, proc = load_reward_model(quick_world.reward)
+    imgs = _product_images(4)
+    pairs = [PairToScore(imgs[0], imgs[1], "a"), PairToScore(imgs[2], imgs[3], "b")]
+    enc = rm_inputs(proc, pairs, 28, layout="two_images")
+    assert enc["image_grid_thw"].shape[0] == 4  # two images per pair
+    scorer = PairScorer(rm, proc, size=28, layout="two_images")
+    fwd = scorer.score(pairs)["p_left_debiased"]
+    rev = scorer.score([PairToScore(p.right, p.left, p.title) for p in pairs])["p_left_debiased"]
+    assert fwd == pytest.approx([1 - x for x in rev], abs=1e-6)
+    with pytest.raises(ValueError, match="unknown pair layout"):
+        rm_inputs(proc, pairs, 28, layout="stacked")
