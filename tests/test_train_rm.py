@@ -55,3 +55,22 @@ def test_evaluate_rm_reports_rm_baseline_and_ceiling(local_ray, quick_world, tmp
                 "bayes_ceiling", "rm_accuracy_true"):
         assert 0.0 <= res[key] <= 1.0
     assert res["bayes_ceiling"] > 0.5
+
+
+def test_train_rm_refuses_bad_click_logs_before_starting_workers(quick_world, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from caig_ray.data import DataError
+    from jobs.train_rm import train_rm
+
+    world = tmp_path / "w"
+    shutil.copytree(quick_world.root, world, ignore=shutil.ignore_patterns("models"))
+    rows = pq.read_table(world / "click_logs.parquet").to_pylist()
+    rows[3]["clicks"] = rows[3]["impressions"] + 1
+    pq.write_table(pa.Table.from_pylist(rows), world / "click_logs.parquet")
+    with pytest.raises(DataError, match=r"row 3, field 'clicks'"):
+        train_rm(load_config("quick"), world, tmp_path / "rm")
+    assert not (tmp_path / "rm").exists()
