@@ -22,3 +22,52 @@ def rm_loss(logits: torch.Tensor, ctr_pred: torch.Tensor, labels: torch.Tensor, 
     pred = (logits[:, 1] > logits[:, 0]).long()
     return loss, {"rm/loss": loss.item(), "rm/ce": ce.item(), "rm/mse": mse.item(),
                   "rm/accuracy": (pred == labels).float().mean().item()}
+
+
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of log π(token) over response tokens: logits[:, t] predicts input_ids[:, t+1]; prompt and
+    padding positions (response_mask 0) are left out (CAIG and TRL sum, not average)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    tok = torch.gather(logp, 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return (tok * response_mask[:, 1:].to(tok.dtype)).sum(dim=1)
+
+
+def preference_loss(pi_pos: torch.Tensor, pi_neg: torch.Tensor, ref_pos: torch.Tensor, ref_neg: torch.Tensor,
+                    beta: float, prefix: str = "") -> tuple[torch.Tensor, dict[str, float]]:
+    """Sigmoid DPO, TRL's formula and metric names (``prefix`` namespaces them, e.g. "pcpo/").
+
+    - loss: mean -log σ(β·[(logπ(y+) - logπ_ref(y+)) - (logπ(y-) - logπ_ref(y-))])
+    - ``rewards/chosen``: mean β·(logπ(y+) - logπ_ref(y+))
+    - ``rewards/rejected``: mean β·(logπ(y-) - logπ_ref(y-))
+    - ``rewards/accuracies``: mean [rewards_chosen > rewards_rejected] (strict)
+    - ``rewards/margins``: mean (rewards_chosen - rewards_rejected)
+    - ``logps/chosen``, ``logps/rejected``: mean summed log-probs of y+ / y- under π
+    """
+    chosen_rewards = beta * (pi_pos - ref_pos)
+    rejected_rewards = beta * (pi_neg - ref_neg)
+    loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+    cr, rr = chosen_rewards.detach(), rejected_rewards.detach()
+    return loss, {
+        f"{prefix}loss": loss.item(),
+        f"{prefix}rewards/chosen": cr.mean().item(),
+        f"{prefix}rewards/rejected": rr.mean().item(),
+        f"{prefix}rewards/accuracies": (cr > rr).float().mean().item(),
+        f"{prefix}rewards/margins": (cr - rr).mean().item(),
+        f"{prefix}logps/chosen": pi_pos.detach().mean().item(),
+        f"{prefix}logps/rejected": pi_neg.detach().mean().item(),
+    }
+
+
+def dpo_pcpo_loss(dpo: tuple[torch.Tensor, ...], pcpo: tuple[torch.Tensor, ...] | None, beta: float,
+                  pcpo_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total = DPO + w·PCPO. Each argument is (logπ(y+), logπ(neg), logπ_ref(y+), logπ_ref(neg));
+    for PCPO the negative is the product-centric one (masked image or another product's caption)
+    with the same chosen description. ``loss`` = the total."""
+    loss, metrics = preference_loss(*dpo, beta=beta)
+    metrics["dpo/loss"] = metrics.pop("loss")
+    if pcpo is not None and pcpo_weight > 0:
+        pcpo_term, pcpo_metrics = preference_loss(*pcpo, beta=beta, prefix="pcpo/")
+        loss = loss + pcpo_weight * pcpo_term
+        metrics.update(pcpo_metrics)
+    metrics["loss"] = loss.item()
+    return loss, metrics
