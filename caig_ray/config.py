@@ -108,14 +108,33 @@ class TinyBackboneConfig(_Strict):
     seed: int = 0
 
 
+class LoraConfig(_Strict):
+    """Optional LoRA as in CAIG (r=128, alpha=256; vision tower, projector and lm_head frozen)."""
+
+    enabled: bool = False
+    r: int = Field(128, ge=1)
+    alpha: int = Field(256, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 class PolicyConfig(_Strict):
     """The prompt model (PM). ``model_path`` None means: the tiny model from ``make-world``."""
 
     model_path: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     tiny: TinyBackboneConfig = TinyBackboneConfig()
+    image_size: int = Field(56, ge=28)  # product image side fed to the PM
     max_new_tokens: int = Field(24, ge=1)
     temperature: float = Field(1.0, gt=0.0)
+    # DeepSpeed training of the policy (PolicyGroup)
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    lr: float = Field(2e-5, gt=0)
+    beta: float = Field(0.5, gt=0)  # DPO / PCPO temperature (CAIG: 0.5)
+    pcpo_weight: float = Field(1.0, ge=0.0)  # total = DPO + w * PCPO (CAIG: 1.0)
+    lora: LoraConfig = LoraConfig()
 
 
 class RewardConfig(_Strict):
