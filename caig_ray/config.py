@@ -203,6 +203,20 @@ class RMTrainConfig(_Strict):
     seed: int = 0
 
 
+class PretrainConfig(_Strict):
+    """``pretrain-pm``: SFT on the three e-commerce tasks (TRL SFTTrainer inside TorchTrainer)."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    epochs: float = Field(3.0, gt=0)
+    lr: float = Field(1e-3, gt=0)  # the tiny PM starts from random weights; use ~2e-5 for a real one
+    batch_size: int = Field(8, ge=1)  # per worker
+    max_examples: int | None = Field(None, ge=2)
+    eval_products: int = Field(20, ge=1)  # held-out products for the before/after measurement
+    seed: int = 0
+
+
 class CaigConfig(_Strict):
     """Top-level config: one block per component."""
 
@@ -214,6 +228,7 @@ class CaigConfig(_Strict):
     renderer: RendererConfig = RendererConfig()
     data: DataConfig = DataConfig()
     train_rm: RMTrainConfig = RMTrainConfig()
+    pretrain: PretrainConfig = PretrainConfig()
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -11,6 +11,7 @@ COMMANDS = {
     "make-world": ("jobs.make_world", "write the simulated market and tiny models to a folder"),
     "demo": ("jobs.demo", "the README demo on the embedded default"),
     "train-rm": ("jobs.train_rm", "train the reward model (Ray Train + DeepSpeed ZeRO)"),
+    "pretrain-pm": ("jobs.pretrain_pm", "e-commerce SFT of the prompt model (TRL SFTTrainer + DeepSpeed)"),
     "evaluate-rm": ("jobs.evaluate_rm", "RM pairwise accuracy vs chance, a CNN baseline and the Bayes ceiling"),
 }
 

@@ -1,0 +1,174 @@
+"""E-commerce pretraining of the prompt model: ``python -m jobs.pretrain_pm`` / ``caig-ray pretrain-pm``.
+
+SFT on CAIG's three tasks (``caig_ray/sft_data.py``) with TRL's ``SFTTrainer`` inside a Ray Train
+``TorchTrainer``, DeepSpeed ZeRO from config (gloo on CPU). Before and after, the PM writes
+descriptions for held-out products; the job reports the share that contain at least one scene word
+of the market's language (what the renderer understands).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from caig_ray.config import CaigConfig, ConfigError, load_config
+from caig_ray.data import DataError, read_catalog, read_click_logs
+from caig_ray.pairs import split_products
+from caig_ray.world import WorldLayout
+
+
+def _held_out(products, cfg: CaigConfig):
+    pc = cfg.pretrain
+    frac = min(0.5, pc.eval_products / max(1, len(products)))
+    _, test = split_products([p.id for p in products], frac, pc.seed)
+    return [p for p in products if p.id not in test], [p for p in products if p.id in test]
+
+
+def train_func(loop: dict) -> None:
+    import importlib
+
+    import ray.train
+    from datasets import Dataset
+    from ray.train import Checkpoint
+    from trl import SFTConfig, SFTTrainer
+
+    from caig_ray.data import load_log_image
+    from caig_ray.models.policy import load_policy
+    from caig_ray.policy_ops import as_image
+    from caig_ray.sft_data import pretraining_examples
+
+    cfg = CaigConfig.model_validate(loop["cfg"])
+    pc = cfg.pretrain
+    if not pc.use_gpu:
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # DESIGN.md §7
+    products = read_catalog(loop["catalog"])
+    train_products, _ = _held_out(products, cfg)
+    logs = read_click_logs(loop["click_logs"], check_images=False)
+    size = cfg.policy.image_size
+    examples = pretraining_examples(
+        train_products, logs, lambda r: load_log_image(logs, r, Path(loop["click_logs"]).parent).resize((size, size)),
+        lambda p: as_image(p.image, size), pc.seed)
+    if pc.max_examples:
+        examples = examples[: pc.max_examples]
+    dataset = Dataset.from_list([{k: v for k, v in e.items() if k != "task"} for e in examples])
+    model, processor = load_policy(loop["policy"], cfg.policy.dtype)
+    ds_config = {
+        "zero_optimization": {"stage": pc.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "zero_force_ds_cpu_optimizer": False,
+    }
+    rank = ray.train.get_context().get_world_rank()
+    os.environ["TENSORBOARD_LOGGING_DIR"] = loop["tensorboard"]  # transformers 5 has no logging_dir
+    with tempfile.TemporaryDirectory() as work:
+        args = SFTConfig(
+            output_dir=work, per_device_train_batch_size=pc.batch_size, num_train_epochs=pc.epochs,
+            learning_rate=pc.lr, lr_scheduler_type="cosine", warmup_steps=0, bf16=False, use_cpu=not pc.use_gpu,
+            ddp_backend="nccl" if pc.use_gpu else "gloo", deepspeed=ds_config if pc.zero_stage else None,
+            report_to=["tensorboard"], logging_steps=5, save_strategy="no",
+            max_length=None, seed=pc.seed, disable_tqdm=rank != 0, dataloader_num_workers=0,
+        )
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
+        result = trainer.train()
+        out = Path(work) / "pm"
+        trainer.save_model(str(out))  # gathers ZeRO-3 partitions; rank 0 writes
+        metrics = {"train_loss": result.training_loss, "steps": result.global_step,
+                   "n_examples": len(examples), "train_s": result.metrics.get("train_runtime")}
+        if rank == 0:
+            processor.save_pretrained(str(out))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(out)))
+        else:
+            ray.train.report(metrics)
+
+
+def scene_word_share(model_path: str | Path, products, cfg: CaigConfig, seed: int = 0) -> dict:
+    """Share of generated descriptions (2 per held-out product) with at least one scene word."""
+    from caig_ray.market.language import scene_words_in
+    from caig_ray.models.policy import load_policy
+    from caig_ray.policy_ops import as_image, generate_descriptions
+    from caig_ray.prompts import pm_instruction
+
+    model, processor = load_policy(model_path)
+    model.eval()
+    gen = generate_descriptions(model, processor, [as_image(p.image, cfg.policy.image_size) for p in products],
+                                [pm_instruction(p.title, p.attributes) for p in products], 2,
+                                cfg.policy.temperature, seed, cfg.policy.max_new_tokens)
+    texts = [d for g in gen for d in g["descriptions"]]
+    return {"scene_word_share": sum(scene_words_in(t) > 0 for t in texts) / len(texts), "examples": texts[:6]}
+
+
+def pretrain_pm(cfg: CaigConfig, world_dir: str | Path, out: str | Path) -> dict:
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    lay = WorldLayout(world_dir)
+    catalog = Path(cfg.data.catalog or lay.catalog).resolve()
+    click_logs = Path(cfg.data.click_logs or lay.click_logs).resolve()
+    policy = Path(cfg.policy.model_path or lay.policy).resolve()
+    products = read_catalog(catalog)
+    read_click_logs(click_logs)  # refuse bad input before any worker starts
+    _, held_out = _held_out(products, cfg)
+    out = Path(out).resolve()
+    pc = cfg.pretrain
+    before = scene_word_share(policy, held_out, cfg)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False,
+                 num_cpus=None if pc.use_gpu else max(2, pc.num_workers))
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "catalog": str(catalog), "click_logs": str(click_logs),
+                           "policy": str(policy), "tensorboard": str(out.parent / f"{out.name}_tensorboard")},
+        scaling_config=ScalingConfig(num_workers=pc.num_workers, use_gpu=pc.use_gpu,
+                                     resources_per_worker=None if pc.use_gpu else {"CPU": 1}),
+        torch_config=TorchConfig(backend="nccl" if pc.use_gpu else "gloo"),
+        run_config=RunConfig(name="pretrain_pm", storage_path=str(out.parent / f"{out.name}_ray"),
+                             failure_config=FailureConfig(max_failures=1), worker_runtime_env={"env_vars": env}),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    if out.exists():
+        shutil.rmtree(out)
+    with result.checkpoint.as_directory() as d:
+        shutil.copytree(d, out)
+    after = scene_word_share(out, held_out, cfg)
+    summary = {**result.metrics, "wall_s": time.perf_counter() - t0, "model_path": str(out),
+               "zero_stage": pc.zero_stage, "held_out_products": len(held_out),
+               "scene_word_share_before": before["scene_word_share"],
+               "scene_word_share_after": after["scene_word_share"],
+               "examples_before": before["examples"], "examples_after": after["examples"]}
+    (out / "pretrain_metrics.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="caig-ray pretrain-pm", description=__doc__)
+    p.add_argument("--preset", default="quick")
+    p.add_argument("--config", default=None)
+    p.add_argument("--world", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None)
+    p.add_argument("--epochs", type=float, default=None)
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    over = {k: v for k, v in {"zero_stage": args.zero_stage, "epochs": args.epochs}.items() if v is not None}
+    try:
+        cfg = load_config(args.config or args.preset, overrides={"pretrain": over} if over else None)
+        summary = pretrain_pm(cfg, args.world, args.out)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
