@@ -117,6 +117,9 @@ class PolicyWorker:
         with torch.no_grad():
             return response_logps(self.engine, batch.to(self.device)).tolist()
 
+    def trainable_parameter_names(self) -> list[str]:
+        return [n for n, p in self.engine.module.named_parameters() if p.requires_grad]
+
     def save(self, path: str) -> None:
         """DeepSpeed checkpoint (model + optimizer, every rank) and, from rank 0, the consolidated
         weights with ``save_pretrained`` (+ processor) so the PM loads by path like any model."""
@@ -140,11 +143,18 @@ class PolicyWorker:
 class PolicyGroup:
     """N ``PolicyWorker`` actors in a placement group; calls fan out to every rank."""
 
-    def __init__(self, model_path: str | Path, cfg: PolicyConfig, num_cpus_per_worker: float = 1):
+    def __init__(self, model_path: str | Path, cfg: PolicyConfig, num_cpus_per_worker: float = 1,
+                 ready_timeout_s: float = 120):
         self.cfg, self.n = cfg, cfg.num_workers
         bundle = {"GPU": 1, "CPU": 1} if cfg.use_gpu else {"CPU": num_cpus_per_worker}
         self.pg = placement_group([bundle] * self.n, strategy="PACK")
-        ray.get(self.pg.ready())
+        try:
+            ray.get(self.pg.ready(), timeout=ready_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise RuntimeError(
+                f"PolicyGroup: {self.n} bundles of {bundle} could not be placed within {ready_timeout_s:.0f} s; "
+                f"available now: {ray.available_resources()}") from None
         actor = ray.remote(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_restarts=0)(PolicyWorker)
         env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}}
         self.workers = [

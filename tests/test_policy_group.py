@@ -60,3 +60,26 @@ def test_policy_group_trains_saves_and_loads(local_ray, quick_world, products, t
         assert fresh.logps(probe) == pytest.approx(lp, abs=1e-5)
     finally:
         fresh.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_policy_group_lora_trains_adapters_only(local_ray, quick_world, products, tmp_path):
+    from actors.policy import PolicyGroup
+
+    cfg = load_config("quick", overrides={"policy": {"zero_stage": 2, "num_workers": 2, "lr": 1e-2,
+                                                     "lora": {"enabled": True, "r": 8, "alpha": 16}}}).policy
+    group = PolicyGroup(quick_world.policy, cfg, num_cpus_per_worker=1)
+    try:
+        batch = _examples(products)
+        before = group.eval_loss(batch)
+        for _ in range(3):
+            group.train_step(batch)
+        assert group.eval_loss(batch)["loss"] < before["loss"]
+        trainable = ray.get(group.workers[0].trainable_parameter_names.remote())
+        assert trainable and all("lora_" in n for n in trainable)
+        assert not any("visual" in n or "lm_head" in n for n in trainable)
+        group.save(tmp_path / "ckpt")
+    finally:
+        group.shutdown()
+    assert (tmp_path / "ckpt" / "adapter" / "adapter_config.json").is_file()
