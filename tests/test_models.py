@@ -118,3 +118,19 @@ def test_two_image_layout_and_unknown_layout(quick_world):
     assert fwd == pytest.approx([1 - x for x in rev], abs=1e-6)
     with pytest.raises(ValueError, match="unknown pair layout"):
         rm_inputs(proc, pairs, 28, layout="stacked")
+
+
+def test_generated_duplicates_are_marked(quick_world):
+    from caig_ray.policy_ops import generate_descriptions
+
+    model, proc = load_policy(quick_world.policy)
+    imgs = _product_images(2)
+    # near-greedy sampling repeats itself: every sample after the first is marked a duplicate
+    cold = generate_descriptions(model, proc, imgs, ["write a background"] * 2, n=3, temperature=1e-4,
+                                 seed=0, max_new_tokens=6)
+    assert [g["duplicate"] for g in cold] == [[False, True, True]] * 2
+    hot = generate_descriptions(model, proc, imgs, ["write a background"] * 2, n=3, temperature=1.0,
+                                seed=0, max_new_tokens=6)
+    for g in hot:
+        assert g["duplicate"] == [d in g["descriptions"][:k] for k, d in enumerate(g["descriptions"])]
+        assert len(g["descriptions"]) == 3
