@@ -48,3 +48,18 @@ def ad_grid(images: list[Image.Image], labels: list[str], path: str | Path, cols
         d.text((x + 2, y + cell + 1), label[: cell // 6], fill="black")
     sheet.save(path)
     return Path(path)
+
+
+def bar_chart(values: dict[str, float], path: str | Path, title: str, ylim: tuple[float, float] | None = None) -> Path:
+    """One bar per named value, the value printed on top."""
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(values), 3.5))
+    bars = ax.bar(list(values), list(values.values()), color="#4a7ab5")
+    for b, v in zip(bars, values.values()):
+        ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

@@ -1,9 +1,10 @@
 """The README demo on the embedded default (``demo`` preset): ``python -m jobs.demo --out DIR``.
 
-What it runs today: make-world (market, click logs, tiny PM/RM/SD), then a look at the market --
-true CTR by category x scene, sample historical ads, and one product rendered by both renderers
-(procedural and tiny diffusers) -- written to ``summary.json`` and PNG plots. The online CAIG loop
-(RM training, PM pretraining, DPO+PCPO rounds) joins this entrypoint as its issues land.
+What it runs today: make-world (market, click logs, tiny PM/RM/SD); a look at the market (true CTR
+by category x scene, sample historical ads, one product rendered by both renderers); PM
+pretraining (pretrain-pm); RM training (train-rm) and its evaluation against chance, a CNN
+baseline and the Bayes ceiling (evaluate-rm) -- written to ``summary.json`` and PNG plots. The
+online DPO+PCPO rounds join this entrypoint as their issue lands.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="caig-ray demo", description=__doc__)
     p.add_argument("--out", required=True)
     p.add_argument("--preset", default="demo")
+    p.add_argument("--skip-training", action="store_true", help="market only: no pretrain-pm / train-rm")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
@@ -64,12 +66,50 @@ def main(argv: list[str] | None = None) -> int:
         "rm_bayes_ceiling": world["bayes_ceiling"], "n_band_pairs": world["n_band_pairs"],
         "mean_true_ctr": world["mean_true_ctr"], "history_match_rate": world["history_match_rate"],
         "stages_run": ["make-world", "market-overview"], "world_times": world["times"],
-        "wall_s": time.perf_counter() - t0,
     }
+    if not args.skip_training:
+        summary.update(_train_models(cfg, lay, out, plots))
+        summary["stages_run"] += ["pretrain-pm", "train-rm", "evaluate-rm"]
+    summary["wall_s"] = time.perf_counter() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     print(f"demo written to {out}: summary.json, plots/*.png")
     return 0
+
+
+def _train_models(cfg, lay: WorldLayout, out: Path, plots: Path) -> dict:
+    """pretrain-pm, train-rm and evaluate-rm on the demo world, one local Ray instance for all."""
+    import ray
+
+    from caig_ray.report import bar_chart
+    from jobs.evaluate_rm import evaluate_rm
+    from jobs.pretrain_pm import pretrain_pm
+    from jobs.train_rm import train_rm
+
+    ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False,
+             num_cpus=max(2, cfg.train_rm.num_workers, cfg.pretrain.num_workers))
+    try:
+        t = time.perf_counter()
+        pm = pretrain_pm(cfg, lay.root, out / "pm")
+        pm_s = time.perf_counter() - t
+        t = time.perf_counter()
+        rm = train_rm(cfg, lay.root, out / "rm")
+        rm_s = time.perf_counter() - t
+    finally:
+        ray.shutdown()
+    ev = evaluate_rm(cfg, lay.root, out / "rm", out / "rm_eval.json")
+    bar_chart({"chance": 0.5, "CNN baseline": ev["cnn_baseline_accuracy_logged"],
+               "RM": ev["rm_accuracy_logged"], "RM debiased": ev["rm_debiased_accuracy_logged"],
+               "Bayes ceiling": ev["bayes_ceiling"]}, plots / "rm_accuracy.png",
+              "held-out pairwise accuracy vs logged order", ylim=(0.4, 1.0))
+    return {
+        "rm_pair_accuracy": ev["rm_accuracy_logged"], "rm_pair_accuracy_debiased": ev["rm_debiased_accuracy_logged"],
+        "rm_pair_accuracy_true_order": ev["rm_accuracy_true"], "rm_baseline_accuracy": ev["cnn_baseline_accuracy_logged"],
+        "rm_test_pairs": ev["n_test_pairs"], "rm_train_s": rm_s, "rm_zero_stage": rm["zero_stage"],
+        "pm_scene_word_share_before": pm["scene_word_share_before"],
+        "pm_scene_word_share_after": pm["scene_word_share_after"], "pm_pretrain_s": pm_s,
+        "pm_path": str(out / "pm"), "rm_path": str(out / "rm"),
+    }
 
 
 if __name__ == "__main__":
