@@ -217,6 +217,23 @@ class PretrainConfig(_Strict):
     seed: int = 0
 
 
+class ServeConfig(_Strict):
+    """``caig-ray serve``: the live RM scoring endpoint (Ray Serve + FastAPI)."""
+
+    model_path: str | None = None  # a trained RM folder (train-rm --out)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    num_cpus_per_replica: float = Field(1.0, gt=0)
+    num_gpus_per_replica: float = Field(0.0, ge=0)
+    max_image_bytes: int = Field(4_000_000, ge=1024)  # per decoded image
+    max_image_side: int = Field(4096, ge=16)
+
+
 class CaigConfig(_Strict):
     """Top-level config: one block per component."""
 
@@ -229,6 +246,7 @@ class CaigConfig(_Strict):
     data: DataConfig = DataConfig()
     train_rm: RMTrainConfig = RMTrainConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    serve: ServeConfig = ServeConfig()
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
