@@ -14,3 +14,51 @@ def test_serve_config_parses_and_points_at_a_real_builder():
     module, attr = app["import_path"].split(":")
     assert callable(getattr(importlib.import_module(module), attr))
     ServeConfig.model_validate(app["args"])  # the args are a valid serve block
+
+
+def _load(name):
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+def _entrypoint_module(cmd: str) -> str:
+    parts = cmd.split()
+    return parts[parts.index("-m") + 1]
+
+
+def test_kuberay_raycluster_autoscales_renderers_from_zero():
+    doc = _load("raycluster.yaml")
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCluster"
+    spec = doc["spec"]
+    assert spec["enableInTreeAutoscaling"] is True and "headGroupSpec" in spec
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    renderer = groups["renderer"]
+    assert renderer["minReplicas"] == 0 and renderer["maxReplicas"] > 0
+    limits = renderer["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1"
+
+
+def test_rayjob_and_rayservice_reference_real_entrypoints():
+    job = _load("rayjob.yaml")
+    assert job["kind"] == "RayJob" and "rayClusterSpec" in job["spec"]
+    importlib.import_module(_entrypoint_module(job["spec"]["entrypoint"]))
+    svc = _load("rayservice.yaml")
+    assert svc["kind"] == "RayService" and "rayClusterConfig" in svc["spec"]
+    serve_cfg = yaml.safe_load(svc["spec"]["serveConfigV2"])
+    (app,) = serve_cfg["applications"]
+    module, attr = app["import_path"].split(":")
+    assert callable(getattr(importlib.import_module(module), attr))
+    ServeConfig.model_validate(app["args"])
+    assert app["args"] == _load("serve.yaml")["applications"][0]["args"]  # one Serve config, two carriers
+
+
+def test_aws_launcher_matches_rays_cluster_schema():
+    import json
+
+    import jsonschema
+    import ray
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    doc = _load("aws-launcher.yaml")
+    jsonschema.validate(doc, schema)
+    assert doc["head_node_type"] in doc["available_node_types"]
+    assert doc["available_node_types"]["renderer_gpu"]["min_workers"] == 0
