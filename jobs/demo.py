@@ -82,12 +82,12 @@ def _train_models(cfg, lay: WorldLayout, out: Path, plots: Path) -> dict:
     import ray
 
     from caig_ray.report import bar_chart
+    from jobs._ray import init_ray
     from jobs.evaluate_rm import evaluate_rm
     from jobs.pretrain_pm import pretrain_pm
     from jobs.train_rm import train_rm
 
-    ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False,
-             num_cpus=max(2, cfg.train_rm.num_workers, cfg.pretrain.num_workers))
+    started = init_ray(max(2, cfg.train_rm.num_workers, cfg.pretrain.num_workers))
     try:
         t = time.perf_counter()
         pm = pretrain_pm(cfg, lay.root, out / "pm")
@@ -96,7 +96,8 @@ def _train_models(cfg, lay: WorldLayout, out: Path, plots: Path) -> dict:
         rm = train_rm(cfg, lay.root, out / "rm")
         rm_s = time.perf_counter() - t
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
     ev = evaluate_rm(cfg, lay.root, out / "rm", out / "rm_eval.json")
     bar_chart({"chance": 0.5, "CNN baseline": ev["cnn_baseline_accuracy_logged"],
                "RM": ev["rm_accuracy_logged"], "RM debiased": ev["rm_debiased_accuracy_logged"],

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from caig_ray.config import CaigConfig, ConfigError, load_config
 from caig_ray.data import DataError, read_catalog
 from caig_ray.imaging import png_bytes
+from jobs._ray import init_ray
 
 
 def write_descriptions(cfg: CaigConfig, policy_path: str, products, n: int, seed: int) -> list[dict]:
@@ -126,9 +127,7 @@ def generate(cfg: CaigConfig, catalog: str | Path, out: str | Path, policy: str,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = write_descriptions(cfg, policy, products, n, seed)
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
+    started = init_ray()
     try:
         rendered = render_candidates(cfg, rows, pool)
     finally:

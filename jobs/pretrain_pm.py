@@ -21,6 +21,7 @@ from caig_ray.config import CaigConfig, ConfigError, load_config
 from caig_ray.data import DataError, read_catalog, read_click_logs
 from caig_ray.pairs import split_products
 from caig_ray.world import WorldLayout
+from jobs._ray import init_ray
 
 
 def _held_out(products, cfg: CaigConfig):
@@ -103,7 +104,6 @@ def scene_word_share(model_path: str | Path, products, cfg: CaigConfig, seed: in
 
 
 def pretrain_pm(cfg: CaigConfig, world_dir: str | Path, out: str | Path) -> dict:
-    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -117,9 +117,7 @@ def pretrain_pm(cfg: CaigConfig, world_dir: str | Path, out: str | Path) -> dict
     out = Path(out).resolve()
     pc = cfg.pretrain
     before = scene_word_share(policy, held_out, cfg)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False,
-                 num_cpus=None if pc.use_gpu else max(2, pc.num_workers))
+    init_ray(None if pc.use_gpu else max(2, pc.num_workers))
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     trainer = TorchTrainer(
         train_func,

@@ -151,7 +151,7 @@ def build_app(args: dict):
 
 
 def main(argv: list[str] | None = None) -> int:
-    import ray
+    from jobs._ray import init_ray
 
     p = argparse.ArgumentParser(prog="caig-ray serve", description=__doc__)
     p.add_argument("--preset", default="quick")
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.model_path or not os.path.isdir(cfg.model_path):
         print(f"error: serve.model_path: RM folder not found: {cfg.model_path!r} (pass --rm)", file=sys.stderr)
         return 2
-    ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
+    init_ray()
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg.model_dump(mode="json")), name="caig-rm", route_prefix="/")
     print(f"serving on http://{cfg.host}:{cfg.port} (POST /v1/score, /v1/rank; GET /healthz; /docs). Ctrl-C stops.")

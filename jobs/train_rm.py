@@ -23,6 +23,7 @@ from caig_ray.config import CaigConfig, ConfigError, load_config
 from caig_ray.data import DataError, read_click_logs
 from caig_ray.pairs import mine_rm_pairs
 from caig_ray.world import WorldLayout
+from jobs._ray import init_ray
 
 
 def _skip_shm_comm_build() -> None:
@@ -141,7 +142,6 @@ def train_func(loop: dict) -> None:
 
 def train_rm(cfg: CaigConfig, world_dir: str | Path, out: str | Path, storage: str | Path | None = None) -> dict:
     """Run the TorchTrainer; the final RM lands in ``out`` (``save_pretrained`` layout)."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -152,9 +152,7 @@ def train_rm(cfg: CaigConfig, world_dir: str | Path, out: str | Path, storage: s
     out = Path(out).resolve()
     storage = Path(storage or out.parent / f"{out.name}_ray").resolve()
     tc = cfg.train_rm
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), num_cpus=None if tc.use_gpu else max(2, tc.num_workers),
-                 include_dashboard=False, log_to_driver=True)
+    init_ray(None if tc.use_gpu else max(2, tc.num_workers))
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     trainer = TorchTrainer(
         train_func,

@@ -1,0 +1,69 @@
+"""Entrypoints as `ray job submit` runs them, against a real local head with the dashboard on
+127.0.0.1 (RAY_AUTH_MODE pinned); the head is always stopped."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args, env, timeout=300):
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = _free_port(), _free_port()
+    started = _run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
+                    "--disable-usage-stats"], env)
+    try:
+        assert started.returncode == 0, started.stderr[-2000:]
+        address = f"http://127.0.0.1:{dash}"
+        for _ in range(60):  # the job server comes up with the dashboard
+            if _run([RAY, "job", "list", "--address", address], env, timeout=60).returncode == 0:
+                break
+            time.sleep(1)
+        yield address, env
+    finally:
+        _run([RAY, "stop", "--force"], env, timeout=120)
+
+
+def _submit(address, env, entrypoint: list[str], timeout=600):
+    res = _run([RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+                sys.executable, *entrypoint], env, timeout=timeout)
+    assert res.returncode == 0 and "succeeded" in (res.stdout + res.stderr).lower(), \
+        (res.stdout + res.stderr)[-4000:]
+    return res
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_train_and_generate_jobs_succeed_on_a_real_head(ray_head, quick_world, tmp_path):
+    address, env = ray_head
+    _submit(address, env, ["-m", "jobs.train_rm", "--preset", "quick", "--world", str(quick_world.root),
+                           "--out", str(tmp_path / "rm"), "--epochs", "1", "--max-pairs", "16"])
+    metrics = json.loads((tmp_path / "rm" / "train_metrics.json").read_text())
+    assert metrics["step"] >= 1 and (tmp_path / "rm" / "config.json").is_file()
+    _submit(address, env, ["-m", "jobs.generate", "--catalog", str(quick_world.catalog), "--out",
+                           str(tmp_path / "ads"), "--policy", str(quick_world.policy), "--rm", str(tmp_path / "rm"),
+                           "--n", "2"])
+    best = pq.read_table(tmp_path / "ads" / "best.parquet")
+    assert best.num_rows == 40 and (tmp_path / "ads" / "gallery.html").is_file()
