@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,12 +17,13 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from caig_ray.baselines import cnn_p_left, to_tensor, train_pair_cnn
-from caig_ray.config import CaigConfig, ConfigError, load_config
+from caig_ray.config import CaigConfig
 from caig_ray.data import DataError, load_log_image, read_click_logs
 from caig_ray.models.reward import load_reward_model
 from caig_ray.pairs import mine_rm_pairs
 from caig_ray.scoring import PairScorer, PairToScore
 from caig_ray.world import WorldLayout
+from jobs._entry import add_config_args, run_job
 
 
 def evaluate_rm(cfg: CaigConfig, world_dir: str | Path, rm_path: str | Path, out: str | Path) -> dict:
@@ -75,20 +75,12 @@ def evaluate_rm(cfg: CaigConfig, world_dir: str | Path, rm_path: str | Path, out
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="caig-ray evaluate-rm", description=__doc__)
-    p.add_argument("--preset", default="quick")
-    p.add_argument("--config", default=None)
+    add_config_args(p)
     p.add_argument("--world", required=True)
     p.add_argument("--rm", required=True, help="trained RM folder (train-rm --out)")
     p.add_argument("--out", default="rm_eval.json")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        res = evaluate_rm(load_config(args.config or args.preset), args.world, args.rm, args.out)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(res, indent=1))
-    return 0
+    return run_job(args, lambda cfg: evaluate_rm(cfg, args.world, args.rm, args.out))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import html
 import json
-import os
 import sys
 import time
 from collections import defaultdict
@@ -21,9 +20,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from caig_ray.config import CaigConfig, ConfigError, load_config
-from caig_ray.data import DataError, read_catalog
+from caig_ray.config import CaigConfig
+from caig_ray.data import read_catalog
 from caig_ray.imaging import png_bytes
+from jobs._entry import add_config_args, run_job
 from jobs._ray import init_ray
 
 
@@ -145,26 +145,17 @@ def generate(cfg: CaigConfig, catalog: str | Path, out: str | Path, policy: str,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="caig-ray generate", description=__doc__)
+    add_config_args(p)
     p.add_argument("--catalog", required=True, help="CAIG JSON or parquet catalog")
     p.add_argument("--out", required=True)
     p.add_argument("--policy", required=True, help="prompt-model folder (pretrain-pm or a trained policy)")
     p.add_argument("--rm", required=True, help="reward-model folder (train-rm --out)")
-    p.add_argument("--preset", default="quick")
-    p.add_argument("--config", default=None)
     p.add_argument("--n", type=int, default=4, help="descriptions per product")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-renderers", type=int, default=2)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        cfg = load_config(args.config or args.preset)
-        summary = generate(cfg, args.catalog, args.out, args.policy, args.rm, args.n, args.seed,
-                           (1, args.max_renderers))
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=1))
-    return 0
+    return run_job(args, lambda cfg: generate(cfg, args.catalog, args.out, args.policy, args.rm, args.n, args.seed,
+                                              (1, args.max_renderers)))
 
 
 if __name__ == "__main__":

@@ -17,10 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from caig_ray.config import CaigConfig, ConfigError, load_config
-from caig_ray.data import DataError, read_catalog, read_click_logs
+from caig_ray.config import CaigConfig
+from caig_ray.data import read_catalog, read_click_logs
 from caig_ray.pairs import split_products
 from caig_ray.world import WorldLayout
+from jobs._entry import add_config_args, run_job
 from jobs._ray import init_ray
 
 
@@ -149,23 +150,14 @@ def pretrain_pm(cfg: CaigConfig, world_dir: str | Path, out: str | Path) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="caig-ray pretrain-pm", description=__doc__)
-    p.add_argument("--preset", default="quick")
-    p.add_argument("--config", default=None)
+    add_config_args(p)
     p.add_argument("--world", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None)
     p.add_argument("--epochs", type=float, default=None)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    over = {k: v for k, v in {"zero_stage": args.zero_stage, "epochs": args.epochs}.items() if v is not None}
-    try:
-        cfg = load_config(args.config or args.preset, overrides={"pretrain": over} if over else None)
-        summary = pretrain_pm(cfg, args.world, args.out)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=1, default=str))
-    return 0
+    return run_job(args, lambda cfg: pretrain_pm(cfg, args.world, args.out), "pretrain",
+                   {"zero_stage": args.zero_stage, "epochs": args.epochs})
 
 
 if __name__ == "__main__":

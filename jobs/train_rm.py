@@ -12,17 +12,17 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from caig_ray.config import CaigConfig, ConfigError, load_config
-from caig_ray.data import DataError, read_click_logs
+from caig_ray.config import CaigConfig
+from caig_ray.data import read_click_logs
 from caig_ray.pairs import mine_rm_pairs
 from caig_ray.world import WorldLayout
+from jobs._entry import add_config_args, run_job
 from jobs._ray import init_ray
 
 
@@ -182,8 +182,7 @@ def train_rm(cfg: CaigConfig, world_dir: str | Path, out: str | Path, storage: s
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="caig-ray train-rm", description=__doc__)
-    p.add_argument("--preset", default="quick")
-    p.add_argument("--config", default=None)
+    add_config_args(p)
     p.add_argument("--world", required=True, help="world folder from make-world (or set data.click_logs)")
     p.add_argument("--out", required=True, help="folder the trained RM is written to")
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None)
@@ -191,17 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-pairs", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    over = {k: v for k, v in {"zero_stage": args.zero_stage, "epochs": args.epochs,
-                              "max_pairs": args.max_pairs, "lr": args.lr}.items() if v is not None}
-    try:
-        cfg = load_config(args.config or args.preset, overrides={"train_rm": over} if over else None)
-        summary = train_rm(cfg, args.world, args.out)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=1, default=str))
-    return 0
+    return run_job(args, lambda cfg: train_rm(cfg, args.world, args.out), "train_rm",
+                   {"zero_stage": args.zero_stage, "epochs": args.epochs, "max_pairs": args.max_pairs, "lr": args.lr})
 
 
 if __name__ == "__main__":
