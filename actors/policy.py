@@ -42,7 +42,8 @@ class PolicyWorker:
         from caig_ray.models.policy import load_policy
 
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0" if not self.cfg.use_gpu else "0")
+                          # Ray gives each actor its own GPU as cuda:0 (CUDA_VISIBLE_DEVICES), so local rank 0
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         if not self.cfg.use_gpu:
             # gloo on CPU needs no shm comm op; its JIT build costs ~100 s (DESIGN.md §7)
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
@@ -75,7 +76,7 @@ class PolicyWorker:
         from caig_ray.prompts import pm_instruction
 
         self.engine.eval()
-        if not products:  # every ZeRO-3 rank must step through generate; a rank with no work copies one
+        if not products:  # PolicyGroup pads short shards: under ZeRO-3 every rank must run generate
             raise ValueError("PolicyWorker.generate got no products")
         images = [as_image(p["image"], self.cfg.image_size) for p in products]
         ins = [pm_instruction(p["title"], p.get("attributes")) for p in products]
