@@ -71,3 +71,41 @@ def mine_rm_pairs(
                 "ctr_left": ctr(left), "ctr_right": ctr(right), "label": int(flip),
             })
     return out
+
+
+def preference_examples(candidates: list[dict], p_first: list[float]) -> tuple[list[dict], list[dict]]:
+    """The online loop's DPO examples from scored candidate pairs (CAIG: the RM picks chosen/rejected).
+
+    ``candidates[i]`` has ``pair_id``, ``image`` (the product), ``instruction``, ``desc_a``, ``desc_b``
+    and ``seed``; ``p_first[i]`` is the RM's P(ad of ``desc_a`` gets more clicks). Returns
+    (examples, skipped): identical descriptions are skipped with reason "duplicate" (the renderer
+    paints the same ad twice: no preference), every other pair becomes one example."""
+    if len(candidates) != len(p_first):
+        raise ValueError(f"{len(candidates)} candidate pairs but {len(p_first)} scores")
+    examples, skipped = [], []
+    for cand, p in zip(candidates, p_first):
+        if cand["desc_a"].strip() == cand["desc_b"].strip():
+            skipped.append({"pair_id": cand["pair_id"], "reason": "duplicate"})
+            continue
+        a_wins = p >= 0.5  # CAIG's decision rule: logit[0] >= logit[1] -> left
+        examples.append({
+            "pair_id": cand["pair_id"], "image": cand["image"], "instruction": cand["instruction"],
+            "chosen": cand["desc_a"] if a_wins else cand["desc_b"],
+            "rejected": cand["desc_b"] if a_wins else cand["desc_a"],
+            "seed": cand["seed"], "p_chosen": p if a_wins else 1 - p,
+        })
+    return examples, skipped
+
+
+def account(planned: list[str], trained: list[str], skipped: list[str]) -> dict:
+    """Where every planned pair went: ``pairs_lost`` (planned, neither trained on nor skipped) and
+    ``pairs_duplicated`` (ids seen more than once downstream, or downstream but never planned)."""
+    seen: dict[str, int] = {}
+    for pid in list(trained) + list(skipped):
+        seen[pid] = seen.get(pid, 0) + 1
+    planned_set = set(planned)
+    return {
+        "pairs_planned": len(planned), "pairs_trained": len(trained), "pairs_skipped": len(skipped),
+        "pairs_lost": sum(1 for pid in planned_set if pid not in seen),
+        "pairs_duplicated": sum(n - 1 for n in seen.values()) + sum(1 for pid in seen if pid not in planned_set),
+    }

@@ -43,3 +43,29 @@ def test_split_products_is_disjoint_and_seeded():
     tr, te = split_products(ids, 0.2, 0)
     assert len(te) == 10 and len(tr) == 40 and not tr & te
     assert split_products(ids, 0.2, 0) == (tr, te)
+
+
+def test_preference_examples_pick_by_rm_and_skip_duplicates():
+    import pytest
+
+    from caig_ray.pairs import preference_examples
+
+    cands = [{"pair_id": f"r0-{i}", "image": b"", "instruction": "ins", "seed": 7,
+              "desc_a": a, "desc_b": b} for i, (a, b) in enumerate([("stadium", "vanity"), ("beach", "beach "),
+                                                                   ("neon", "desk")])]
+    ex, skipped = preference_examples(cands, [0.7, 0.9, 0.2])
+    assert skipped == [{"pair_id": "r0-1", "reason": "duplicate"}]
+    assert [(e["chosen"], e["rejected"]) for e in ex] == [("stadium", "vanity"), ("desk", "neon")]
+    assert ex[1]["p_chosen"] == pytest.approx(0.8) and all(e["seed"] == 7 for e in ex)
+    with pytest.raises(ValueError, match="3 candidate pairs but 2 scores"):
+        preference_examples(cands, [0.5, 0.5])
+
+
+def test_accounting_finds_lost_and_duplicated_pairs():
+    from caig_ray.pairs import account
+
+    ok = account(["a", "b", "c"], trained=["a", "c"], skipped=["b"])
+    assert ok == {"pairs_planned": 3, "pairs_trained": 2, "pairs_skipped": 1, "pairs_lost": 0,
+                  "pairs_duplicated": 0}
+    bad = account(["a", "b", "c"], trained=["a", "a", "x"], skipped=[])
+    assert bad["pairs_lost"] == 2 and bad["pairs_duplicated"] == 2  # a twice; x never planned
