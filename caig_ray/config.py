@@ -214,6 +214,7 @@ class PretrainConfig(_Strict):
     batch_size: int = Field(8, ge=1)  # per worker
     max_examples: int | None = Field(None, ge=2)
     eval_products: int = Field(20, ge=1)  # held-out products for the before/after measurement
+    max_failures: int = Field(1, ge=0)
     seed: int = 0
 
 

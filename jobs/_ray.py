@@ -18,3 +18,35 @@ def init_ray(num_cpus: int | None = None) -> bool:
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
     return True
+
+
+def fit_to_folder(train_func, loop_config: dict, *, name: str, num_workers: int, use_gpu: bool,
+                  max_failures: int, storage: str, out) -> dict:
+    """Run a Ray Train ``TorchTrainer`` (gloo on CPU, NCCL on GPU) and copy its final checkpoint to
+    ``out`` (replacing it); returns the last reported metrics plus ``wall_s``."""
+    import shutil
+    import time
+    from pathlib import Path
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    trainer = TorchTrainer(
+        train_func, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else {"CPU": 1}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1), worker_runtime_env={"env_vars": env}),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    with result.checkpoint.as_directory() as d:
+        shutil.copytree(d, out)
+    return {**result.metrics, "wall_s": time.perf_counter() - t0}

@@ -11,10 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from caig_ray.config import CaigConfig
@@ -22,7 +20,7 @@ from caig_ray.data import read_catalog, read_click_logs
 from caig_ray.pairs import split_products
 from caig_ray.world import WorldLayout
 from jobs._entry import add_config_args, run_job
-from jobs._ray import init_ray
+from jobs._ray import fit_to_folder, init_ray
 
 
 def _held_out(products, cfg: CaigConfig):
@@ -105,9 +103,6 @@ def scene_word_share(model_path: str | Path, products, cfg: CaigConfig, seed: in
 
 
 def pretrain_pm(cfg: CaigConfig, world_dir: str | Path, out: str | Path) -> dict:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     lay = WorldLayout(world_dir)
     catalog = Path(cfg.data.catalog or lay.catalog).resolve()
     click_logs = Path(cfg.data.click_logs or lay.click_logs).resolve()
@@ -119,27 +114,14 @@ def pretrain_pm(cfg: CaigConfig, world_dir: str | Path, out: str | Path) -> dict
     pc = cfg.pretrain
     before = scene_word_share(policy, held_out, cfg)
     init_ray(None if pc.use_gpu else max(2, pc.num_workers))
-    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    trainer = TorchTrainer(
+    result = fit_to_folder(
         train_func,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "catalog": str(catalog), "click_logs": str(click_logs),
-                           "policy": str(policy), "tensorboard": str(out.parent / f"{out.name}_tensorboard")},
-        scaling_config=ScalingConfig(num_workers=pc.num_workers, use_gpu=pc.use_gpu,
-                                     resources_per_worker=None if pc.use_gpu else {"CPU": 1}),
-        torch_config=TorchConfig(backend="nccl" if pc.use_gpu else "gloo"),
-        run_config=RunConfig(name="pretrain_pm", storage_path=str(out.parent / f"{out.name}_ray"),
-                             failure_config=FailureConfig(max_failures=1), worker_runtime_env={"env_vars": env}),
-    )
-    t0 = time.perf_counter()
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    if out.exists():
-        shutil.rmtree(out)
-    with result.checkpoint.as_directory() as d:
-        shutil.copytree(d, out)
+        {"cfg": cfg.model_dump(mode="json"), "catalog": str(catalog), "click_logs": str(click_logs),
+         "policy": str(policy), "tensorboard": str(out.parent / f"{out.name}_tensorboard")},
+        name="pretrain_pm", num_workers=pc.num_workers, use_gpu=pc.use_gpu, max_failures=pc.max_failures,
+        storage=str(out.parent / f"{out.name}_ray"), out=out)
     after = scene_word_share(out, held_out, cfg)
-    summary = {**result.metrics, "wall_s": time.perf_counter() - t0, "model_path": str(out),
+    summary = {**result, "model_path": str(out),
                "zero_stage": pc.zero_stage, "held_out_products": len(held_out),
                "scene_word_share_before": before["scene_word_share"],
                "scene_word_share_after": after["scene_word_share"],

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ from caig_ray.data import read_click_logs
 from caig_ray.pairs import mine_rm_pairs
 from caig_ray.world import WorldLayout
 from jobs._entry import add_config_args, run_job
-from jobs._ray import init_ray
+from jobs._ray import fit_to_folder, init_ray
 
 
 def _skip_shm_comm_build() -> None:
@@ -142,9 +141,6 @@ def train_func(loop: dict) -> None:
 
 def train_rm(cfg: CaigConfig, world_dir: str | Path, out: str | Path, storage: str | Path | None = None) -> dict:
     """Run the TorchTrainer; the final RM lands in ``out`` (``save_pretrained`` layout)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     lay = WorldLayout(world_dir)
     click_logs = Path(cfg.data.click_logs or lay.click_logs).resolve()
     backbone = Path(cfg.reward.backbone_path or lay.reward).resolve()
@@ -153,29 +149,13 @@ def train_rm(cfg: CaigConfig, world_dir: str | Path, out: str | Path, storage: s
     storage = Path(storage or out.parent / f"{out.name}_ray").resolve()
     tc = cfg.train_rm
     init_ray(None if tc.use_gpu else max(2, tc.num_workers))
-    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    trainer = TorchTrainer(
+    summary = fit_to_folder(
         train_func,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "click_logs": str(click_logs),
-                           "backbone": str(backbone), "tensorboard": str(out.parent / f"{out.name}_tensorboard")},
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker={"CPU": 1} if not tc.use_gpu else None),
-        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
-        run_config=RunConfig(name="train_rm", storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=tc.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             worker_runtime_env={"env_vars": env}),
-    )
-    t0 = time.perf_counter()
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    if out.exists():
-        shutil.rmtree(out)
-    with result.checkpoint.as_directory() as d:
-        shutil.copytree(d, out)
-    summary = {**result.metrics, "wall_s": time.perf_counter() - t0, "model_path": str(out),
-               "zero_stage": tc.zero_stage, "num_workers": tc.num_workers}
+        {"cfg": cfg.model_dump(mode="json"), "click_logs": str(click_logs), "backbone": str(backbone),
+         "tensorboard": str(out.parent / f"{out.name}_tensorboard")},
+        name="train_rm", num_workers=tc.num_workers, use_gpu=tc.use_gpu, max_failures=tc.max_failures,
+        storage=str(storage), out=out)
+    summary.update(model_path=str(out), zero_stage=tc.zero_stage, num_workers=tc.num_workers)
     (out / "train_metrics.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
 
