@@ -2,29 +2,46 @@
 
 The model is loaded once in ``__init__`` (from paths in the config, so a restarted actor reloads
 it); run it with ``compute=ActorPoolStrategy(min_size=..., max_size=...)`` so the pool grows with
-the backlog. Input columns: ``product_image`` (PNG bytes), ``description``, ``seed``; adds ``ad``
-(PNG bytes).
+the backlog. Two input shapes:
+
+- single ads: ``product_image`` (PNG bytes), ``description``, ``seed`` -> adds ``ad`` (PNG bytes);
+- candidate pairs (the online loop): ``product_image``, ``desc_a``, ``desc_b``, ``seed`` -> adds
+  ``left_image`` / ``right_image`` (ad of a / ad of b, the same seed for both, as CAIG renders them)
+  and, when the renderer records what it painted (procedural), ``latent_a`` / ``latent_b`` (JSON).
 """
 
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 from PIL import Image
 
 from caig_ray.config import RendererConfig
+from caig_ray.faults import BatchFault
 from caig_ray.imaging import png_bytes
 from caig_ray.models.renderer import make_renderer
 
 
 class Renderer:
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, fault: dict | None = None):
         self.renderer = make_renderer(RendererConfig.model_validate(cfg))
+        fault = fault or {}
+        self.fault = BatchFault(fault.get("marker_dir"), "renderer", fault.get("renderer_die_after_batches"))
+
+    def _render(self, products, descriptions, seeds) -> tuple[np.ndarray, np.ndarray]:
+        ads = self.renderer.render(products, [str(d) for d in descriptions], [int(s) for s in seeds])
+        images = np.array([png_bytes(a.image) for a in ads], dtype=object)
+        latents = np.array([json.dumps(a.latent) if a.latent else "" for a in ads], dtype=object)
+        return images, latents
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         products = [Image.open(io.BytesIO(bytes(b))) for b in batch["product_image"]]
-        ads = self.renderer.render(products, [str(d) for d in batch["description"]],
-                                   [int(s) for s in batch["seed"]])
-        batch["ad"] = np.array([png_bytes(a.image) for a in ads], dtype=object)
+        if "desc_a" in batch:
+            batch["left_image"], batch["latent_a"] = self._render(products, batch["desc_a"], batch["seed"])
+            batch["right_image"], batch["latent_b"] = self._render(products, batch["desc_b"], batch["seed"])
+        else:
+            batch["ad"], _ = self._render(products, batch["description"], batch["seed"])
+        self.fault.tick()
         return batch

@@ -14,6 +14,7 @@ import numpy as np
 import ray
 from PIL import Image
 
+from caig_ray.faults import BatchFault
 from caig_ray.models.reward import load_reward_model
 from caig_ray.scoring import PairScorer, PairToScore
 
@@ -24,10 +25,12 @@ def _image(value) -> Image.Image:
 
 class RewardScorer:
     def __init__(self, model_path: str, pair_image_size: int | None = None, batch_size: int = 16,
-                 device: str = "cpu", dtype: str = "float32", debias: bool = True):
+                 device: str = "cpu", dtype: str = "float32", debias: bool = True, fault: dict | None = None):
         model, processor = load_reward_model(model_path, dtype=dtype, device=device)
         self.scorer = PairScorer(model, processor, pair_image_size, batch_size, device)
         self.debias = debias
+        fault = fault or {}
+        self.fault = BatchFault(fault.get("marker_dir"), "scorer", fault.get("scorer_die_after_batches"))
 
     def score(self, pairs: list[PairToScore]) -> dict[str, list[float]]:
         return self.scorer.score(pairs, debias=self.debias)
@@ -37,6 +40,7 @@ class RewardScorer:
                  for left, right, title in zip(batch["left_image"], batch["right_image"], batch["title"])]
         for key, values in self.score(pairs).items():
             batch[key] = np.asarray(values, dtype=np.float32)
+        self.fault.tick()
         return batch
 
     @classmethod

@@ -218,6 +218,59 @@ class PretrainConfig(_Strict):
     seed: int = 0
 
 
+class FaultConfig(_Strict):
+    """Injected faults, for tests only (issue: proof under stress). Each fires once per job: a
+    marker file under ``marker_dir`` records that it fired, so a restarted actor does not die again."""
+
+    marker_dir: str | None = None
+    renderer_die_after_batches: int | None = Field(None, ge=1)  # a renderer process exits after k batches
+    scorer_die_after_batches: int | None = Field(None, ge=1)  # a scorer process exits after k batches
+    driver_kill_after_round: int | None = Field(None, ge=0)  # the driver SIGKILLs itself after this round's checkpoint
+
+    @model_validator(mode="after")
+    def _needs_dir(self) -> "FaultConfig":
+        armed = [self.renderer_die_after_batches, self.scorer_die_after_batches, self.driver_kill_after_round]
+        if any(v is not None for v in armed) and not self.marker_dir:
+            raise ValueError("faults need marker_dir (where each fault records that it fired)")
+        return self
+
+
+class OnlineConfig(_Strict):
+    """``caig-ray train``: the online CTR-driven loop (CAIG rounds, streamed through Ray Data)."""
+
+    rounds: int = Field(5, ge=1)
+    products_per_round: int = Field(64, ge=2)
+    samples_per_product: int = Field(2, ge=2)  # N (CAIG: 2); the first two samples form the pair
+    eval_products: int = Field(32, ge=1)  # held out: never sampled for training
+    eval_every: int = Field(1, ge=1)  # evaluate after every k rounds (and before the first)
+    pairs_per_batch: int = Field(8, ge=1)  # rows per streamed block (render and score batch)
+    train_batch_size: int = Field(16, ge=1)  # examples per DPO+PCPO step (all ranks together)
+    # Rounds the generating weights may lag the trained ones: 0 = CAIG's strict rounds (sample ->
+    # render -> score -> train); 1 = round r+1 is sampled and rendered while round r trains.
+    max_policy_lag: int = Field(0, ge=0)
+    debias_rm: bool = True  # score both orders and average (position-debiased preference)
+    renderer_pool: tuple[int, int] = (1, 2)  # ActorPoolStrategy(min_size, max_size)
+    renderer_num_cpus: float = Field(0.25, gt=0)
+    renderer_num_gpus: float = Field(0.0, ge=0)
+    scorer_pool: tuple[int, int] = (1, 1)
+    scorer_num_cpus: float = Field(0.25, gt=0)
+    scorer_num_gpus: float = Field(0.0, ge=0)
+    scorer_batch_size: int = Field(16, ge=1)
+    policy_num_cpus_per_worker: float = Field(0.5, gt=0)
+    checkpoint_every: int = Field(1, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = 0
+    faults: FaultConfig = FaultConfig()
+
+    @model_validator(mode="after")
+    def _check_pools(self) -> "OnlineConfig":
+        for name in ("renderer_pool", "scorer_pool"):
+            lo, hi = getattr(self, name)
+            if not 1 <= lo <= hi:
+                raise ValueError(f"{name} must satisfy 1 <= min_size <= max_size, got {lo, hi}")
+        return self
+
+
 class ServeConfig(_Strict):
     """``caig-ray serve``: the live RM scoring endpoint (Ray Serve + FastAPI)."""
 
@@ -248,6 +301,7 @@ class CaigConfig(_Strict):
     train_rm: RMTrainConfig = RMTrainConfig()
     pretrain: PretrainConfig = PretrainConfig()
     serve: ServeConfig = ServeConfig()
+    online: OnlineConfig = OnlineConfig()
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -63,3 +63,75 @@ def bar_chart(values: dict[str, float], path: str | Path, title: str, ylim: tupl
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def online_plots(run_dir: str | Path, rounds: list[dict], evals: list[dict],
+                 pool_trace: list[tuple[float, int, int]]) -> list[str]:
+    """The online loop's curves from a run folder's metrics.jsonl and the round/eval records:
+    plots/online_eval.png (true CTR, match rate, RM win rate by round), plots/online_training.png
+    (loss and reward margins by step), plots/renderer_pool.png (pool sizes over time)."""
+    import json
+
+    run_dir = Path(run_dir)
+    plots = run_dir / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    written = []
+    x = [e["after_rounds"] for e in evals]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.3))
+    if evals and evals[0].get("true_ctr") is not None:
+        axes[0].plot(x, [100 * e["true_ctr"] for e in evals], "o-", label="tuned PM")
+        axes[0].plot(x, [100 * e["base_true_ctr"] for e in evals], "--", color="grey", label="pretrained PM")
+        lo = [100 * (e["base_true_ctr"] + e["lift"]["ci95"][0]) for e in evals]
+        hi = [100 * (e["base_true_ctr"] + e["lift"]["ci95"][1]) for e in evals]
+        axes[0].fill_between(x, lo, hi, alpha=0.2, label="95% CI of the lift")
+        axes[1].plot(x, [e["match_rate"] for e in evals], "o-", label="tuned PM")
+        axes[1].plot(x, [e["base_match_rate"] for e in evals], "--", color="grey", label="pretrained PM")
+    axes[0].set_title("true CTR % on held-out products")
+    axes[1].set_title("match rate (scene suits product)")
+    axes[2].plot(x, [e["rm_win_rate"] for e in evals], "o-")
+    axes[2].axhline(0.5, color="grey", lw=0.8)
+    axes[2].set_title("RM win rate vs pretrained PM")
+    for ax in axes:
+        ax.set_xlabel("rounds trained")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(plots / "online_eval.png", dpi=100)
+    plt.close(fig)
+    written.append("plots/online_eval.png")
+
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if '"kind": "train"' in line] if (run_dir / "metrics.jsonl").exists() else []
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    s = [m["step"] for m in steps]
+    for key in ("loss", "dpo/loss", "pcpo/loss"):
+        if steps and key in steps[0]:
+            axes[0].plot(s, [m[key] for m in steps], label=key)
+    for key in ("rewards/margins", "pcpo/rewards/margins"):
+        if steps and key in steps[0]:
+            axes[1].plot(s, [m[key] for m in steps], label=key)
+    axes[0].set_title("loss by step")
+    axes[1].set_title("reward margins by step")
+    for ax in axes:
+        ax.set_xlabel("train step")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(plots / "online_training.png", dpi=100)
+    plt.close(fig)
+    written.append("plots/online_training.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    if pool_trace:
+        t = [p[0] for p in pool_trace]
+        ax.step(t, [p[1] for p in pool_trace], where="post", label="renderers")
+        ax.step(t, [p[2] for p in pool_trace], where="post", label="RM scorers")
+        ax.legend(fontsize=7)
+    ax.set_xlabel("seconds since the pools started")
+    ax.set_ylabel("alive actors")
+    ax.set_title("actor pool sizes")
+    fig.tight_layout()
+    fig.savefig(plots / "renderer_pool.png", dpi=100)
+    plt.close(fig)
+    written.append("plots/renderer_pool.png")
+    return written

@@ -1,0 +1,156 @@
+"""``PairStream``: one long-lived Ray Data pipeline for the whole online job.
+
+    driver --put(block)--> PairFeed (actor) --FeedDatasource--> map_batches(Renderer, actor pool)
+           --> map_batches(RewardScorer, actor pool) --iter_batches--> driver (trainer)
+
+A Ray Data execution starts and tears down its actor pools, so one execution per round would
+reload the renderer and RM every round. Instead the dataset's source is ``FeedDatasource``: its
+read task ``i`` waits on the ``PairFeed`` actor for block ``i``, which the driver puts there when
+the policy has sampled it. The number of blocks the job will feed is known up front (rounds x
+blocks per round + evaluations), so the dataset is finite and ends when the job does. Blocks come
+out in feed order (``preserve_order``): the data order a job trains on does not depend on which
+renderer finished first, so a resumed job trains on exactly what an uninterrupted one would.
+
+A block stays in the feed until the driver has consumed it, so a read task Ray retries still finds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pyarrow as pa
+import ray
+from ray.data import ActorPoolStrategy
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from actors.renderer import Renderer
+from actors.scorer import RewardScorer
+from caig_ray.config import CaigConfig
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class PairFeed:
+    """Blocks of candidate pairs by index; ``get(i)`` waits until the driver has put block ``i``."""
+
+    def __init__(self):
+        self.blocks: dict[int, list[dict]] = {}
+        self.events: dict[int, asyncio.Event] = {}
+
+    def _event(self, i: int) -> asyncio.Event:
+        return self.events.setdefault(i, asyncio.Event())
+
+    async def put(self, i: int, rows: list[dict]) -> None:
+        self.blocks[i] = rows
+        self._event(i).set()
+
+    async def get(self, i: int) -> list[dict]:
+        await self._event(i).wait()
+        return self.blocks[i]
+
+    async def drop(self, i: int) -> None:
+        self.blocks.pop(i, None)
+        self.events.pop(i, None)
+
+
+class FeedDatasource(Datasource):
+    """A Ray Data source of ``n_blocks`` blocks that are produced while the dataset runs."""
+
+    def __init__(self, feed, n_blocks: int):
+        super().__init__()
+        self.feed, self.n_blocks = feed, n_blocks
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+        feed = self.feed
+
+        def read_task(i: int) -> ReadTask:
+            meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
+            return ReadTask(lambda: [pa.Table.from_pylist(ray.get(feed.get.remote(i)))], meta)
+
+        return [read_task(i) for i in range(self.n_blocks)]
+
+
+def _pool_sizes() -> tuple[int, int]:
+    """Alive renderer and scorer actors of the Ray Data pools (GCS actor table; no dashboard needed)."""
+    from ray._private import state
+
+    alive = [a["ActorClassName"] for a in state.actors().values() if a["State"] == "ALIVE"]
+    return (sum("MapBatches(Renderer)" in n for n in alive), sum("MapBatches(RewardScorer)" in n for n in alive))
+
+
+class PairStream:
+    """The job-long render-and-score pipeline (see the module docstring)."""
+
+    def __init__(self, cfg: CaigConfig, rm_path: str, n_blocks: int, sample_every_s: float = 0.25):
+        oc = cfg.online
+        self.n_blocks, self.fed, self.consumed = n_blocks, 0, 0
+        self.feed = PairFeed.remote()
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        ctx.enable_progress_bars = False  # the driver shows round-level progress instead
+        fault = oc.faults.model_dump(mode="json")
+        device = "cuda" if oc.scorer_num_gpus > 0 else "cpu"
+        ds = ray.data.read_datasource(FeedDatasource(self.feed, n_blocks), override_num_blocks=n_blocks,
+                                      concurrency=2, num_cpus=0)
+        ds = ds.map_batches(
+            Renderer, fn_constructor_args=(cfg.renderer.model_dump(mode="json"), fault), batch_size=None,
+            compute=ActorPoolStrategy(min_size=oc.renderer_pool[0], max_size=oc.renderer_pool[1]),
+            num_cpus=oc.renderer_num_cpus, num_gpus=oc.renderer_num_gpus)
+        ds = ds.map_batches(
+            RewardScorer, fn_constructor_kwargs={
+                "model_path": rm_path, "batch_size": oc.scorer_batch_size, "device": device,
+                "dtype": cfg.reward.dtype, "debias": oc.debias_rm, "fault": fault},
+            batch_size=None, compute=ActorPoolStrategy(min_size=oc.scorer_pool[0], max_size=oc.scorer_pool[1]),
+            num_cpus=oc.scorer_num_cpus, num_gpus=oc.scorer_num_gpus)
+        self.t0 = time.perf_counter()
+        self._it = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
+        self.pool_trace: list[tuple[float, int, int]] = []  # (seconds since start, renderers, scorers)
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, args=(sample_every_s,), daemon=True)
+        self._sampler.start()
+        self.wait_s = 0.0  # time the driver spent blocked waiting for a scored block
+
+    def _sample(self, every: float) -> None:
+        while not self._stop.is_set():
+            try:
+                r, s = _pool_sizes()
+                self.pool_trace.append((time.perf_counter() - self.t0, r, s))
+            except Exception:  # noqa: BLE001 -- the GCS may be going away at shutdown
+                pass
+            self._stop.wait(every)
+
+    def put(self, rows: list[dict]) -> int:
+        """Feed one block (a render and score batch); returns its index."""
+        if self.fed >= self.n_blocks:
+            raise RuntimeError(f"PairStream planned {self.n_blocks} blocks; a block more was fed (driver bug)")
+        if not rows:
+            raise ValueError("PairStream.put got an empty block")
+        ray.get(self.feed.put.remote(self.fed, rows))
+        self.fed += 1
+        return self.fed - 1
+
+    def next_block(self) -> list[dict]:
+        """The next scored block in feed order (blocks until it is ready)."""
+        if self.consumed >= self.fed:
+            raise RuntimeError("PairStream.next_block: every fed block was consumed; feed more first (driver bug)")
+        t = time.perf_counter()
+        table = next(self._it)
+        self.wait_s += time.perf_counter() - t
+        self.feed.drop.remote(self.consumed)
+        self.consumed += 1
+        return table.to_pylist()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._sampler.join(timeout=5)
+        self._it = None
+        ray.kill(self.feed)
+
+    @property
+    def renderer_pool_max(self) -> int:
+        return max((r for _, r, _ in self.pool_trace), default=0)

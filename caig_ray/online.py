@@ -1,0 +1,96 @@
+"""The online loop's pure parts: which products each round samples, the candidate pairs with their
+ids and seeds, the market oracle's verdict on a rendered ad, and the lift with its interval.
+
+Everything here is a function of (seed, round) so an interrupted job that resumes sees the very
+data order an uninterrupted one sees. ``jobs/caig.py`` wires these to the Ray actors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from caig_ray.config import MarketConfig
+from caig_ray.market.clicks import ClickModel, noise_key
+from caig_ray.prompts import clean_prompt, pm_instruction
+
+
+def split_eval_products(product_ids: list[str], n_eval: int, seed: int) -> tuple[list[str], list[str]]:
+    """(train, eval) product ids: ``n_eval`` held-out products the loop never trains on."""
+    ids = sorted(product_ids)
+    if n_eval >= len(ids):
+        raise ValueError(f"online.eval_products={n_eval} leaves no product to train on (catalog has {len(ids)})")
+    order = np.random.default_rng([seed, 41]).permutation(len(ids))
+    held = {ids[i] for i in order[:n_eval]}
+    return [i for i in ids if i not in held], [i for i in ids if i in held]
+
+
+def round_products(train_ids: list[str], round_index: int, k: int, seed: int) -> list[str]:
+    """The ``k`` products sampled in round ``round_index`` (without replacement; all of them if fewer)."""
+    rng = np.random.default_rng([seed, 43, round_index])
+    pick = rng.permutation(len(train_ids))[: min(k, len(train_ids))]
+    return [train_ids[i] for i in sorted(pick)]
+
+
+def render_seed(seed: int, product_id: str, round_index: int) -> int:
+    """One seed per (product, round): both candidates of a pair are painted with it (CAIG)."""
+    return int(np.random.default_rng([seed, 47, round_index, *product_id.encode()]).integers(0, 2**31 - 1))
+
+
+def candidate_pairs(products: list, generations: list[dict], round_index: int, seed: int,
+                    policy_version: int, kind: str = "train") -> list[dict]:
+    """One candidate pair per product from its sampled descriptions (the first two samples).
+
+    Each pair: ``pair_id`` (unique in a job), ``kind``, ``round``, ``product_id``, ``title``,
+    ``category``, ``instruction``, ``desc_a``/``desc_b`` (cleaned as the renderer reads them),
+    ``seed`` (shared by both renders) and ``policy_version`` (train steps taken when sampled)."""
+    if len(products) != len(generations):
+        raise ValueError(f"{len(products)} products but {len(generations)} generations")
+    out = []
+    for p, g in zip(products, generations):
+        a, b = g["descriptions"][0], g["descriptions"][1]
+        out.append({
+            "pair_id": f"{kind}-r{round_index:03d}-{p.id}", "kind": kind, "round": round_index,
+            "product_id": p.id, "title": p.title, "category": p.category or "",
+            "instruction": pm_instruction(p.title, p.attributes),
+            "desc_a": clean_prompt(a), "desc_b": clean_prompt(b),
+            "seed": render_seed(seed, p.id, round_index), "policy_version": policy_version,
+        })
+    return out
+
+
+def market_verdict(market: ClickModel, category: str, latent: str | dict, description: str, seed: int) -> dict:
+    """The oracle's view of one rendered ad (evaluation only): true CTR, scene, match."""
+    lat = json.loads(latent) if isinstance(latent, str) else latent
+    return {"true_ctr": market.true_ctr(category, lat, noise_key(description, seed)), "scene": lat["scene"],
+            "match": market.match(category, lat["scene"]), "has_scene": lat["scene"] != "plain"}
+
+
+def match_rate(verdicts: list[dict]) -> float:
+    """Of the ads that set a scene, the share whose scene suits the product (nan if none sets one)."""
+    scened = [v for v in verdicts if v["has_scene"]]
+    return float(np.mean([v["match"] for v in scened])) if scened else float("nan")
+
+
+def paired_lift(tuned: list[float], base: list[float]) -> dict:
+    """Mean paired difference tuned - base with a 95% normal-approximation interval
+    (mean ± 1.96·sd/√n) and the relative lift mean(tuned)/mean(base) - 1."""
+    t, b = np.asarray(tuned, dtype=float), np.asarray(base, dtype=float)
+    if t.shape != b.shape or t.size < 2:
+        raise ValueError(f"paired_lift needs two equal-length lists of >= 2 values, got {t.size} and {b.size}")
+    d = t - b
+    half = 1.96 * d.std(ddof=1) / math.sqrt(d.size)
+    return {"diff": float(d.mean()), "ci95": [float(d.mean() - half), float(d.mean() + half)],
+            "relative": float(t.mean() / b.mean() - 1.0), "n": int(d.size)}
+
+
+class MarketOracle:
+    """Thin holder so jobs can ask the market about rendered ads without knowing its internals."""
+
+    def __init__(self, cfg: MarketConfig):
+        self.model = ClickModel(cfg)
+
+    def verdict(self, category: str, latent, description: str, seed: int) -> dict:
+        return market_verdict(self.model, category, latent, description, seed)

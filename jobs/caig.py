@@ -1,0 +1,401 @@
+"""The online CTR-driven loop: ``python -m jobs.caig`` / ``caig-ray train``.
+
+Per round (CAIG): the policy samples N=2 descriptions per product (T=1.0); both are rendered with
+the same seed by a Ray Data renderer pool; the frozen RM (a scorer pool) picks chosen/rejected;
+duplicates are skipped and counted; DPO+PCPO steps train the policy (DeepSpeed ZeRO in a
+``PolicyGroup``) as soon as scored blocks arrive; the reference stays the pretrained PM. The pools
+live for the whole job (``actors/stream.py``). ``online.max_policy_lag`` rounds may be sampled
+ahead of training (0 = CAIG's strict rounds).
+
+Every ``online.eval_every`` rounds (and before the first) the policy writes one description per
+held-out product with a fixed sampling seed; its ad is rendered beside the pretrained PM's (same
+render seed) and scored by the RM (win rate); on the simulated market the oracle gives true CTR
+and match. Checkpoints (policy, optimizer, round, data position, pending samples) every
+``online.checkpoint_every`` rounds; ``--resume`` continues from the last one.
+
+Run folder: config.yaml, metrics.jsonl, summary.json, checkpoints/, tensorboard/, pairs/
+(round_XXX.parquet, eval_XXX.parquet), plots/, report.html.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from caig_ray.config import CaigConfig, save_config
+from caig_ray.data import read_catalog
+from caig_ray.faults import should_fire
+from caig_ray.imaging import png_bytes
+from caig_ray.online import (
+    MarketOracle, candidate_pairs, match_rate, paired_lift, render_seed, round_products, split_eval_products,
+)
+from caig_ray.pairs import account, preference_examples
+from jobs._entry import add_config_args, run_job
+from jobs._ray import init_ray
+
+EVAL_SEED_ROUND = 10**6  # render seeds of evaluation ads: one fixed seed per product for every evaluation
+
+
+class RunLog:
+    """metrics.jsonl + TensorBoard scalars, one call per record."""
+
+    def __init__(self, out: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.file = open(out / "metrics.jsonl", "a")
+        self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, kind: str, step: int, values: dict) -> None:
+        self.file.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        self.file.flush()
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
+                self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
+
+
+def _latest_checkpoint(ckpt_root: Path) -> Path | None:
+    done = sorted(p.parent for p in ckpt_root.glob("round_*/state.json"))
+    return done[-1] if done else None
+
+
+def _blocks(n_rows: int, size: int) -> int:
+    return -(-n_rows // size)
+
+
+class OnlineLoop:
+    def __init__(self, cfg: CaigConfig, out: Path, policy: str, rm: str, catalog: str, resume: bool,
+                 progress: bool = True):
+        self.cfg, self.oc, self.out, self.policy_path, self.rm_path = cfg, cfg.online, out, policy, rm
+        self.progress = progress
+        for sub in ("checkpoints", "pairs", "plots"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        products = read_catalog(catalog)
+        self.products = {p.id: p for p in products}
+        self.images = {p.id: png_bytes(p.image) for p in products}
+        self.train_ids, self.eval_ids = split_eval_products(list(self.products), self.oc.eval_products, self.oc.seed)
+        self.oracle = MarketOracle(cfg.market) if cfg.renderer.kind == "procedural" else None
+        ckpt = _latest_checkpoint(out / "checkpoints") if resume else None
+        if resume and ckpt is None:
+            print(f"--resume: no checkpoint under {out / 'checkpoints'}; starting from round 0", file=sys.stderr)
+        if not resume and (out / "metrics.jsonl").exists():
+            (out / "metrics.jsonl").unlink()  # a fresh run does not append to an old one's log
+        self.ckpt = ckpt
+        self.state = json.loads((ckpt / "state.json").read_text()) if ckpt else {
+            "next_round": 0, "step": 0, "pending": {}, "eval_base": None, "rounds": [], "evals": [],
+        }
+        save_config(cfg, out / "config.yaml")
+
+    # ---- plan ---------------------------------------------------------------------------------
+    def _eval_after(self, r: int) -> bool:
+        return (r + 1) % self.oc.eval_every == 0 or r == self.oc.rounds - 1
+
+    def _n_blocks(self) -> int:
+        start, oc = self.state["next_round"], self.oc
+        per_round = _blocks(min(oc.products_per_round, len(self.train_ids)), oc.pairs_per_batch)
+        per_eval = _blocks(len(self.eval_ids), oc.pairs_per_batch)
+        evals = sum(self._eval_after(r) for r in range(start, oc.rounds)) + (self.state["eval_base"] is None)
+        return per_round * (oc.rounds - start) + per_eval * evals
+
+    # ---- feeding --------------------------------------------------------------------------------
+    def _feed(self, rows: list[dict]) -> None:
+        for k in range(0, len(rows), self.oc.pairs_per_batch):
+            chunk = rows[k:k + self.oc.pairs_per_batch]
+            self.stream.put([{**r, "product_image": self.images[r["product_id"]]} for r in chunk])
+
+    def _sample_round(self, r: int) -> None:
+        """Sample round ``r`` with the current weights (or take the samples a checkpoint kept) and feed it."""
+        key = str(r)
+        if key not in self.state["pending"]:
+            ids = round_products(self.train_ids, r, self.oc.products_per_round, self.oc.seed)
+            prods = [self.products[i] for i in ids]
+            t = time.perf_counter()
+            gens = self.group.generate([self._policy_input(p) for p in prods], n=self.oc.samples_per_product,
+                                       temperature=self.cfg.policy.temperature, seed=self.oc.seed * 7919 + r)
+            self.gen_s[r] = time.perf_counter() - t
+            self.state["pending"][key] = candidate_pairs(prods, gens, r, self.oc.seed, self.state["step"])
+        self._feed(self.state["pending"][key])
+        self.fed_rounds.add(r)
+
+    def _policy_input(self, p) -> dict:
+        return {"image": self.images[p.id], "title": p.title, "attributes": p.attributes}
+
+    def _take(self, kind: str, index: int, n_rows: int):
+        """Yield the rows of segment (kind, index) as they arrive; rows of other segments are kept."""
+        key, got = (kind, index), 0
+        while got < n_rows:
+            if self.buffer.get(key):
+                rows = self.buffer.pop(key)
+            else:
+                block = self.stream.next_block()
+                seg = (block[0]["kind"], int(block[0]["round"]))
+                if seg != key:
+                    self.buffer.setdefault(seg, []).extend(block)
+                    continue
+                rows = block
+            got += len(rows)
+            yield rows
+
+    # ---- oracle ---------------------------------------------------------------------------------
+    def _verdicts(self, row: dict) -> dict:
+        if self.oracle is None or not row.get("latent_a"):
+            return {}
+        out = {}
+        for side in ("a", "b"):
+            v = self.oracle.verdict(row["category"], row[f"latent_{side}"], row[f"desc_{side}"], row["seed"])
+            out.update({f"true_ctr_{side}": v["true_ctr"], f"scene_{side}": v["scene"], f"match_{side}": v["match"],
+                        f"has_scene_{side}": v["has_scene"]})
+        return out
+
+    # ---- training ---------------------------------------------------------------------------------
+    def _step(self, examples: list[dict], r: int, trained: list[str], records: dict) -> None:
+        t = time.perf_counter()
+        metrics = self.group.train_step(examples)
+        self.state["step"] += 1
+        step = self.state["step"]
+        lags = [step - 1 - records[e["pair_id"]]["policy_version"] for e in examples]
+        for e in examples:
+            records[e["pair_id"]].update(status="trained", trained_at_step=step)
+            trained.append(e["pair_id"])
+        metrics.update(round=r, step_s=time.perf_counter() - t, policy_lag_steps_max=max(lags),
+                       since_round_start_s=time.perf_counter() - self.round_t0)
+        self.log.write("train", step, metrics)
+        self.max_lag_steps = max(self.max_lag_steps, max(lags))
+
+    def _train_round(self, r: int) -> dict:
+        oc, n_workers = self.oc, self.cfg.policy.num_workers
+        planned = [c["pair_id"] for c in self.state["pending"][str(r)]]
+        B = max(oc.train_batch_size, n_workers)
+        buf, trained, skipped, records = [], [], [], {}
+        rendered = scored = 0
+        first_step_s = None
+        t_train = 0.0
+        for rows in self._take("train", r, len(planned)):
+            rendered += sum(1 for x in rows if x.get("left_image") and x.get("right_image"))
+            p_key = "p_left_debiased" if oc.debias_rm else "p_left"
+            scored += sum(1 for x in rows if x.get(p_key) is not None)
+            cands = [{**x, "image": x["product_image"]} for x in rows]
+            examples, skips = preference_examples(cands, [float(x[p_key]) for x in rows])
+            for x in rows:
+                records[x["pair_id"]] = {
+                    k: x[k] for k in ("pair_id", "round", "product_id", "title", "category", "seed", "desc_a",
+                                      "desc_b", "policy_version", "p_left", p_key)} | {
+                    "ad_a": x["left_image"], "ad_b": x["right_image"], "status": "pending", "trained_at_step": -1,
+                    **self._verdicts(x)}
+            for e in examples:
+                records[e["pair_id"]]["chosen"] = "a" if e["chosen"] == records[e["pair_id"]]["desc_a"] else "b"
+            for s in skips:
+                records[s["pair_id"]].update(status=f"skipped:{s['reason']}", chosen="")
+                skipped.append(s["pair_id"])
+            buf += examples
+            while len(buf) >= B + n_workers:  # keep enough back that the round's last step has one per rank
+                t = time.perf_counter()
+                first_step_s = first_step_s if first_step_s is not None else t - self.round_t0
+                self._step(buf[:B], r, trained, records)
+                buf = buf[B:]
+                t_train += time.perf_counter() - t
+        t = time.perf_counter()
+        while len(buf) >= 2 * B:
+            first_step_s = first_step_s if first_step_s is not None else t - self.round_t0
+            self._step(buf[:B], r, trained, records)
+            buf = buf[B:]
+        if len(buf) >= n_workers:
+            first_step_s = first_step_s if first_step_s is not None else time.perf_counter() - self.round_t0
+            self._step(buf, r, trained, records)
+        else:
+            for e in buf:  # fewer examples than ranks: no step can take them; say so, never drop silently
+                records[e["pair_id"]].update(status="skipped:fewer_examples_than_ranks")
+                skipped.append(e["pair_id"])
+        t_train += time.perf_counter() - t
+        reasons: dict[str, int] = {}
+        for rec in records.values():
+            if rec["status"].startswith("skipped:"):
+                reasons[rec["status"][8:]] = reasons.get(rec["status"][8:], 0) + 1
+        acc = account(planned, trained, skipped)
+        acc.update(pairs_rendered=rendered, pairs_scored=scored, skipped_reasons=reasons)
+        rows = list(records.values())
+        pq.write_table(pa.Table.from_pylist(rows), self.out / "pairs" / f"round_{r:03d}.parquet")
+        info = {"round": r, **acc, "train_s": t_train, "first_step_after_s": first_step_s,
+                "gen_s": self.gen_s.get(r), "steps": self.state["step"]}
+        if rows and "true_ctr_a" in rows[0]:
+            chosen = [x for x in rows if x.get("chosen") in ("a", "b")]
+            info["chosen_true_ctr_wins"] = float(np.mean([
+                (x["true_ctr_a"] > x["true_ctr_b"]) == (x["chosen"] == "a") for x in chosen])) if chosen else None
+        return info
+
+    # ---- evaluation -------------------------------------------------------------------------------
+    def _sample_eval(self, after_rounds: int) -> None:
+        prods = [self.products[i] for i in self.eval_ids]
+        gens = self.group.generate([self._policy_input(p) for p in prods], n=1,
+                                   temperature=self.cfg.policy.temperature, seed=self.oc.seed * 7919 + 99991)
+        mine = [g["descriptions"][0] for g in gens]
+        if self.state["eval_base"] is None:  # the pretrained PM's descriptions, kept for every evaluation
+            self.state["eval_base"] = mine
+        rows = []
+        for p, a, b in zip(prods, mine, self.state["eval_base"]):
+            from caig_ray.prompts import clean_prompt
+
+            rows.append({"pair_id": f"eval-e{after_rounds:03d}-{p.id}", "kind": "eval", "round": after_rounds,
+                         "product_id": p.id, "title": p.title, "category": p.category or "",
+                         "instruction": "", "desc_a": clean_prompt(a), "desc_b": clean_prompt(b),
+                         "seed": render_seed(self.oc.seed, p.id, EVAL_SEED_ROUND), "policy_version": self.state["step"]})
+        self._feed(rows)
+
+    def _collect_eval(self, after_rounds: int) -> dict:
+        rows = [x for block in self._take("eval", after_rounds, len(self.eval_ids)) for x in block]
+        p_key = "p_left_debiased" if self.oc.debias_rm else "p_left"
+        ev = {"after_rounds": after_rounds, "step": self.state["step"],
+              "rm_win_rate": float(np.mean([x[p_key] for x in rows]))}
+        verdicts = [self._verdicts(x) for x in rows]
+        if verdicts and verdicts[0]:
+            a = [{"match": v["match_a"], "has_scene": v["has_scene_a"]} for v in verdicts]
+            b = [{"match": v["match_b"], "has_scene": v["has_scene_b"]} for v in verdicts]
+            tuned, base = [v["true_ctr_a"] for v in verdicts], [v["true_ctr_b"] for v in verdicts]
+            ev.update(true_ctr=float(np.mean(tuned)), base_true_ctr=float(np.mean(base)),
+                      lift=paired_lift(tuned, base), match_rate=match_rate(a), base_match_rate=match_rate(b),
+                      scene_rate=float(np.mean([v["has_scene_a"] for v in verdicts])))
+        table = [{k: v for k, v in x.items() if k not in ("product_image", "latent_a", "latent_b")} | verd
+                 for x, verd in zip(rows, verdicts)]
+        pq.write_table(pa.Table.from_pylist(table), self.out / "pairs" / f"eval_{after_rounds:03d}.parquet")
+        return ev
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def _checkpoint(self, r: int) -> None:
+        d = self.out / "checkpoints" / f"round_{r:03d}"
+        if d.exists():
+            shutil.rmtree(d)
+        self.group.save(d)
+        # trained rounds leave the pending set; rounds sampled ahead (max_policy_lag) stay with their samples
+        self.state["pending"] = {k: v for k, v in self.state["pending"].items() if int(k) > r}
+        tmp = d / "state.json.tmp"
+        tmp.write_text(json.dumps(self.state))
+        tmp.rename(d / "state.json")  # written last: a checkpoint without it is incomplete and ignored
+        done = sorted(p.parent for p in (self.out / "checkpoints").glob("round_*/state.json"))
+        for old in done[:-self.oc.keep_checkpoints]:
+            shutil.rmtree(old)
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        import ray
+
+        from actors.policy import PolicyGroup
+        from actors.stream import PairStream
+
+        t0 = time.perf_counter()
+        oc = self.oc
+        self.log = RunLog(self.out)
+        self.gen_s, self.fed_rounds, self.buffer, self.max_lag_steps = {}, set(), {}, 0
+        started = init_ray()
+        try:
+            self.group = PolicyGroup(self.policy_path, self.cfg.policy, num_cpus_per_worker=oc.policy_num_cpus_per_worker)
+            if self.ckpt is not None:
+                self.group.load(self.ckpt)
+            start = self.state["next_round"]
+            self.stream = PairStream(self.cfg, self.rm_path, self._n_blocks())
+            try:
+                if self.state["eval_base"] is None:
+                    self._sample_eval(0)
+                    ev = self._collect_eval(0)
+                    self.state["evals"].append(ev)
+                    self.log.write("eval", 0, ev)
+                bar = tqdm(range(start, oc.rounds), desc="online rounds", disable=not self.progress,
+                           initial=start, total=oc.rounds)
+                for r in bar:
+                    self.round_t0 = time.perf_counter()
+                    for ahead in range(r, min(r + oc.max_policy_lag, oc.rounds - 1) + 1):
+                        if ahead not in self.fed_rounds:
+                            self._sample_round(ahead)
+                    info = self._train_round(r)
+                    info["round_s"] = time.perf_counter() - self.round_t0
+                    self.state["rounds"].append(info)
+                    self.log.write("round", r, info)
+                    if self._eval_after(r):
+                        self._sample_eval(r + 1)
+                        ev = self._collect_eval(r + 1)
+                        self.state["evals"].append(ev)
+                        self.log.write("eval", r + 1, ev)
+                        bar.set_postfix(true_ctr=ev.get("true_ctr"), rm_win=round(ev["rm_win_rate"], 3))
+                    self.state["next_round"] = r + 1
+                    if (r + 1) % oc.checkpoint_every == 0 or r == oc.rounds - 1:
+                        self._checkpoint(r)
+                        if oc.faults.driver_kill_after_round == r and should_fire(oc.faults.marker_dir, "driver"):
+                            os.kill(os.getpid(), signal.SIGKILL)
+                self.group.save(self.out / "policy")
+                pool_trace, wait_s, pool_max = self.stream.pool_trace, self.stream.wait_s, self.stream.renderer_pool_max
+            finally:
+                self.stream.close()
+                self.group.shutdown()
+        finally:
+            self.log.close()
+            if started:
+                ray.shutdown()
+        return self._summary(time.perf_counter() - t0, pool_trace, wait_s, pool_max)
+
+    def _summary(self, wall_s: float, pool_trace, wait_s: float, pool_max: int) -> dict:
+        from caig_ray.report import online_plots
+
+        rounds, evals = self.state["rounds"], self.state["evals"]
+        tot = lambda k: sum(r[k] for r in rounds)  # noqa: E731
+        summary = {
+            "rounds": len(rounds), "steps": self.state["step"],
+            "true_ctr_by_round": [e.get("true_ctr") for e in evals],
+            "match_rate_by_round": [e.get("match_rate") for e in evals],
+            "rm_win_rate_by_round": [e["rm_win_rate"] for e in evals],
+            "eval_after_rounds": [e["after_rounds"] for e in evals],
+            "pairs_planned": tot("pairs_planned"), "pairs_rendered": tot("pairs_rendered"),
+            "pairs_scored": tot("pairs_scored"), "pairs_trained": tot("pairs_trained"),
+            "pairs_skipped": tot("pairs_skipped"), "pairs_lost": tot("pairs_lost"),
+            "pairs_duplicated": tot("pairs_duplicated"),
+            "renderer_pool_size_max": pool_max, "renderer_pool_trace": pool_trace,
+            "max_policy_lag": self.oc.max_policy_lag, "policy_lag_steps_max": self.max_lag_steps,
+            "driver_wait_s": wait_s, "wall_s": wall_s, "policy_path": str(self.out / "policy" / "hf"),
+        }
+        if evals and "lift" in evals[-1]:
+            summary["true_ctr_lift"] = evals[-1]["lift"]
+        summary["plots"] = online_plots(self.out, rounds, evals, pool_trace)
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+
+def train(cfg: CaigConfig, out: str | Path, policy: str, rm: str, catalog: str, resume: bool = False,
+          progress: bool = True) -> dict:
+    return OnlineLoop(cfg, Path(out), policy, rm, catalog, resume, progress).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from caig_ray.world import WorldLayout
+
+    p = argparse.ArgumentParser(prog="caig-ray train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--world", help="a make-world folder (its catalog)")
+    p.add_argument("--catalog", help="catalog (CAIG JSON or parquet); default: the world's")
+    p.add_argument("--policy", required=True, help="the pretrained PM folder (pretrain-pm --out): start and reference")
+    p.add_argument("--rm", required=True, help="the reward-model folder (train-rm --out)")
+    p.add_argument("--rounds", type=int, help="override online.rounds")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    catalog = args.catalog or (str(WorldLayout(args.world).catalog) if args.world else None)
+    if catalog is None:
+        p.error("give --catalog or --world")
+    return run_job(args, lambda cfg: train(cfg, args.out, args.policy, args.rm, catalog, args.resume),
+                   section="online", overrides={"rounds": args.rounds})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

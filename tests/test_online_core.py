@@ -1,0 +1,73 @@
+"""The online loop's pure parts: product plans, candidate pairs, the market verdict, the lift CI, faults."""
+
+import json
+
+import numpy as np
+import pytest
+
+from caig_ray.config import ConfigError, MarketConfig, load_config
+from caig_ray.data.catalog import Product
+from caig_ray.faults import should_fire
+from caig_ray.online import (
+    MarketOracle, candidate_pairs, match_rate, paired_lift, render_seed, round_products, split_eval_products,
+)
+
+
+def test_eval_products_are_held_out_and_rounds_are_reproducible():
+    ids = [f"p{i:03d}" for i in range(50)]
+    train, held = split_eval_products(ids, 10, seed=3)
+    assert len(held) == 10 and not set(train) & set(held) and sorted(train + held) == ids
+    assert split_eval_products(ids, 10, seed=3) == (train, held)
+    r0, r1 = round_products(train, 0, 16, seed=3), round_products(train, 1, 16, seed=3)
+    assert len(set(r0)) == 16 and set(r0) <= set(train)
+    assert r0 == round_products(train, 0, 16, seed=3)  # a resumed job gets the same products
+    assert r0 != r1
+    assert sorted(round_products(train, 2, 999, seed=3)) == sorted(train)
+    with pytest.raises(ValueError, match="eval_products=50"):
+        split_eval_products(ids, 50, seed=0)
+
+
+def test_candidate_pairs_share_a_seed_and_have_unique_ids():
+    from PIL import Image
+
+    img = Image.new("RGBA", (8, 8))
+    prods = [Product(id=f"p{i}", title=f"red shoe {i}", image=img, category="sneakers") for i in range(3)]
+    gens = [{"descriptions": ["a \"bright\" stadium.", "soft vanity"], "duplicate": [False, False]}] * 3
+    pairs = candidate_pairs(prods, gens, round_index=4, seed=0, policy_version=7)
+    assert [p["pair_id"] for p in pairs] == ["train-r004-p0", "train-r004-p1", "train-r004-p2"]
+    assert pairs[0]["desc_a"] == "a bright stadium"  # cleaned as CAIG cleans prompts before rendering
+    assert pairs[0]["seed"] == render_seed(0, "p0", 4) and pairs[0]["seed"] != pairs[1]["seed"]
+    assert all(p["policy_version"] == 7 and p["round"] == 4 for p in pairs)
+    with pytest.raises(ValueError, match="3 products but 2"):
+        candidate_pairs(prods, gens[:2], 0, 0, 0)
+
+
+def test_market_verdict_and_match_rate():
+    oracle = MarketOracle(MarketConfig())
+    lat = {"scene": "stadium", "palette": "vivid", "lighting": "bright", "clutter": "minimal", "contrast": 0.3}
+    shoe = oracle.verdict("sneakers", json.dumps(lat), "stadium", 1)
+    lipstick = oracle.verdict("cosmetics", lat, "stadium", 1)
+    assert shoe["match"] and not lipstick["match"] and shoe["true_ctr"] > lipstick["true_ctr"]
+    plain = oracle.verdict("cosmetics", {**lat, "scene": "plain"}, "x", 1)
+    assert match_rate([shoe, lipstick, plain]) == 0.5  # plain backgrounds set no scene: not counted
+    assert np.isnan(match_rate([plain]))
+
+
+def test_paired_lift_interval():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.02, 0.05, 400)
+    out = paired_lift(base + 0.004 + rng.normal(0, 0.002, 400), base)
+    assert out["ci95"][0] < 0.004 < out["ci95"][1] and out["ci95"][0] > 0 and out["n"] == 400
+    null = paired_lift(base, base)
+    assert null["diff"] == 0 and null["ci95"] == [0.0, 0.0]
+    with pytest.raises(ValueError):
+        paired_lift([0.1], [0.1])
+
+
+def test_faults_fire_once_and_need_a_marker_dir(tmp_path):
+    assert should_fire(str(tmp_path), "renderer") and not should_fire(str(tmp_path), "renderer")
+    assert not should_fire(None, "renderer")
+    with pytest.raises(ConfigError, match="marker_dir"):
+        load_config("quick", overrides={"online": {"faults": {"renderer_die_after_batches": 2}}})
+    with pytest.raises(ConfigError, match="renderer_pool"):
+        load_config("quick", overrides={"online": {"renderer_pool": [3, 1]}})
