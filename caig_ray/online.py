@@ -68,10 +68,10 @@ def market_verdict(market: ClickModel, category: str, latent: str | dict, descri
             "match": market.match(category, lat["scene"]), "has_scene": lat["scene"] != "plain"}
 
 
-def match_rate(verdicts: list[dict]) -> float:
-    """Of the ads that set a scene, the share whose scene suits the product (nan if none sets one)."""
+def match_rate(verdicts: list[dict]) -> float | None:
+    """Of the ads that set a scene, the share whose scene suits the product (None if none sets one)."""
     scened = [v for v in verdicts if v["has_scene"]]
-    return float(np.mean([v["match"] for v in scened])) if scened else float("nan")
+    return float(np.mean([v["match"] for v in scened])) if scened else None
 
 
 def paired_lift(tuned: list[float], base: list[float]) -> dict:

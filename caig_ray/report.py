@@ -84,8 +84,9 @@ def online_plots(run_dir: str | Path, rounds: list[dict], evals: list[dict],
         lo = [100 * (e["base_true_ctr"] + e["lift"]["ci95"][0]) for e in evals]
         hi = [100 * (e["base_true_ctr"] + e["lift"]["ci95"][1]) for e in evals]
         axes[0].fill_between(x, lo, hi, alpha=0.2, label="95% CI of the lift")
-        axes[1].plot(x, [e["match_rate"] for e in evals], "o-", label="tuned PM")
-        axes[1].plot(x, [e["base_match_rate"] for e in evals], "--", color="grey", label="pretrained PM")
+        nan = lambda v: np.nan if v is None else v  # noqa: E731 -- no ad set a scene: no match rate
+        axes[1].plot(x, [nan(e["match_rate"]) for e in evals], "o-", label="tuned PM")
+        axes[1].plot(x, [nan(e["base_match_rate"]) for e in evals], "--", color="grey", label="pretrained PM")
     axes[0].set_title("true CTR % on held-out products")
     axes[1].set_title("match rate (scene suits product)")
     axes[2].plot(x, [e["rm_win_rate"] for e in evals], "o-")
@@ -135,3 +136,63 @@ def online_plots(run_dir: str | Path, rounds: list[dict], evals: list[dict],
     plt.close(fig)
     written.append("plots/renderer_pool.png")
     return written
+
+
+def _data_uri(png: bytes) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def write_run_report(run_dir: str | Path, per_round: int = 12) -> Path:
+    """``report.html`` for an online run folder, self-contained (images inlined): the summary, the
+    curves (plots/*.png) and, per round, up to ``per_round`` products with their chosen and
+    rejected ads, descriptions, RM probability and (market runs) true CTR."""
+    import html
+    import json
+
+    import pyarrow.parquet as pq
+
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    esc = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>caig-ray run report</title><style>"
+        "body{font-family:sans-serif;margin:1.2em;max-width:1400px}h2{border-bottom:1px solid #ccc}"
+        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:3px 6px}"
+        ".pair{display:inline-block;vertical-align:top;width:330px;margin:6px;font-size:11px;border:1px solid #eee;"
+        "padding:4px}.pair img{width:150px;height:150px}.ch{outline:3px solid #2a2}.rj{outline:3px solid #c33}"
+        ".plots img{max-width:100%}</style></head><body><h1>caig-ray online run</h1>",
+        "<section id='summary'><h2>Summary</h2><table>",
+    ]
+    for k, v in summary.items():
+        if k in ("renderer_pool_trace", "plots"):
+            continue
+        val = json.dumps(v) if not isinstance(v, float) else f"{v:.4g}"
+        parts.append(f"<tr><th>{esc(k)}</th><td>{esc(val)}</td></tr>")
+    parts.append("</table></section><section id='curves' class='plots'><h2>Training curves</h2>")
+    for png in sorted((run_dir / "plots").glob("*.png")):
+        parts.append(f"<figure><img alt='{esc(png.stem)}' src='{_data_uri(png.read_bytes())}'>"
+                     f"<figcaption>{esc(png.name)}</figcaption></figure>")
+    parts.append("</section><section id='rounds'><h2>Rounds: chosen (green) and rejected (red) ads</h2>")
+    for f in sorted((run_dir / "pairs").glob("round_*.parquet")):
+        rows = pq.read_table(f).to_pylist()
+        shown = [r for r in rows if r.get("chosen") in ("a", "b")][:per_round]
+        parts.append(f"<h3 id='{f.stem}'>Round {int(f.stem.split('_')[1])}: {len(rows)} pairs, "
+                     f"{sum(r['status'] == 'trained' for r in rows)} trained</h3>")
+        for r in shown:
+            c, j = r["chosen"], "b" if r["chosen"] == "a" else "a"
+            p_a = r.get("p_left_debiased", r.get("p_left"))
+            p_c = p_a if c == "a" else 1 - p_a
+            cells = []
+            for side, cls, label in ((c, "ch", "chosen"), (j, "rj", "rejected")):
+                ctr = f" · true CTR {100 * r[f'true_ctr_{side}']:.2f}%" if f"true_ctr_{side}" in r else ""
+                cells.append(f"<div style='display:inline-block;width:160px;vertical-align:top'>"
+                             f"<img class='{cls}' alt='{label}' src='{_data_uri(r[f'ad_{side}'])}'><br>"
+                             f"<b>{label}</b>{ctr}<br>{esc(r[f'desc_{side}'])}</div>")
+            parts.append(f"<div class='pair'><b>{esc(r['title'])}</b> <small>{esc(r['product_id'])}</small><br>"
+                         f"RM P(chosen better) {p_c:.3f}<br>{''.join(cells)}</div>")
+    parts.append("</section></body></html>")
+    path = run_dir / "report.html"
+    path.write_text("".join(parts))
+    return path

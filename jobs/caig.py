@@ -346,7 +346,7 @@ class OnlineLoop:
         return self._summary(time.perf_counter() - t0, pool_trace, wait_s, pool_max)
 
     def _summary(self, wall_s: float, pool_trace, wait_s: float, pool_max: int) -> dict:
-        from caig_ray.report import online_plots
+        from caig_ray.report import online_plots, write_run_report
 
         rounds, evals = self.state["rounds"], self.state["evals"]
         tot = lambda k: sum(r[k] for r in rounds)  # noqa: E731
@@ -367,7 +367,9 @@ class OnlineLoop:
         if evals and "lift" in evals[-1]:
             summary["true_ctr_lift"] = evals[-1]["lift"]
         summary["plots"] = online_plots(self.out, rounds, evals, pool_trace)
+        summary["report"] = "report.html"
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_run_report(self.out)
         return summary
 
 

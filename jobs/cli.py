@@ -13,6 +13,7 @@ COMMANDS = {
     "train-rm": ("jobs.train_rm", "train the reward model (Ray Train + DeepSpeed ZeRO)"),
     "pretrain-pm": ("jobs.pretrain_pm", "e-commerce SFT of the prompt model (TRL SFTTrainer + DeepSpeed)"),
     "train": ("jobs.caig", "the online loop: sample, render, RM-score, DPO+PCPO train (Ray Data + DeepSpeed)"),
+    "report": ("jobs.report", "write report.html for an online run folder"),
     "generate": ("jobs.generate", "write, render and rank ads for every product of a catalog"),
     "serve": ("jobs.serve_rm", "live RM scoring over HTTP (Ray Serve + FastAPI)"),
     "evaluate-rm": ("jobs.evaluate_rm", "RM pairwise accuracy vs chance, a CNN baseline and the Bayes ceiling"),

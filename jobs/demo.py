@@ -1,10 +1,10 @@
 """The README demo on the embedded default (``demo`` preset): ``python -m jobs.demo --out DIR``.
 
-What it runs today: make-world (market, click logs, tiny PM/RM/SD); a look at the market (true CTR
-by category x scene, sample historical ads, one product rendered by both renderers); PM
-pretraining (pretrain-pm); RM training (train-rm) and its evaluation against chance, a CNN
-baseline and the Bayes ceiling (evaluate-rm) -- written to ``summary.json`` and PNG plots. The
-online DPO+PCPO rounds join this entrypoint as their issue lands.
+make-world (market, click logs, tiny PM/RM/SD); a look at the market (true CTR by category x
+scene, sample historical ads, one product rendered by both renderers); PM pretraining
+(pretrain-pm); RM training (train-rm) and its evaluation against chance, a CNN baseline and the
+Bayes ceiling (evaluate-rm); the online DPO+PCPO loop (train) with its evaluation on held-out
+products -- written to ``summary.json``, PNG plots and ``online/report.html``.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not args.skip_training:
         summary.update(_train_models(cfg, lay, out, plots))
-        summary["stages_run"] += ["pretrain-pm", "train-rm", "evaluate-rm"]
+        summary["stages_run"] += ["pretrain-pm", "train-rm", "evaluate-rm", "train"]
     summary["wall_s"] = time.perf_counter() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
@@ -99,6 +99,11 @@ def _train_models(cfg, lay: WorldLayout, out: Path, plots: Path) -> dict:
         if started:
             ray.shutdown()
     ev = evaluate_rm(cfg, lay.root, out / "rm", out / "rm_eval.json")
+    from jobs.caig import train
+
+    t = time.perf_counter()
+    online = train(cfg, out / "online", str(out / "pm"), str(out / "rm"), str(lay.catalog))
+    online_s = time.perf_counter() - t
     bar_chart({"chance": 0.5, "CNN baseline": ev["cnn_baseline_accuracy_logged"],
                "RM": ev["rm_accuracy_logged"], "RM debiased": ev["rm_debiased_accuracy_logged"],
                "Bayes ceiling": ev["bayes_ceiling"]}, plots / "rm_accuracy.png",
@@ -110,6 +115,12 @@ def _train_models(cfg, lay: WorldLayout, out: Path, plots: Path) -> dict:
         "pm_scene_word_share_before": pm["scene_word_share_before"],
         "pm_scene_word_share_after": pm["scene_word_share_after"], "pm_pretrain_s": pm_s,
         "pm_path": str(out / "pm"), "rm_path": str(out / "rm"),
+        **{k: online[k] for k in (
+            "true_ctr_by_round", "match_rate_by_round", "rm_win_rate_by_round", "eval_after_rounds",
+            "pairs_planned", "pairs_rendered", "pairs_scored", "pairs_trained", "pairs_skipped", "pairs_lost",
+            "pairs_duplicated", "renderer_pool_size_max", "steps")},
+        "true_ctr_lift": online.get("true_ctr_lift"), "online_s": online_s, "online_dir": str(out / "online"),
+        "tuned_policy_path": online["policy_path"],
     }
 
 

@@ -5,6 +5,17 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
+# The report test opens report.html in Debian's Chromium (playwright drives it; no browser download).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "test set-up: installing Debian chromium"
+    (apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 ||
+      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null; }) ||
+      { echo "test set-up: could not install chromium (the report test needs it)"; exit 1; }
+  else
+    echo "test set-up: chromium is missing; install Debian's chromium package (root needed)"; exit 1
+  fi
+fi
 export HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}"
 cleanup() { .venv/bin/ray stop --force >/dev/null 2>&1 || true; }

@@ -1,0 +1,126 @@
+"""The online loop end to end on Ray (quick world): accounting, resume after a killed driver, and
+faults injected into the renderer and scorer pools. Real Ray, real DeepSpeed (gloo), real Ray Data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from safetensors.torch import load_file
+
+from caig_ray.config import load_config, save_config
+
+ROUNDS = 2
+
+
+def _cfg(**online):
+    base = {"rounds": ROUNDS, "products_per_round": 8, "eval_products": 4, "pairs_per_batch": 3,
+            "train_batch_size": 4, "seed": 5}
+    return load_config("quick", overrides={"online": {**base, **online}, "policy": {"lr": 1e-3}})
+
+
+def _train(cfg, world, out, resume=False):
+    from jobs.caig import train
+
+    return train(cfg, out, str(world.policy), str(world.reward), str(world.catalog), resume=resume, progress=False)
+
+
+def _pairs(out: Path) -> list[dict]:
+    rows = []
+    for f in sorted((out / "pairs").glob("round_*.parquet")):
+        rows += pq.read_table(f, columns=["pair_id", "round", "seed", "desc_a", "desc_b", "chosen", "status",
+                                          "trained_at_step"]).to_pylist()
+    return rows
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(quick_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("online") / "run"
+    return out, _train(_cfg(), quick_world, out)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_rounds_account_for_every_pair(uninterrupted):
+    out, s = uninterrupted
+    assert s["rounds"] == ROUNDS and s["pairs_planned"] == 8 * ROUNDS
+    assert s["pairs_lost"] == 0 and s["pairs_duplicated"] == 0
+    assert s["pairs_trained"] + s["pairs_skipped"] == s["pairs_planned"]
+    assert s["pairs_rendered"] == s["pairs_scored"] == s["pairs_planned"]
+    rows = _pairs(out)
+    assert len(rows) == 8 * ROUNDS and len({r["pair_id"] for r in rows}) == len(rows)
+    for r in rows:
+        assert r["status"] == "trained" or r["status"].startswith("skipped:")
+        if r["status"] == "trained":
+            assert r["chosen"] in ("a", "b") and r["trained_at_step"] >= 1
+    # every step is logged with its loss; evaluations before round 1 and after each round
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if x["kind"] == "train"]
+    assert steps and all(x["policy_lag_steps_max"] >= 0 and "loss" in x for x in steps)
+    assert s["steps"] == len(steps)
+    assert s["eval_after_rounds"] == [0, 1, 2] and len(s["true_ctr_by_round"]) == 3
+    assert s["rm_win_rate_by_round"][0] == pytest.approx(0.5, abs=1e-6)  # round 0: the PM against itself
+    evals = pq.read_table(out / "pairs" / "eval_002.parquet").to_pylist()
+    assert len(evals) == 4 and all(0 < e["true_ctr_a"] < 1 for e in evals)
+    assert s["renderer_pool_size_max"] >= 1
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    for plot in s["plots"]:
+        assert (out / plot).stat().st_size > 1000
+    assert (out / "policy" / "hf" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_killed_driver_resumes_to_the_same_state(uninterrupted, quick_world, tmp_path):
+    """The driver SIGKILLs itself after round 0's checkpoint; --resume finishes the job. Same data
+    order and the same weights (float tolerance) as the uninterrupted run."""
+    ref_out, ref = uninterrupted
+    out = tmp_path / "run"
+    cfg = _cfg(faults={"marker_dir": str(tmp_path / "faults"), "driver_kill_after_round": 0})
+    save_config(cfg, tmp_path / "cfg.yaml")
+    cmd = [sys.executable, "-m", "jobs.caig", "--config", str(tmp_path / "cfg.yaml"), "--out", str(out),
+           "--catalog", str(quick_world.catalog), "--policy", str(quick_world.policy), "--rm", str(quick_world.reward)]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log, _ = proc.communicate(timeout=300)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever the killed driver left behind
+    except ProcessLookupError:
+        pass
+    assert proc.returncode == -signal.SIGKILL, log.decode()[-3000:]
+    assert (tmp_path / "faults" / "driver.fired").exists()
+    assert (out / "checkpoints" / "round_000" / "state.json").exists()
+    assert not (out / "pairs" / "round_001.parquet").exists()
+
+    resumed = _train(cfg, quick_world, out, resume=True)
+    assert resumed["rounds"] == ROUNDS and resumed["pairs_lost"] == 0 and resumed["pairs_duplicated"] == 0
+    assert _pairs(out) == _pairs(ref_out)  # same products, seeds, samples, choices, step of each pair
+    assert resumed["true_ctr_by_round"] == pytest.approx(ref["true_ctr_by_round"], rel=1e-6)
+    a = load_file(ref_out / "policy" / "hf" / "model.safetensors")
+    b = load_file(out / "policy" / "hf" / "model.safetensors")
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    moved = max(float((a[k].float() - load_file(quick_world.policy / "model.safetensors")[k].float()).abs().max())
+                for k in a)
+    assert worst < 1e-5 < moved, (worst, moved)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_renderer_and_scorer_crashes_lose_no_pair(quick_world, tmp_path):
+    """A renderer process dies after 2 batches and a scorer process after 1, mid-round; Ray Data
+    restarts them and retries the batches; the round completes with every pair exactly once."""
+    marker = tmp_path / "faults"
+    cfg = _cfg(rounds=1, faults={"marker_dir": str(marker), "renderer_die_after_batches": 2,
+                                 "scorer_die_after_batches": 1})
+    s = _train(cfg, quick_world, tmp_path / "run")
+    assert (marker / "renderer.fired").exists() and (marker / "scorer.fired").exists()
+    assert s["pairs_planned"] == 8 and s["pairs_rendered"] == s["pairs_scored"] == 8
+    assert s["pairs_lost"] == 0 and s["pairs_duplicated"] == 0
+    assert s["pairs_trained"] + s["pairs_skipped"] == 8
+    rows = _pairs(tmp_path / "run")
+    assert sorted(r["pair_id"] for r in rows) == sorted({r["pair_id"] for r in rows}) and len(rows) == 8
