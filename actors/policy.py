@@ -147,7 +147,7 @@ class PolicyGroup:
     def __init__(self, model_path: str | Path, cfg: PolicyConfig, num_cpus_per_worker: float = 1,
                  ready_timeout_s: float = 120):
         self.cfg, self.n = cfg, cfg.num_workers
-        bundle = {"GPU": 1, "CPU": 1} if cfg.use_gpu else {"CPU": num_cpus_per_worker}
+        bundle = {"GPU": 1, "CPU": num_cpus_per_worker} if cfg.use_gpu else {"CPU": num_cpus_per_worker}
         self.pg = placement_group([bundle] * self.n, strategy="PACK")
         try:
             ray.get(self.pg.ready(), timeout=ready_timeout_s)

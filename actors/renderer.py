@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import time
 
 import numpy as np
 from PIL import Image
@@ -37,11 +39,16 @@ class Renderer:
         return images, latents
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
         products = [Image.open(io.BytesIO(bytes(b))) for b in batch["product_image"]]
         if "desc_a" in batch:
             batch["left_image"], batch["latent_a"] = self._render(products, batch["desc_a"], batch["seed"])
             batch["right_image"], batch["latent_b"] = self._render(products, batch["desc_b"], batch["seed"])
         else:
             batch["ad"], _ = self._render(products, batch["description"], batch["seed"])
+        # for the busy-fraction measurement (bench/pipeline.py): this batch's render time, once per batch
+        n = len(products)
+        batch["render_s"] = np.array([time.perf_counter() - t0] + [0.0] * (n - 1))
+        batch["renderer_pid"] = np.array([os.getpid()] * n)
         self.fault.tick()
         return batch

@@ -154,3 +154,71 @@ class PairStream:
     @property
     def renderer_pool_max(self) -> int:
         return max((r for _, r, _ in self.pool_trace), default=0)
+
+
+class StagedPipeline:
+    """CAIG's scripts, for comparison (``online.pipeline: sequential``): everything put so far is
+    rendered in one Ray Data run, then scored in another, before the first block comes back. Same
+    blocks, same order, same actors and models as ``PairStream``; only the overlap differs."""
+
+    def __init__(self, cfg: CaigConfig, rm_path: str, n_blocks: int, sample_every_s: float = 0.25):
+        self.cfg, self.rm_path, self.n_blocks = cfg, rm_path, n_blocks
+        self.pending: list[list[dict]] = []
+        self.ready: list[list[dict]] = []
+        self.fed = self.consumed = 0
+        self.wait_s = 0.0
+        self.t0 = time.perf_counter()
+        self.pool_trace: list[tuple[float, int, int]] = []
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=PairStream._sample, args=(self, sample_every_s), daemon=True)
+        self._sampler.start()
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        ctx.enable_progress_bars = False
+
+    def put(self, rows: list[dict]) -> int:
+        self.pending.append(rows)
+        self.fed += 1
+        return self.fed - 1
+
+    def _run_stages(self) -> None:
+        oc = self.cfg.online
+        fault = oc.faults.model_dump(mode="json")
+        sizes = [len(b) for b in self.pending]
+        ds = ray.data.from_items([r for b in self.pending for r in b], override_num_blocks=len(self.pending))
+        rendered = ds.map_batches(
+            Renderer, fn_constructor_args=(self.cfg.renderer.model_dump(mode="json"), fault),
+            batch_size=oc.pairs_per_batch, compute=ActorPoolStrategy(min_size=oc.renderer_pool[0],
+                                                                      max_size=oc.renderer_pool[1]),
+            num_cpus=oc.renderer_num_cpus, num_gpus=oc.renderer_num_gpus).take_all()
+        scored = ray.data.from_items(rendered, override_num_blocks=len(self.pending)).map_batches(
+            RewardScorer, fn_constructor_kwargs={
+                "model_path": self.rm_path, "batch_size": oc.scorer_batch_size,
+                "device": "cuda" if oc.scorer_num_gpus > 0 else "cpu", "dtype": self.cfg.reward.dtype,
+                "debias": oc.debias_rm, "fault": fault},
+            batch_size=oc.pairs_per_batch, compute=ActorPoolStrategy(min_size=oc.scorer_pool[0],
+                                                                      max_size=oc.scorer_pool[1]),
+            num_cpus=oc.scorer_num_cpus, num_gpus=oc.scorer_num_gpus).take_all()
+        if len(scored) != sum(sizes):
+            raise RuntimeError(f"sequential pipeline: {sum(sizes)} pairs in, {len(scored)} out")
+        start = 0
+        for n in sizes:  # back into the blocks the driver put, in order
+            self.ready.append(scored[start:start + n])
+            start += n
+        self.pending = []
+
+    def next_block(self) -> list[dict]:
+        if self.consumed >= self.fed:
+            raise RuntimeError("StagedPipeline.next_block: every fed block was consumed (driver bug)")
+        t = time.perf_counter()
+        if not self.ready:
+            self._run_stages()
+        self.wait_s += time.perf_counter() - t
+        self.consumed += 1
+        return self.ready.pop(0)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._sampler.join(timeout=5)
+
+    renderer_pool_max = PairStream.renderer_pool_max

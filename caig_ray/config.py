@@ -248,6 +248,9 @@ class OnlineConfig(_Strict):
     # Rounds the generating weights may lag the trained ones: 0 = CAIG's strict rounds (sample ->
     # render -> score -> train); 1 = round r+1 is sampled and rendered while round r trains.
     max_policy_lag: int = Field(0, ge=0)
+    # streaming: one job-long Ray Data pipeline, training on the first scored blocks. sequential: CAIG's
+    # scripts -- sample all, then render all, then score all (each a Ray Data run), then train (bench/pipeline.py).
+    pipeline: Literal["streaming", "sequential"] = "streaming"
     debias_rm: bool = True  # score both orders and average (position-debiased preference)
     renderer_pool: tuple[int, int] = (1, 2)  # ActorPoolStrategy(min_size, max_size)
     renderer_num_cpus: float = Field(0.25, gt=0)

@@ -182,10 +182,12 @@ class OnlineLoop:
         B = max(oc.train_batch_size, n_workers)
         buf, trained, skipped, records = [], [], [], {}
         rendered = scored = 0
+        render_s = 0.0
         first_step_s = None
         t_train = 0.0
         for rows in self._take("train", r, len(planned)):
             rendered += sum(1 for x in rows if x.get("left_image") and x.get("right_image"))
+            render_s += sum(x.get("render_s") or 0.0 for x in rows)
             p_key = "p_left_debiased" if oc.debias_rm else "p_left"
             scored += sum(1 for x in rows if x.get(p_key) is not None)
             cands = [{**x, "image": x["product_image"]} for x in rows]
@@ -229,7 +231,7 @@ class OnlineLoop:
         acc.update(pairs_rendered=rendered, pairs_scored=scored, skipped_reasons=reasons)
         rows = list(records.values())
         pq.write_table(pa.Table.from_pylist(rows), self.out / "pairs" / f"round_{r:03d}.parquet")
-        info = {"round": r, **acc, "train_s": t_train, "first_step_after_s": first_step_s,
+        info = {"round": r, **acc, "train_s": t_train, "render_busy_s": render_s, "first_step_after_s": first_step_s,
                 "gen_s": self.gen_s.get(r), "steps": self.state["step"]}
         if rows and "true_ctr_a" in rows[0]:
             chosen = [x for x in rows if x.get("chosen") in ("a", "b")]
@@ -293,7 +295,7 @@ class OnlineLoop:
         import ray
 
         from actors.policy import PolicyGroup
-        from actors.stream import PairStream
+        from actors.stream import PairStream, StagedPipeline
 
         t0 = time.perf_counter()
         oc = self.oc
@@ -305,7 +307,8 @@ class OnlineLoop:
             if self.ckpt is not None:
                 self.group.load(self.ckpt)
             start = self.state["next_round"]
-            self.stream = PairStream(self.cfg, self.rm_path, self._n_blocks())
+            pipeline = PairStream if oc.pipeline == "streaming" else StagedPipeline
+            self.stream = pipeline(self.cfg, self.rm_path, self._n_blocks())
             try:
                 if self.state["eval_base"] is None:
                     self._sample_eval(0)
@@ -362,7 +365,8 @@ class OnlineLoop:
             "pairs_duplicated": tot("pairs_duplicated"),
             "renderer_pool_size_max": pool_max, "renderer_pool_trace": pool_trace,
             "max_policy_lag": self.oc.max_policy_lag, "policy_lag_steps_max": self.max_lag_steps,
-            "driver_wait_s": wait_s, "wall_s": wall_s, "policy_path": str(self.out / "policy" / "hf"),
+            "driver_wait_s": wait_s, "render_busy_s": tot("render_busy_s"), "train_s": tot("train_s"),
+            "pipeline": self.oc.pipeline, "wall_s": wall_s, "policy_path": str(self.out / "policy" / "hf"),
         }
         if evals and "lift" in evals[-1]:
             summary["true_ctr_lift"] = evals[-1]["lift"]
