@@ -41,6 +41,7 @@ from caig_ray.online import (
     MarketOracle, candidate_pairs, match_rate, paired_lift, render_seed, round_products, split_eval_products,
 )
 from caig_ray.pairs import account, preference_examples
+from caig_ray.prompts import clean_prompt
 from jobs._entry import add_config_args, run_job
 from jobs._ray import init_ray
 
@@ -249,8 +250,6 @@ class OnlineLoop:
             self.state["eval_base"] = mine
         rows = []
         for p, a, b in zip(prods, mine, self.state["eval_base"]):
-            from caig_ray.prompts import clean_prompt
-
             rows.append({"pair_id": f"eval-e{after_rounds:03d}-{p.id}", "kind": "eval", "round": after_rounds,
                          "product_id": p.id, "title": p.title, "category": p.category or "",
                          "instruction": "", "desc_a": clean_prompt(a), "desc_b": clean_prompt(b),

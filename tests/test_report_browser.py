@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
 from caig_ray.imaging import png_bytes
