@@ -16,9 +16,17 @@ def test_demo_end_to_end_on_quick_preset(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["n_products"] == 40 and 0.5 < summary["rm_bayes_ceiling"] < 1.0
-    assert summary["stages_run"][-3:] == ["pretrain-pm", "train-rm", "evaluate-rm"]
+    assert summary["stages_run"][-4:] == ["pretrain-pm", "train-rm", "evaluate-rm", "train"]
     for key in ("rm_pair_accuracy", "rm_baseline_accuracy", "pm_scene_word_share_after"):
         assert 0.0 <= summary[key] <= 1.0
+    # the online loop's keys (issue: online loop, "done means")
+    rounds = summary["eval_after_rounds"]
+    assert rounds == list(range(0, 3)) and len(summary["true_ctr_by_round"]) == len(rounds)
+    assert all(0 < c < 1 for c in summary["true_ctr_by_round"]) and len(summary["match_rate_by_round"]) == len(rounds)
+    assert summary["pairs_lost"] == 0 and summary["pairs_duplicated"] == 0
+    assert summary["pairs_trained"] + summary["pairs_skipped"] == summary["pairs_planned"] == 2 * 8
+    assert summary["renderer_pool_size_max"] >= 1 and summary["wall_s"] > 0
+    assert (tmp_path / "online" / "report.html").exists()
     for png in ("market_ctr_heatmap.png", "history_ads.png", "renderers.png", "rm_accuracy.png"):
         head = (tmp_path / "plots" / png).read_bytes()[:8]
         assert head == b"\x89PNG\r\n\x1a\n"
