@@ -33,8 +33,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from caig_ray.config import CaigConfig, save_config
-from caig_ray.data import read_catalog
+from caig_ray.config import CaigConfig, ConfigError, load_config, save_config
+from caig_ray.data import DataError, read_catalog
 from caig_ray.faults import should_fire
 from caig_ray.imaging import png_bytes
 from caig_ray.online import (
@@ -49,7 +49,25 @@ EVAL_SEED_ROUND = 10**6  # render seeds of evaluation ads: one fixed seed per pr
 
 
 class RunLog:
-    """metrics.jsonl + TensorBoard scalars, one call per record."""
+    """metrics.jsonl + TensorBoard scalars, one call per record. What is logged:
+
+    kind "train" (one per step): the loss terms of ``caig_ray.losses.dpo_pcpo_loss`` (TRL's names and
+    formulas), and
+    - ``policy_lag_steps_max``: max over the step's pairs of (steps taken before this one - steps taken
+      when the pair was sampled)
+    - ``step_s``: wall seconds of PolicyGroup.train_step; ``since_round_start_s``: when the step ended
+    kind "round": ``pairs_*`` counts (``caig_ray.pairs.account``: lost = planned and neither trained
+    nor skipped; duplicated = ids seen more than once downstream or never planned), and
+    - ``chosen_true_ctr_wins``: mean over trained pairs of [true CTR(chosen) > true CTR(rejected)]
+    - ``render_busy_s``: sum of the renderer's seconds on this round's blocks
+    - ``first_step_after_s``: seconds from the round's start to its first train step
+    kind "eval" (held-out products, one description each, fixed seeds):
+    - ``rm_win_rate``: mean P_RM(tuned PM's ad beats the pretrained PM's ad), position-debiased
+    - ``true_ctr`` / ``base_true_ctr``: mean market true CTR of the tuned / pretrained PM's ads
+    - ``lift``: mean paired difference true_ctr - base_true_ctr, 95% CI mean ± 1.96·sd/√n
+    - ``match_rate``: of the ads that set a scene, the share whose scene suits the product
+    - ``scene_rate``: share of ads whose description sets a scene
+    """
 
     def __init__(self, out: Path):
         from torch.utils.tensorboard import SummaryWriter
@@ -69,6 +87,25 @@ class RunLog:
         self.tb.close()
 
 
+def _check_model_dir(path: str, what: str) -> None:
+    if not (Path(path) / "config.json").is_file():
+        raise DataError(f"{what}: {path} is not a model folder (no config.json in it)")
+
+
+def _check_same_run(saved: CaigConfig, now: CaigConfig, where: Path) -> None:
+    """--resume must continue the same run: only online.rounds and online.faults may change."""
+    a, b = saved.model_dump(mode="json"), now.model_dump(mode="json")
+    for d in (a, b):
+        d["online"].pop("rounds"), d["online"].pop("faults")
+    if a != b:
+        diff = sorted(
+            f"{sec}.{k}" if isinstance(a[sec], dict) else sec
+            for sec in a for k in (a[sec] if isinstance(a[sec], dict) else [sec])
+            if (a[sec].get(k) != b[sec].get(k) if isinstance(a[sec], dict) else a[sec] != b[sec]))
+        raise ConfigError(f"--resume with a config that differs from the run's {where}: {', '.join(diff) or 'name'}; "
+                          "only online.rounds and online.faults may change")
+
+
 def _latest_checkpoint(ckpt_root: Path) -> Path | None:
     done = sorted(p.parent for p in ckpt_root.glob("round_*/state.json"))
     return done[-1] if done else None
@@ -85,6 +122,10 @@ class OnlineLoop:
         self.progress = progress
         for sub in ("checkpoints", "pairs", "plots"):
             (out / sub).mkdir(parents=True, exist_ok=True)
+        _check_model_dir(policy, "--policy (the pretrained PM)")
+        _check_model_dir(rm, "--rm (the trained reward model)")
+        if resume and (out / "config.yaml").exists():
+            _check_same_run(load_config(out / "config.yaml"), cfg, out / "config.yaml")
         products = read_catalog(catalog)
         self.products = {p.id: p for p in products}
         self.images = {p.id: png_bytes(p.image) for p in products}

@@ -71,3 +71,24 @@ def test_faults_fire_once_and_need_a_marker_dir(tmp_path):
         load_config("quick", overrides={"online": {"faults": {"renderer_die_after_batches": 2}}})
     with pytest.raises(ConfigError, match="renderer_pool"):
         load_config("quick", overrides={"online": {"renderer_pool": [3, 1]}})
+
+
+def test_train_refuses_bad_paths_and_a_changed_config_before_starting_ray(quick_world, tmp_path, capsys):
+    from jobs.caig import main
+
+    common = ["--catalog", str(quick_world.catalog), "--rm", str(quick_world.reward)]
+    assert main(["--out", str(tmp_path / "a"), "--policy", str(tmp_path / "nope"), *common]) == 2
+    assert "--policy (the pretrained PM)" in capsys.readouterr().err
+    run = tmp_path / "b"
+    run.mkdir()
+    from caig_ray.config import save_config
+
+    save_config(load_config("quick", overrides={"policy": {"lr": 0.5}}), run / "config.yaml")
+    assert main(["--out", str(run), "--policy", str(quick_world.policy), "--resume", *common]) == 2
+    err = capsys.readouterr().err
+    assert "policy.lr" in err and "--resume" in err
+    bad = tmp_path / "catalog.json"
+    bad.write_text('[{"id": "p1", "image": "missing.png", "new_caption": "a shoe"}]')
+    assert main(["--out", str(tmp_path / "c"), "--policy", str(quick_world.policy), "--catalog", str(bad),
+                 "--rm", str(quick_world.reward)]) == 2
+    assert "missing.png" in capsys.readouterr().err
