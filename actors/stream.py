@@ -75,6 +75,11 @@ class FeedDatasource(Datasource):
         return [read_task(i) for i in range(self.n_blocks)]
 
 
+def _custom(resources: dict[str, float]) -> dict:
+    """Custom Ray resources as map_batches kwargs (none given: no kwarg at all)."""
+    return {"resources": resources} if resources else {}
+
+
 def _pool_sizes() -> tuple[int, int]:
     """Alive renderer and scorer actors of the Ray Data pools (GCS actor table; no dashboard needed)."""
     from ray._private import state
@@ -100,7 +105,7 @@ class PairStream:
         ds = ds.map_batches(
             Renderer, fn_constructor_args=(cfg.renderer.model_dump(mode="json"), fault), batch_size=None,
             compute=ActorPoolStrategy(min_size=oc.renderer_pool[0], max_size=oc.renderer_pool[1]),
-            num_cpus=oc.renderer_num_cpus, num_gpus=oc.renderer_num_gpus)
+            num_cpus=oc.renderer_num_cpus, num_gpus=oc.renderer_num_gpus, **_custom(oc.renderer_resources))
         ds = ds.map_batches(
             RewardScorer, fn_constructor_kwargs={
                 "model_path": rm_path, "batch_size": oc.scorer_batch_size, "device": device,
@@ -190,7 +195,7 @@ class StagedPipeline:
             Renderer, fn_constructor_args=(self.cfg.renderer.model_dump(mode="json"), fault),
             batch_size=oc.pairs_per_batch, compute=ActorPoolStrategy(min_size=oc.renderer_pool[0],
                                                                       max_size=oc.renderer_pool[1]),
-            num_cpus=oc.renderer_num_cpus, num_gpus=oc.renderer_num_gpus).take_all()
+            num_cpus=oc.renderer_num_cpus, num_gpus=oc.renderer_num_gpus, **_custom(oc.renderer_resources)).take_all()
         scored = ray.data.from_items(rendered, override_num_blocks=len(self.pending)).map_batches(
             RewardScorer, fn_constructor_kwargs={
                 "model_path": self.rm_path, "batch_size": oc.scorer_batch_size,

@@ -255,6 +255,8 @@ class OnlineConfig(_Strict):
     renderer_pool: tuple[int, int] = (1, 2)  # ActorPoolStrategy(min_size, max_size)
     renderer_num_cpus: float = Field(0.25, gt=0)
     renderer_num_gpus: float = Field(0.0, ge=0)
+    # custom Ray resources per renderer, e.g. {renderer: 1} to land on the cluster's renderer group
+    renderer_resources: dict[str, float] = {}
     scorer_pool: tuple[int, int] = (1, 1)
     scorer_num_cpus: float = Field(0.25, gt=0)
     scorer_num_gpus: float = Field(0.0, ge=0)

@@ -62,3 +62,24 @@ def test_aws_launcher_matches_rays_cluster_schema():
     jsonschema.validate(doc, schema)
     assert doc["head_node_type"] in doc["available_node_types"]
     assert doc["available_node_types"]["renderer_gpu"]["min_workers"] == 0
+
+
+def test_online_rayjob_resumes_and_its_renderers_land_on_the_renderer_group():
+    from caig_ray.config import load_config
+
+    job = _load("rayjob-online.yaml")
+    cmd = job["spec"]["entrypoint"]
+    assert _entrypoint_module(cmd) == "jobs.caig" and "--resume" in cmd.split()
+    importlib.import_module("jobs.caig")
+    groups = {g["groupName"]: g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    assert groups["renderer"]["minReplicas"] == 0
+    advertised = json_resources(groups["renderer"]["rayStartParams"]["resources"])
+    online = load_config("gpu-cluster").online
+    assert set(online.renderer_resources) <= set(advertised)  # the preset's renderers fit that group
+    assert job["spec"]["rayClusterSpec"]["enableInTreeAutoscaling"] is True
+
+
+def json_resources(value: str) -> dict:
+    import json
+
+    return json.loads(json.loads(value))  # KubeRay wants the JSON object as a quoted string
