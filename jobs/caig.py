@@ -67,6 +67,8 @@ class RunLog:
     - ``lift``: mean paired difference true_ctr - base_true_ctr, 95% CI mean ± 1.96·sd/√n
     - ``match_rate``: of the ads that set a scene, the share whose scene suits the product
     - ``scene_rate``: share of ads whose description sets a scene
+    kind "pool" (one per 0.25 s sample): ``renderers`` / ``scorers`` = alive actors of each Ray Data
+    pool, ``t_s`` = seconds since the pools started
     """
 
     def __init__(self, out: Path):
@@ -379,6 +381,8 @@ class OnlineLoop:
                             os.kill(os.getpid(), signal.SIGKILL)
                 self.group.save(self.out / "policy")
                 pool_trace, wait_s, pool_max = self.stream.pool_trace, self.stream.wait_s, self.stream.renderer_pool_max
+                for i, (t, n_render, n_score) in enumerate(pool_trace):  # the pool sizes over time, as metrics
+                    self.log.write("pool", i, {"t_s": t, "renderers": n_render, "scorers": n_score})
             finally:
                 self.stream.close()
                 self.group.shutdown()

@@ -67,6 +67,8 @@ def test_two_rounds_account_for_every_pair(uninterrupted):
     evals = pq.read_table(out / "pairs" / "eval_002.parquet").to_pylist()
     assert len(evals) == 4 and all(0 < e["true_ctr_a"] < 1 for e in evals)
     assert s["renderer_pool_size_max"] >= 1
+    pools = [x for x in lines if x["kind"] == "pool"]  # the pool size over time is in the metrics
+    assert pools and max(x["renderers"] for x in pools) == s["renderer_pool_size_max"]
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     for plot in s["plots"]:
         assert (out / plot).stat().st_size > 1000
