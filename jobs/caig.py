@@ -61,6 +61,7 @@ class RunLog:
     - ``chosen_true_ctr_wins``: mean over trained pairs of [true CTR(chosen) > true CTR(rejected)]
     - ``render_busy_s``: sum of the renderer's seconds on this round's blocks
     - ``first_step_after_s``: seconds from the round's start to its first train step
+    - ``wait_s``: seconds of the round the driver spent blocked waiting for scored blocks
     kind "eval" (held-out products, one description each, fixed seeds):
     - ``rm_win_rate``: mean P_RM(tuned PM's ad beats the pretrained PM's ad), position-debiased
     - ``true_ctr`` / ``base_true_ctr``: mean market true CTR of the tuned / pretrained PM's ads
@@ -361,11 +362,13 @@ class OnlineLoop:
                            initial=start, total=oc.rounds)
                 for r in bar:
                     self.round_t0 = time.perf_counter()
+                    wait_before = self.stream.wait_s
                     for ahead in range(r, min(r + oc.max_policy_lag, oc.rounds - 1) + 1):
                         if ahead not in self.fed_rounds:
                             self._sample_round(ahead)
                     info = self._train_round(r)
                     info["round_s"] = time.perf_counter() - self.round_t0
+                    info["wait_s"] = self.stream.wait_s - wait_before  # driver blocked on the pipeline
                     self.state["rounds"].append(info)
                     self.log.write("round", r, info)
                     if self._eval_after(r):

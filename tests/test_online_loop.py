@@ -62,6 +62,8 @@ def test_two_rounds_account_for_every_pair(uninterrupted):
     steps = [x for x in lines if x["kind"] == "train"]
     assert steps and all(x["policy_lag_steps_max"] >= 0 and "loss" in x for x in steps)
     assert s["steps"] == len(steps)
+    rounds = [x for x in lines if x["kind"] == "round"]
+    assert len(rounds) == ROUNDS and all(0 <= x["wait_s"] <= x["round_s"] for x in rounds)
     assert s["eval_after_rounds"] == [0, 1, 2] and len(s["true_ctr_by_round"]) == 3
     assert s["rm_win_rate_by_round"][0] == pytest.approx(0.5, abs=1e-6)  # round 0: the PM against itself
     evals = pq.read_table(out / "pairs" / "eval_002.parquet").to_pylist()
