@@ -28,7 +28,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from actors.renderer import Renderer
 from actors.scorer import RewardScorer
-from caig_ray.config import CaigConfig
+from caig_ray.config import ActorPoolConfig, CaigConfig, RendererConfig
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -75,9 +75,27 @@ class FeedDatasource(Datasource):
         return [read_task(i) for i in range(self.n_blocks)]
 
 
-def _custom(resources: dict[str, float]) -> dict:
-    """Custom Ray resources as map_batches kwargs (none given: no kwarg at all)."""
-    return {"resources": resources} if resources else {}
+def map_renderers(ds, renderer: RendererConfig, pool: ActorPoolConfig, batch_size: int | None,
+                  fault: dict | None = None):
+    """``ds.map_batches(Renderer)`` on an autoscaling actor pool (``pool``); ``batch_size`` None keeps
+    the dataset's blocks as the batches."""
+    return ds.map_batches(Renderer, fn_constructor_args=(renderer.model_dump(mode="json"), fault),
+                          batch_size=batch_size, **_pool_args(pool))
+
+
+def map_scorers(ds, cfg: CaigConfig, rm_path: str, batch_size: int | None):
+    """``ds.map_batches(RewardScorer)`` on the ``online.scorers`` actor pool."""
+    oc = cfg.online
+    kwargs = {"model_path": rm_path, "batch_size": oc.scorer_batch_size, "dtype": cfg.reward.dtype,
+              "device": "cuda" if oc.scorers.num_gpus > 0 else "cpu", "debias": oc.debias_rm,
+              "fault": oc.faults.model_dump(mode="json")}
+    return ds.map_batches(RewardScorer, fn_constructor_kwargs=kwargs, batch_size=batch_size, **_pool_args(oc.scorers))
+
+
+def _pool_args(pool: ActorPoolConfig) -> dict:
+    extra = {"resources": pool.resources} if pool.resources else {}
+    return {"compute": ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
+            "num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, **extra}
 
 
 def _pool_sizes() -> tuple[int, int]:
@@ -88,46 +106,52 @@ def _pool_sizes() -> tuple[int, int]:
     return (sum("MapBatches(Renderer)" in n for n in alive), sum("MapBatches(RewardScorer)" in n for n in alive))
 
 
-class PairStream:
-    """The job-long render-and-score pipeline (see the module docstring)."""
+class _PoolTrace:
+    """Samples the pools' sizes every ``every`` seconds in a thread while a pipeline runs."""
 
-    def __init__(self, cfg: CaigConfig, rm_path: str, n_blocks: int, sample_every_s: float = 0.25):
-        oc = cfg.online
-        self.n_blocks, self.fed, self.consumed = n_blocks, 0, 0
-        self.feed = PairFeed.remote()
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True
-        ctx.enable_progress_bars = False  # the driver shows round-level progress instead
-        fault = oc.faults.model_dump(mode="json")
-        device = "cuda" if oc.scorer_num_gpus > 0 else "cpu"
-        ds = ray.data.read_datasource(FeedDatasource(self.feed, n_blocks), override_num_blocks=n_blocks,
-                                      concurrency=2, num_cpus=0)
-        ds = ds.map_batches(
-            Renderer, fn_constructor_args=(cfg.renderer.model_dump(mode="json"), fault), batch_size=None,
-            compute=ActorPoolStrategy(min_size=oc.renderer_pool[0], max_size=oc.renderer_pool[1]),
-            num_cpus=oc.renderer_num_cpus, num_gpus=oc.renderer_num_gpus, **_custom(oc.renderer_resources))
-        ds = ds.map_batches(
-            RewardScorer, fn_constructor_kwargs={
-                "model_path": rm_path, "batch_size": oc.scorer_batch_size, "device": device,
-                "dtype": cfg.reward.dtype, "debias": oc.debias_rm, "fault": fault},
-            batch_size=None, compute=ActorPoolStrategy(min_size=oc.scorer_pool[0], max_size=oc.scorer_pool[1]),
-            num_cpus=oc.scorer_num_cpus, num_gpus=oc.scorer_num_gpus)
+    def __init__(self, every: float):
         self.t0 = time.perf_counter()
-        self._it = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
         self.pool_trace: list[tuple[float, int, int]] = []  # (seconds since start, renderers, scorers)
-        self._stop = threading.Event()
-        self._sampler = threading.Thread(target=self._sample, args=(sample_every_s,), daemon=True)
-        self._sampler.start()
+        self.sample_errors = 0  # failed reads of the actor table (e.g. while Ray shuts down); reported
         self.wait_s = 0.0  # time the driver spent blocked waiting for a scored block
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, args=(every,), daemon=True)
+        self._sampler.start()
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # blocks come out in the order they were fed
+        ctx.enable_progress_bars = False  # the driver shows round-level progress instead
 
     def _sample(self, every: float) -> None:
         while not self._stop.is_set():
             try:
                 r, s = _pool_sizes()
                 self.pool_trace.append((time.perf_counter() - self.t0, r, s))
-            except Exception:  # noqa: BLE001 -- the GCS may be going away at shutdown
-                pass
+            except (ray.exceptions.RaySystemError, ConnectionError, RuntimeError):
+                self.sample_errors += 1
             self._stop.wait(every)
+
+    def _stop_sampling(self) -> None:
+        self._stop.set()
+        self._sampler.join(timeout=5)
+
+    @property
+    def renderer_pool_max(self) -> int:
+        return max((r for _, r, _ in self.pool_trace), default=0)
+
+
+class PairStream(_PoolTrace):
+    """The job-long render-and-score pipeline (see the module docstring)."""
+
+    def __init__(self, cfg: CaigConfig, rm_path: str, n_blocks: int, sample_every_s: float = 0.25):
+        oc = cfg.online
+        self.n_blocks, self.fed, self.consumed = n_blocks, 0, 0
+        self.feed = PairFeed.remote()
+        super().__init__(sample_every_s)
+        ds = ray.data.read_datasource(FeedDatasource(self.feed, n_blocks), override_num_blocks=n_blocks,
+                                      concurrency=2, num_cpus=0)
+        ds = map_renderers(ds, cfg.renderer, oc.renderers, None, oc.faults.model_dump(mode="json"))
+        ds = map_scorers(ds, cfg, rm_path, None)
+        self._it = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
 
     def put(self, rows: list[dict]) -> int:
         """Feed one block (a render and score batch); returns its index."""
@@ -151,17 +175,12 @@ class PairStream:
         return table.to_pylist()
 
     def close(self) -> None:
-        self._stop.set()
-        self._sampler.join(timeout=5)
+        self._stop_sampling()
         self._it = None
         ray.kill(self.feed)
 
-    @property
-    def renderer_pool_max(self) -> int:
-        return max((r for _, r, _ in self.pool_trace), default=0)
 
-
-class StagedPipeline:
+class StagedPipeline(_PoolTrace):
     """CAIG's scripts, for comparison (``online.pipeline: sequential``): everything put so far is
     rendered in one Ray Data run, then scored in another, before the first block comes back. Same
     blocks, same order, same actors and models as ``PairStream``; only the overlap differs."""
@@ -171,15 +190,7 @@ class StagedPipeline:
         self.pending: list[list[dict]] = []
         self.ready: list[list[dict]] = []
         self.fed = self.consumed = 0
-        self.wait_s = 0.0
-        self.t0 = time.perf_counter()
-        self.pool_trace: list[tuple[float, int, int]] = []
-        self._stop = threading.Event()
-        self._sampler = threading.Thread(target=PairStream._sample, args=(self, sample_every_s), daemon=True)
-        self._sampler.start()
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True
-        ctx.enable_progress_bars = False
+        super().__init__(sample_every_s)
 
     def put(self, rows: list[dict]) -> int:
         self.pending.append(rows)
@@ -188,22 +199,12 @@ class StagedPipeline:
 
     def _run_stages(self) -> None:
         oc = self.cfg.online
-        fault = oc.faults.model_dump(mode="json")
         sizes = [len(b) for b in self.pending]
         ds = ray.data.from_items([r for b in self.pending for r in b], override_num_blocks=len(self.pending))
-        rendered = ds.map_batches(
-            Renderer, fn_constructor_args=(self.cfg.renderer.model_dump(mode="json"), fault),
-            batch_size=oc.pairs_per_batch, compute=ActorPoolStrategy(min_size=oc.renderer_pool[0],
-                                                                      max_size=oc.renderer_pool[1]),
-            num_cpus=oc.renderer_num_cpus, num_gpus=oc.renderer_num_gpus, **_custom(oc.renderer_resources)).take_all()
-        scored = ray.data.from_items(rendered, override_num_blocks=len(self.pending)).map_batches(
-            RewardScorer, fn_constructor_kwargs={
-                "model_path": self.rm_path, "batch_size": oc.scorer_batch_size,
-                "device": "cuda" if oc.scorer_num_gpus > 0 else "cpu", "dtype": self.cfg.reward.dtype,
-                "debias": oc.debias_rm, "fault": fault},
-            batch_size=oc.pairs_per_batch, compute=ActorPoolStrategy(min_size=oc.scorer_pool[0],
-                                                                      max_size=oc.scorer_pool[1]),
-            num_cpus=oc.scorer_num_cpus, num_gpus=oc.scorer_num_gpus).take_all()
+        rendered = map_renderers(ds, self.cfg.renderer, oc.renderers, oc.pairs_per_batch,
+                                 oc.faults.model_dump(mode="json")).take_all()
+        scored = map_scorers(ray.data.from_items(rendered, override_num_blocks=len(self.pending)), self.cfg,
+                             self.rm_path, oc.pairs_per_batch).take_all()
         if len(scored) != sum(sizes):
             raise RuntimeError(f"sequential pipeline: {sum(sizes)} pairs in, {len(scored)} out")
         start = 0
@@ -223,7 +224,4 @@ class StagedPipeline:
         return self.ready.pop(0)
 
     def close(self) -> None:
-        self._stop.set()
-        self._sampler.join(timeout=5)
-
-    renderer_pool_max = PairStream.renderer_pool_max
+        self._stop_sampling()

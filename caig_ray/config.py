@@ -235,6 +235,24 @@ class FaultConfig(_Strict):
         return self
 
 
+class ActorPoolConfig(_Strict):
+    """A Ray Data actor pool (``ActorPoolStrategy(min_size, max_size)``) and what each actor asks for.
+    On CPU use fractional ``num_cpus``; ``resources`` are custom Ray resources, e.g. ``{renderer: 1}``
+    to land on the cluster's renderer group."""
+
+    min_size: int = Field(1, ge=1)
+    max_size: int = Field(1, ge=1)
+    num_cpus: float = Field(0.25, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = {}
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> "ActorPoolConfig":
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size {self.min_size} > max_size {self.max_size}")
+        return self
+
+
 class OnlineConfig(_Strict):
     """``caig-ray train``: the online CTR-driven loop (CAIG rounds, streamed through Ray Data)."""
 
@@ -252,28 +270,14 @@ class OnlineConfig(_Strict):
     # scripts -- sample all, then render all, then score all (each a Ray Data run), then train (bench/pipeline.py).
     pipeline: Literal["streaming", "sequential"] = "streaming"
     debias_rm: bool = True  # score both orders and average (position-debiased preference)
-    renderer_pool: tuple[int, int] = (1, 2)  # ActorPoolStrategy(min_size, max_size)
-    renderer_num_cpus: float = Field(0.25, gt=0)
-    renderer_num_gpus: float = Field(0.0, ge=0)
-    # custom Ray resources per renderer, e.g. {renderer: 1} to land on the cluster's renderer group
-    renderer_resources: dict[str, float] = {}
-    scorer_pool: tuple[int, int] = (1, 1)
-    scorer_num_cpus: float = Field(0.25, gt=0)
-    scorer_num_gpus: float = Field(0.0, ge=0)
+    renderers: ActorPoolConfig = ActorPoolConfig(max_size=2)  # grows with the backlog, shrinks when idle
+    scorers: ActorPoolConfig = ActorPoolConfig(max_size=1)
     scorer_batch_size: int = Field(16, ge=1)
     policy_num_cpus_per_worker: float = Field(0.5, gt=0)
     checkpoint_every: int = Field(1, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = 0
     faults: FaultConfig = FaultConfig()
-
-    @model_validator(mode="after")
-    def _check_pools(self) -> "OnlineConfig":
-        for name in ("renderer_pool", "scorer_pool"):
-            lo, hi = getattr(self, name)
-            if not 1 <= lo <= hi:
-                raise ValueError(f"{name} must satisfy 1 <= min_size <= max_size, got {lo, hi}")
-        return self
 
 
 class ServeConfig(_Strict):

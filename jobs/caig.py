@@ -384,6 +384,7 @@ class OnlineLoop:
                             os.kill(os.getpid(), signal.SIGKILL)
                 self.group.save(self.out / "policy")
                 pool_trace, wait_s, pool_max = self.stream.pool_trace, self.stream.wait_s, self.stream.renderer_pool_max
+                self.pool_sample_errors = self.stream.sample_errors
                 for i, (t, n_render, n_score) in enumerate(pool_trace):  # the pool sizes over time, as metrics
                     self.log.write("pool", i, {"t_s": t, "renderers": n_render, "scorers": n_score})
             finally:
@@ -411,6 +412,7 @@ class OnlineLoop:
             "pairs_skipped": tot("pairs_skipped"), "pairs_lost": tot("pairs_lost"),
             "pairs_duplicated": tot("pairs_duplicated"),
             "renderer_pool_size_max": pool_max, "renderer_pool_trace": pool_trace,
+            "pool_sample_errors": self.pool_sample_errors,
             "max_policy_lag": self.oc.max_policy_lag, "policy_lag_steps_max": self.max_lag_steps,
             "driver_wait_s": wait_s, "render_busy_s": tot("render_busy_s"), "train_s": tot("train_s"),
             "pipeline": self.oc.pipeline, "wall_s": wall_s, "policy_path": str(self.out / "policy" / "hf"),

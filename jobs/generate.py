@@ -50,16 +50,13 @@ def write_descriptions(cfg: CaigConfig, policy_path: str, products, n: int, seed
 
 def render_candidates(cfg: CaigConfig, rows: list[dict], pool: tuple[int, int]) -> list[dict]:
     import ray
-    from ray.data import ActorPoolStrategy
 
-    from actors.renderer import Renderer
+    from actors.stream import map_renderers
+    from caig_ray.config import ActorPoolConfig
 
-    ds = ray.data.from_items(rows).map_batches(
-        Renderer, fn_constructor_args=(cfg.renderer.model_dump(mode="json"),), batch_size=cfg.renderer.batch_size,
-        compute=ActorPoolStrategy(min_size=pool[0], max_size=pool[1]),
-        num_cpus=0.5 if not cfg.renderer.device.startswith("cuda") else 1,
-        num_gpus=1 if cfg.renderer.device.startswith("cuda") else 0)
-    return ds.take_all()
+    gpu = cfg.renderer.device.startswith("cuda")
+    actors = ActorPoolConfig(min_size=pool[0], max_size=pool[1], num_cpus=1 if gpu else 0.5, num_gpus=1 if gpu else 0)
+    return map_renderers(ray.data.from_items(rows), cfg.renderer, actors, cfg.renderer.batch_size).take_all()
 
 
 def rank_candidates(rm_path: str, rows: list[dict]) -> list[dict]:

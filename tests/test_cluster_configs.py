@@ -75,7 +75,7 @@ def test_online_rayjob_resumes_and_its_renderers_land_on_the_renderer_group():
     assert groups["renderer"]["minReplicas"] == 0
     advertised = json_resources(groups["renderer"]["rayStartParams"]["resources"])
     online = load_config("gpu-cluster").online
-    assert set(online.renderer_resources) <= set(advertised)  # the preset's renderers fit that group
+    assert set(online.renderers.resources) <= set(advertised)  # the preset's renderers fit that group
     assert job["spec"]["rayClusterSpec"]["enableInTreeAutoscaling"] is True
 
 
