@@ -61,13 +61,6 @@ def candidate_pairs(products: list, generations: list[dict], round_index: int, s
     return out
 
 
-def market_verdict(market: ClickModel, category: str, latent: str | dict, description: str, seed: int) -> dict:
-    """The oracle's view of one rendered ad (evaluation only): true CTR, scene, match."""
-    lat = json.loads(latent) if isinstance(latent, str) else latent
-    return {"true_ctr": market.true_ctr(category, lat, noise_key(description, seed)), "scene": lat["scene"],
-            "match": market.match(category, lat["scene"]), "has_scene": lat["scene"] != "plain"}
-
-
 def match_rate(verdicts: list[dict]) -> float | None:
     """Of the ads that set a scene, the share whose scene suits the product (None if none sets one)."""
     scened = [v for v in verdicts if v["has_scene"]]
@@ -87,10 +80,13 @@ def paired_lift(tuned: list[float], base: list[float]) -> dict:
 
 
 class MarketOracle:
-    """Thin holder so jobs can ask the market about rendered ads without knowing its internals."""
+    """The market's verdict on rendered ads (evaluation only; the RM and the policy never see it)."""
 
     def __init__(self, cfg: MarketConfig):
         self.model = ClickModel(cfg)
 
-    def verdict(self, category: str, latent, description: str, seed: int) -> dict:
-        return market_verdict(self.model, category, latent, description, seed)
+    def verdict(self, category: str, latent: str | dict, description: str, seed: int) -> dict:
+        """True CTR, scene, match and whether a scene was set, for one ad from its rendered latent."""
+        lat = json.loads(latent) if isinstance(latent, str) else latent
+        return {"true_ctr": self.model.true_ctr(category, lat, noise_key(description, seed)), "scene": lat["scene"],
+                "match": self.model.match(category, lat["scene"]), "has_scene": lat["scene"] != "plain"}

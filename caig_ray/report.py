@@ -65,6 +65,18 @@ def bar_chart(values: dict[str, float], path: str | Path, title: str, ylim: tupl
     return Path(path)
 
 
+def _finish(fig, axes, xlabel: str, path: Path) -> str:
+    """Label the x axes, add legends where there are labelled lines, save the PNG, close the figure."""
+    for ax in np.atleast_1d(axes):
+        ax.set_xlabel(xlabel)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return f"{path.parent.name}/{path.name}"
+
+
 def online_plots(run_dir: str | Path, rounds: list[dict], evals: list[dict],
                  pool_trace: list[tuple[float, int, int]]) -> list[str]:
     """The online loop's curves from a run folder's metrics.jsonl and the round/eval records:
@@ -75,7 +87,6 @@ def online_plots(run_dir: str | Path, rounds: list[dict], evals: list[dict],
     run_dir = Path(run_dir)
     plots = run_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    written = []
     x = [e["after_rounds"] for e in evals]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.3))
     if evals and evals[0].get("true_ctr") is not None:
@@ -92,49 +103,29 @@ def online_plots(run_dir: str | Path, rounds: list[dict], evals: list[dict],
     axes[2].plot(x, [e["rm_win_rate"] for e in evals], "o-")
     axes[2].axhline(0.5, color="grey", lw=0.8)
     axes[2].set_title("RM win rate vs pretrained PM")
-    for ax in axes:
-        ax.set_xlabel("rounds trained")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(plots / "online_eval.png", dpi=100)
-    plt.close(fig)
-    written.append("plots/online_eval.png")
+    written = [_finish(fig, axes, "rounds trained", plots / "online_eval.png")]
 
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if '"kind": "train"' in line] if (run_dir / "metrics.jsonl").exists() else []
+    log = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    steps = [m for m in records if m["kind"] == "train"]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     s = [m["step"] for m in steps]
-    for key in ("loss", "dpo/loss", "pcpo/loss"):
-        if steps and key in steps[0]:
-            axes[0].plot(s, [m[key] for m in steps], label=key)
-    for key in ("rewards/margins", "pcpo/rewards/margins"):
-        if steps and key in steps[0]:
-            axes[1].plot(s, [m[key] for m in steps], label=key)
+    for ax, keys in zip(axes, (("loss", "dpo/loss", "pcpo/loss"), ("rewards/margins", "pcpo/rewards/margins"))):
+        for key in keys:
+            if steps and key in steps[0]:
+                ax.plot(s, [m[key] for m in steps], label=key)
     axes[0].set_title("loss by step")
     axes[1].set_title("reward margins by step")
-    for ax in axes:
-        ax.set_xlabel("train step")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(plots / "online_training.png", dpi=100)
-    plt.close(fig)
-    written.append("plots/online_training.png")
+    written.append(_finish(fig, axes, "train step", plots / "online_training.png"))
 
     fig, ax = plt.subplots(figsize=(6, 3))
     if pool_trace:
         t = [p[0] for p in pool_trace]
         ax.step(t, [p[1] for p in pool_trace], where="post", label="renderers")
         ax.step(t, [p[2] for p in pool_trace], where="post", label="RM scorers")
-        ax.legend(fontsize=7)
-    ax.set_xlabel("seconds since the pools started")
     ax.set_ylabel("alive actors")
     ax.set_title("actor pool sizes")
-    fig.tight_layout()
-    fig.savefig(plots / "renderer_pool.png", dpi=100)
-    plt.close(fig)
-    written.append("plots/renderer_pool.png")
+    written.append(_finish(fig, ax, "seconds since the pools started", plots / "renderer_pool.png"))
     return written
 
 

@@ -218,6 +218,9 @@ class OnlineLoop:
             trained.append(e["pair_id"])
         metrics.update(round=r, step_s=time.perf_counter() - t, policy_lag_steps_max=max(lags),
                        since_round_start_s=time.perf_counter() - self.round_t0)
+        self.round_train_s += metrics["step_s"]
+        if self.round_first_step_s is None:
+            self.round_first_step_s = t - self.round_t0
         self.log.write("train", step, metrics)
         self.max_lag_steps = max(self.max_lag_steps, max(lags))
 
@@ -228,8 +231,7 @@ class OnlineLoop:
         buf, trained, skipped, records = [], [], [], {}
         rendered = scored = 0
         render_s = 0.0
-        first_step_s = None
-        t_train = 0.0
+        self.round_train_s, self.round_first_step_s = 0.0, None
         for rows in self._take("train", r, len(planned)):
             rendered += sum(1 for x in rows if x.get("left_image") and x.get("right_image"))
             render_s += sum(x.get("render_s") or 0.0 for x in rows)
@@ -250,24 +252,17 @@ class OnlineLoop:
                 skipped.append(s["pair_id"])
             buf += examples
             while len(buf) >= B + n_workers:  # keep enough back that the round's last step has one per rank
-                t = time.perf_counter()
-                first_step_s = first_step_s if first_step_s is not None else t - self.round_t0
                 self._step(buf[:B], r, trained, records)
                 buf = buf[B:]
-                t_train += time.perf_counter() - t
-        t = time.perf_counter()
         while len(buf) >= 2 * B:
-            first_step_s = first_step_s if first_step_s is not None else t - self.round_t0
             self._step(buf[:B], r, trained, records)
             buf = buf[B:]
         if len(buf) >= n_workers:
-            first_step_s = first_step_s if first_step_s is not None else time.perf_counter() - self.round_t0
             self._step(buf, r, trained, records)
         else:
             for e in buf:  # fewer examples than ranks: no step can take them; say so, never drop silently
                 records[e["pair_id"]].update(status="skipped:fewer_examples_than_ranks")
                 skipped.append(e["pair_id"])
-        t_train += time.perf_counter() - t
         reasons: dict[str, int] = {}
         for rec in records.values():
             if rec["status"].startswith("skipped:"):
@@ -276,7 +271,8 @@ class OnlineLoop:
         acc.update(pairs_rendered=rendered, pairs_scored=scored, skipped_reasons=reasons)
         rows = list(records.values())
         pq.write_table(pa.Table.from_pylist(rows), self.out / "pairs" / f"round_{r:03d}.parquet")
-        info = {"round": r, **acc, "train_s": t_train, "render_busy_s": render_s, "first_step_after_s": first_step_s,
+        info = {"round": r, **acc, "train_s": self.round_train_s, "render_busy_s": render_s,
+                "first_step_after_s": self.round_first_step_s,
                 "gen_s": self.gen_s.get(r), "steps": self.state["step"]}
         if rows and "true_ctr_a" in rows[0]:
             chosen = [x for x in rows if x.get("chosen") in ("a", "b")]

@@ -1,6 +1,7 @@
 """The online loop end to end on Ray (quick world): accounting, resume after a killed driver, and
 faults injected into the renderer and scorer pools. Real Ray, real DeepSpeed (gloo), real Ray Data."""
 
+import contextlib
 import json
 import os
 import signal
@@ -91,10 +92,8 @@ def test_killed_driver_resumes_to_the_same_state(uninterrupted, quick_world, tmp
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     log, _ = proc.communicate(timeout=300)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # whatever the killed driver left behind
-    except ProcessLookupError:
-        pass
     assert proc.returncode == -signal.SIGKILL, log.decode()[-3000:]
     assert (tmp_path / "faults" / "driver.fired").exists()
     assert (out / "checkpoints" / "round_000" / "state.json").exists()
