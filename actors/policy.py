@@ -18,7 +18,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from caig_ray.config import PolicyConfig
+from caig_ray.config import PolicyConfig, WorkerGroupPlacement
 
 
 def _free_port() -> int:
@@ -28,9 +28,12 @@ def _free_port() -> int:
 
 
 class PolicyWorker:
-    def __init__(self, rank: int, world_size: int, model_path: str, cfg: dict):
+    def __init__(self, rank: int, world_size: int, model_path: str, cfg: dict, placement: dict,
+                 total_steps: int = 1):
         self.rank, self.world_size, self.model_path = rank, world_size, model_path
         self.cfg = PolicyConfig.model_validate(cfg)
+        self.placement = WorkerGroupPlacement.model_validate(placement)
+        self.total_steps = total_steps
 
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), _free_port()
@@ -44,14 +47,17 @@ class PolicyWorker:
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           # Ray gives each actor its own GPU as cuda:0 (CUDA_VISIBLE_DEVICES), so local rank 0
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
-        if not self.cfg.use_gpu:
+        from caig_ray.ds import deepspeed_config, lr_scheduler
+
+        pl = self.placement
+        if not pl.use_gpu:
             # gloo on CPU needs no shm comm op; its JIT build costs ~100 s (DESIGN.md §7)
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-        deepspeed.init_distributed(dist_backend="nccl" if self.cfg.use_gpu else "gloo")
-        self.device = "cuda" if self.cfg.use_gpu else "cpu"
+        deepspeed.init_distributed(dist_backend="nccl" if pl.use_gpu else "gloo")
+        self.device = pl.device
         torch.manual_seed(0)
-        model, self.processor = load_policy(self.model_path, self.cfg.dtype)
-        self.ref, _ = load_policy(self.model_path, self.cfg.dtype, self.device)
+        model, self.processor = load_policy(self.model_path, pl.dtype)
+        self.ref, _ = load_policy(self.model_path, pl.dtype, self.device)
         self.ref.eval().requires_grad_(False)
         if self.cfg.lora.enabled:
             from peft import LoraConfig, get_peft_model
@@ -63,15 +69,13 @@ class PolicyWorker:
                 target_modules=r".*language_model.*\.(" + "|".join(lc.target_modules) + ")$"))
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.cfg.lr)
-        ds_config = {
-            "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-            "zero_optimization": {"stage": self.cfg.zero_stage}, "zero_force_ds_cpu_optimizer": False,
-            "bf16": {"enabled": self.cfg.dtype == "bfloat16"}, "steps_per_print": 10**9,
-        }
-        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
-                                                    config=ds_config)
+        scheduler = lr_scheduler(optimizer, self.cfg.lr_schedule, self.cfg.warmup_ratio, self.total_steps)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(self.cfg.zero_stage, pl.dtype))
 
     def generate(self, products: list[dict], n: int, temperature: float, seed: int) -> list[dict]:
+        from caig_ray.ds import gathered_for_generation
         from caig_ray.policy_ops import as_image, generate_descriptions
         from caig_ray.prompts import pm_instruction
 
@@ -80,9 +84,10 @@ class PolicyWorker:
             raise ValueError("PolicyWorker.generate got no products")
         images = [as_image(p["image"], self.cfg.image_size) for p in products]
         ins = [pm_instruction(p["title"], p.get("attributes")) for p in products]
-        return generate_descriptions(self.engine.module, self.processor, images, ins, n, temperature,
-                                     seed, self.cfg.max_new_tokens, synced_gpus=self.cfg.zero_stage == 3,
-                                     device=self.device)
+        # ZeRO-3: the whole model gathered once for this call (DESIGN.md 8.2), ranks decode independently
+        with gathered_for_generation(self.engine, self.cfg.zero_stage) as module:
+            return generate_descriptions(module, self.processor, images, ins, n, temperature, seed,
+                                         self.cfg.max_new_tokens, device=self.device)
 
     def train_step(self, examples: list[dict]) -> dict:
         from caig_ray.policy_ops import dpo_pcpo_step_loss
@@ -93,6 +98,7 @@ class PolicyWorker:
         self.engine.backward(loss)
         self.engine.step()
         metrics["n_examples"] = len(examples)
+        metrics["lr"] = float(self.scheduler.get_last_lr()[0]) if self.scheduler else self.cfg.lr
         return metrics
 
     def eval_loss(self, examples: list[dict]) -> dict:
@@ -135,6 +141,25 @@ class PolicyWorker:
                 module.save_pretrained(str(Path(path) / "hf"), state_dict=state)
                 self.processor.save_pretrained(str(Path(path) / "hf"))
 
+    def save_model(self, path: str) -> None:
+        """The trained policy as a plain model folder at ``path`` (``save_pretrained`` + processor),
+        loadable by ``--policy path`` like any checkpoint. LoRA runs are saved merged into the base."""
+        import copy
+
+        if self.cfg.lora.enabled and self.cfg.zero_stage == 3:
+            raise NotImplementedError("saving a merged LoRA policy under ZeRO-3 is not supported yet; "
+                                      "use zero_stage 2 with LoRA")
+        state = (self.engine._zero3_consolidated_16bit_state_dict() if self.cfg.zero_stage == 3
+                 else self.engine.module.state_dict())
+        if self.rank != 0:
+            return
+        module = self.engine.module
+        if self.cfg.lora.enabled:
+            copy.deepcopy(module).merge_and_unload().save_pretrained(path)
+        else:
+            module.save_pretrained(path, state_dict=state)
+        self.processor.save_pretrained(path)
+
     def load(self, path: str) -> None:
         load_path, _ = self.engine.load_checkpoint(str(Path(path) / "deepspeed"))
         if load_path is None:
@@ -144,10 +169,10 @@ class PolicyWorker:
 class PolicyGroup:
     """N ``PolicyWorker`` actors in a placement group; calls fan out to every rank."""
 
-    def __init__(self, model_path: str | Path, cfg: PolicyConfig, num_cpus_per_worker: float = 1,
-                 ready_timeout_s: float = 120):
-        self.cfg, self.n = cfg, cfg.num_workers
-        bundle = {"GPU": 1, "CPU": num_cpus_per_worker} if cfg.use_gpu else {"CPU": num_cpus_per_worker}
+    def __init__(self, model_path: str | Path, cfg: PolicyConfig, placement: WorkerGroupPlacement,
+                 total_steps: int = 1, ready_timeout_s: float = 120):
+        self.cfg, self.n = cfg, placement.num_workers
+        bundle = {"CPU": placement.num_cpus, **({"GPU": placement.num_gpus} if placement.use_gpu else {})}
         self.pg = placement_group([bundle] * self.n, strategy="PACK")
         try:
             ray.get(self.pg.ready(), timeout=ready_timeout_s)
@@ -161,7 +186,8 @@ class PolicyGroup:
         self.workers = [
             actor.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=self.pg, placement_group_bundle_index=r), runtime_env=env,
-            ).remote(r, self.n, str(model_path), cfg.model_dump(mode="json"))
+            ).remote(r, self.n, str(model_path), cfg.model_dump(mode="json"), placement.model_dump(mode="json"),
+                     total_steps)
             for r in range(self.n)
         ]
         addr, port = ray.get(self.workers[0].address.remote())  # rank 0 picks MASTER_ADDR/PORT
@@ -211,6 +237,9 @@ class PolicyGroup:
 
     def load(self, path: str | Path) -> None:
         ray.get([w.load.remote(str(path)) for w in self.workers])
+
+    def save_model(self, path: str | Path) -> None:
+        ray.get([w.save_model.remote(str(path)) for w in self.workers])
 
     def shutdown(self) -> None:
         for w in self.workers:

@@ -27,8 +27,8 @@ from caig_ray.models.renderer import make_renderer
 
 
 class Renderer:
-    def __init__(self, cfg: dict, fault: dict | None = None):
-        self.renderer = make_renderer(RendererConfig.model_validate(cfg))
+    def __init__(self, cfg: dict, fault: dict | None = None, device: str = "cpu", dtype: str = "float32"):
+        self.renderer = make_renderer(RendererConfig.model_validate(cfg), device, dtype)
         fault = fault or {}
         self.fault = BatchFault(fault.get("marker_dir"), "renderer", fault.get("renderer_die_after_batches"))
 

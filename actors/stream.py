@@ -79,17 +79,17 @@ def map_renderers(ds, renderer: RendererConfig, pool: ActorPoolConfig, batch_siz
                   fault: dict | None = None):
     """``ds.map_batches(Renderer)`` on an autoscaling actor pool (``pool``); ``batch_size`` None keeps
     the dataset's blocks as the batches."""
-    return ds.map_batches(Renderer, fn_constructor_args=(renderer.model_dump(mode="json"), fault),
+    return ds.map_batches(Renderer, fn_constructor_args=(renderer.model_dump(mode="json"), fault,
+                                                         pool.device, pool.dtype),
                           batch_size=batch_size, **_pool_args(pool))
 
 
 def map_scorers(ds, cfg: CaigConfig, rm_path: str, batch_size: int | None):
-    """``ds.map_batches(RewardScorer)`` on the ``online.scorers`` actor pool."""
-    oc = cfg.online
-    kwargs = {"model_path": rm_path, "batch_size": oc.scorer_batch_size, "dtype": cfg.reward.dtype,
-              "device": "cuda" if oc.scorers.num_gpus > 0 else "cpu", "debias": oc.debias_rm,
-              "fault": oc.faults.model_dump(mode="json")}
-    return ds.map_batches(RewardScorer, fn_constructor_kwargs=kwargs, batch_size=batch_size, **_pool_args(oc.scorers))
+    """``ds.map_batches(RewardScorer)`` on the ``resources.scorers`` actor pool."""
+    oc, pool = cfg.online, cfg.resources.scorers
+    kwargs = {"model_path": rm_path, "batch_size": oc.scorer_batch_size, "dtype": pool.dtype,
+              "device": pool.device, "debias": oc.debias_rm, "fault": oc.faults.model_dump(mode="json")}
+    return ds.map_batches(RewardScorer, fn_constructor_kwargs=kwargs, batch_size=batch_size, **_pool_args(pool))
 
 
 def _pool_args(pool: ActorPoolConfig) -> dict:
@@ -149,7 +149,7 @@ class PairStream(_PoolTrace):
         super().__init__(sample_every_s)
         ds = ray.data.read_datasource(FeedDatasource(self.feed, n_blocks), override_num_blocks=n_blocks,
                                       concurrency=2, num_cpus=0)
-        ds = map_renderers(ds, cfg.renderer, oc.renderers, None, oc.faults.model_dump(mode="json"))
+        ds = map_renderers(ds, cfg.renderer, cfg.resources.renderers, None, oc.faults.model_dump(mode="json"))
         ds = map_scorers(ds, cfg, rm_path, None)
         self._it = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
 
@@ -201,7 +201,7 @@ class StagedPipeline(_PoolTrace):
         oc = self.cfg.online
         sizes = [len(b) for b in self.pending]
         ds = ray.data.from_items([r for b in self.pending for r in b], override_num_blocks=len(self.pending))
-        rendered = map_renderers(ds, self.cfg.renderer, oc.renderers, oc.pairs_per_batch,
+        rendered = map_renderers(ds, self.cfg.renderer, self.cfg.resources.renderers, oc.pairs_per_batch,
                                  oc.faults.model_dump(mode="json")).take_all()
         scored = map_scorers(ray.data.from_items(rendered, override_num_blocks=len(self.pending)), self.cfg,
                              self.rm_path, oc.pairs_per_batch).take_all()

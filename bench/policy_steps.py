@@ -40,9 +40,11 @@ def main() -> None:
     ray.init(address="local", num_cpus=max(2, args.workers), include_dashboard=False)
     groups, init_s = {}, {}
     for stage in (1, 2, 3):
-        cfg = load_config("quick", overrides={"policy": {"zero_stage": stage, "num_workers": args.workers}}).policy
+        full = load_config("quick", overrides={"policy": {"zero_stage": stage},
+                                               "resources": {"policy": {"num_workers": args.workers, "num_cpus": 0.3}}})
+        cfg, placement = full.policy, full.resources.policy
         t = time.perf_counter()
-        groups[stage] = PolicyGroup(lay.policy, cfg, num_cpus_per_worker=0.3)
+        groups[stage] = PolicyGroup(lay.policy, cfg, placement)
         init_s[stage] = time.perf_counter() - t
         groups[stage].train_step(batch)  # warm-up
     times: dict[int, list[float]] = {s: [] for s in groups}

@@ -64,9 +64,11 @@ def main() -> None:
         port = s.getsockname()[1]
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    common = {"model_path": args.rm, "min_replicas": 1, "max_replicas": 1, "num_cpus_per_replica": 0.5}
-    serve.run(build_app({**common, "max_batch_size": 16}), name="batched", route_prefix="/batched")
-    serve.run(build_app({**common, "max_batch_size": 1}), name="single", route_prefix="/single")
+    where = {"serve": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5}}
+    serve.run(build_app({"serve": {"model_path": args.rm, "max_batch_size": 16}, "resources": where}),
+              name="batched", route_prefix="/batched")
+    serve.run(build_app({"serve": {"model_path": args.rm, "max_batch_size": 1}, "resources": where}),
+              name="single", route_prefix="/single")
     rng = np.random.default_rng(0)
     bodies = [{"product": {"title": "red lipstick"}, "image_a": _png_b64(rng), "image_b": _png_b64(rng)}
               for _ in range(args.requests)]

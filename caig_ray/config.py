@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PRESETS = ("quick", "demo", "gpu-cluster")
+LrSchedule = Literal["constant", "cosine"]  # cosine: linear warmup over warmup_ratio, then cosine to 0
 
 
 class ConfigError(ValueError):
@@ -108,6 +109,76 @@ class TinyBackboneConfig(_Strict):
     seed: int = 0
 
 
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class Placement(_Strict):
+    """Where one process of a role runs (DESIGN.md 8.1): GPUs and CPUs it asks Ray for, and the
+    dtype its model is held in. ``device`` and ``use_gpu`` are derived from ``num_gpus``, never set."""
+
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, gt=0)
+    dtype: Dtype = "float32"
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.num_gpus > 0
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.use_gpu else "cpu"
+
+
+class WorkerGroupPlacement(Placement):
+    """A group of ranks training one DeepSpeed model (one rank per worker)."""
+
+    num_workers: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _whole_gpus(self) -> "WorkerGroupPlacement":
+        if self.num_gpus not in (0, 1):
+            raise ValueError(f"num_gpus must be 0 or 1 per rank (one GPU per DeepSpeed rank), got {self.num_gpus}")
+        return self
+
+
+class ActorPoolConfig(Placement):
+    """A Ray Data actor pool (``ActorPoolStrategy(min_size, max_size)``) and what each actor asks for.
+    On CPU use fractional ``num_cpus``; ``resources`` are custom Ray resources, e.g. ``{renderer: 1}``
+    to land on the cluster's renderer group."""
+
+    min_size: int = Field(1, ge=1)
+    max_size: int = Field(1, ge=1)
+    num_cpus: float = Field(0.25, gt=0)
+    resources: dict[str, float] = {}
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> "ActorPoolConfig":
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size {self.min_size} > max_size {self.max_size}")
+        return self
+
+
+class ReplicaPlacement(Placement):
+    """Ray Serve replicas (autoscaling between ``min_replicas`` and ``max_replicas``)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+
+
+class ResourcesConfig(_Strict):
+    """Every role says here, once, where it runs. Nothing else in the config names a device."""
+
+    policy: WorkerGroupPlacement = WorkerGroupPlacement(num_cpus=0.5)  # PolicyGroup ranks (`train`)
+    reward_training: WorkerGroupPlacement = WorkerGroupPlacement()  # `train-rm` Ray Train workers
+    pretraining: WorkerGroupPlacement = WorkerGroupPlacement()  # `pretrain-pm` Ray Train workers
+    renderers: ActorPoolConfig = ActorPoolConfig(max_size=2)  # grows with the backlog (`train`, `generate`)
+    scorers: ActorPoolConfig = ActorPoolConfig(max_size=1)  # frozen RM scorers (`train`, `generate`)
+    serve: ReplicaPlacement = ReplicaPlacement()  # `serve` replicas
+    # what `generate` (its policy), `evaluate-rm` and pretraining's before/after probe load in the
+    # driver process: on a cluster submit those jobs with `--entrypoint-num-gpus` to match
+    driver_models: Placement = Placement()
+
+
 class LoraConfig(_Strict):
     """Optional LoRA as in CAIG (r=128, alpha=256; vision tower, projector and lm_head frozen)."""
 
@@ -122,16 +193,16 @@ class PolicyConfig(_Strict):
     """The prompt model (PM). ``model_path`` None means: the tiny model from ``make-world``."""
 
     model_path: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     tiny: TinyBackboneConfig = TinyBackboneConfig()
-    image_size: int = Field(56, ge=28)  # product image side fed to the PM
+    # product image side fed to the PM; None = the checkpoint's native input (its processor resizes)
+    image_size: int | None = Field(56, ge=28)
     max_new_tokens: int = Field(24, ge=1)
     temperature: float = Field(1.0, gt=0.0)
-    # DeepSpeed training of the policy (PolicyGroup)
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
+    # DeepSpeed training of the policy (PolicyGroup; ranks and devices: resources.policy)
     zero_stage: Literal[0, 1, 2, 3] = 2
     lr: float = Field(2e-5, gt=0)
+    lr_schedule: LrSchedule = "constant"
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     beta: float = Field(0.5, gt=0)  # DPO / PCPO temperature (CAIG: 0.5)
     pcpo_weight: float = Field(1.0, ge=0.0)  # total = DPO + w * PCPO (CAIG: 1.0)
     lora: LoraConfig = LoraConfig()
@@ -141,8 +212,7 @@ class RewardConfig(_Strict):
     """The reward model (RM): backbone + 2-way last-token head + point-level CTR head."""
 
     model_path: str | None = None
-    backbone_path: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    backbone_path: str | None = None  # CAIG: the pretrained PM's folder (pretrain-pm --out)
     tiny: TinyBackboneConfig = TinyBackboneConfig(seed=1)
     pair_image_size: int = Field(56, ge=28)  # each ad resized to this side before concatenation
     # composite: CAIG's one side-by-side image. two_images: the two ads as two images in one prompt
@@ -166,8 +236,9 @@ class RendererConfig(_Strict):
     canny_high: int = 200
     mask_dilate: int = Field(20, ge=1)
     batch_size: int = Field(4, ge=1)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"
+    # CAIG renders with Euler-ancestral; the folder's own scheduler is used only with "folder"
+    scheduler: Literal["euler_ancestral", "euler", "ddim", "pndm", "dpm_solver", "folder"] = "euler_ancestral"
+    variant: str | None = None  # weight files variant, e.g. "fp16" for folders holding only *.fp16.safetensors
     tiny_sd_size: int = Field(64, ge=32)  # image side used with the tiny SD (multiple of 8)
 
     @model_validator(mode="after")
@@ -185,14 +256,15 @@ class DataConfig(_Strict):
 
 
 class RMTrainConfig(_Strict):
-    """``train-rm``: Ray Train ``TorchTrainer`` with DeepSpeed ZeRO inside ``train_func``."""
+    """``train-rm``: Ray Train ``TorchTrainer`` with DeepSpeed ZeRO inside ``train_func``
+    (workers and devices: resources.reward_training)."""
 
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
     zero_stage: Literal[0, 1, 2, 3] = 2
     epochs: int = Field(2, ge=1)
     batch_size: int = Field(8, ge=1)  # per worker
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0)  # the tiny RM starts from random weights; CAIG: 2e-5
+    lr_schedule: LrSchedule = "constant"
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     ctr_target_scale: float = Field(1.0, gt=0)  # 1.0 = CAIG's raw CTR target; 100 = CTR in percent
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     # CTR-ratio band of the *training* pairs; None = the market band (CAIG trains and tests on it).
@@ -204,13 +276,14 @@ class RMTrainConfig(_Strict):
 
 
 class PretrainConfig(_Strict):
-    """``pretrain-pm``: SFT on the three e-commerce tasks (TRL SFTTrainer inside TorchTrainer)."""
+    """``pretrain-pm``: SFT on the three e-commerce tasks (TRL SFTTrainer inside TorchTrainer;
+    workers and devices: resources.pretraining)."""
 
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
     zero_stage: Literal[0, 1, 2, 3] = 2
     epochs: float = Field(3.0, gt=0)
-    lr: float = Field(1e-3, gt=0)  # the tiny PM starts from random weights; use ~2e-5 for a real one
+    lr: float = Field(1e-3, gt=0)  # the tiny PM starts from random weights; CAIG: 2e-5
+    lr_schedule: LrSchedule = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     batch_size: int = Field(8, ge=1)  # per worker
     max_examples: int | None = Field(None, ge=2)
     eval_products: int = Field(20, ge=1)  # held-out products for the before/after measurement
@@ -235,24 +308,6 @@ class FaultConfig(_Strict):
         return self
 
 
-class ActorPoolConfig(_Strict):
-    """A Ray Data actor pool (``ActorPoolStrategy(min_size, max_size)``) and what each actor asks for.
-    On CPU use fractional ``num_cpus``; ``resources`` are custom Ray resources, e.g. ``{renderer: 1}``
-    to land on the cluster's renderer group."""
-
-    min_size: int = Field(1, ge=1)
-    max_size: int = Field(1, ge=1)
-    num_cpus: float = Field(0.25, gt=0)
-    num_gpus: float = Field(0.0, ge=0)
-    resources: dict[str, float] = {}
-
-    @model_validator(mode="after")
-    def _check_sizes(self) -> "ActorPoolConfig":
-        if self.min_size > self.max_size:
-            raise ValueError(f"min_size {self.min_size} > max_size {self.max_size}")
-        return self
-
-
 class OnlineConfig(_Strict):
     """``caig-ray train``: the online CTR-driven loop (CAIG rounds, streamed through Ray Data)."""
 
@@ -270,10 +325,7 @@ class OnlineConfig(_Strict):
     # scripts -- sample all, then render all, then score all (each a Ray Data run), then train (bench/pipeline.py).
     pipeline: Literal["streaming", "sequential"] = "streaming"
     debias_rm: bool = True  # score both orders and average (position-debiased preference)
-    renderers: ActorPoolConfig = ActorPoolConfig(max_size=2)  # grows with the backlog, shrinks when idle
-    scorers: ActorPoolConfig = ActorPoolConfig(max_size=1)
     scorer_batch_size: int = Field(16, ge=1)
-    policy_num_cpus_per_worker: float = Field(0.5, gt=0)
     checkpoint_every: int = Field(1, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = 0
@@ -288,11 +340,7 @@ class ServeConfig(_Strict):
     port: int = Field(8000, ge=1, le=65535)
     max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(8.0, gt=0)
-    num_cpus_per_replica: float = Field(1.0, gt=0)
-    num_gpus_per_replica: float = Field(0.0, ge=0)
     max_image_bytes: int = Field(4_000_000, ge=1024)  # per decoded image
     max_image_side: int = Field(4096, ge=16)
 
@@ -311,6 +359,7 @@ class CaigConfig(_Strict):
     pretrain: PretrainConfig = PretrainConfig()
     serve: ServeConfig = ServeConfig()
     online: OnlineConfig = OnlineConfig()
+    resources: ResourcesConfig = ResourcesConfig()
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -6,6 +6,7 @@ response log-probs, sample descriptions, and one DPO+PCPO step's loss.
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import numpy as np
@@ -62,10 +63,30 @@ def response_logps(model, batch: dict) -> torch.Tensor:
 
 
 def special_token_ids(processor) -> list[int]:
-    """Tokens a description must not contain (vision/chat specials), except the end of turn."""
+    """Tokens a description must not contain, for any family: every special or added control token
+    the checkpoint's tokenizer declares (vision/image/video placeholders, chat markers, bos, pad,
+    unk), except the end-of-turn token that ends the description."""
     tok = processor.tokenizer
-    ids = set(tok.all_special_ids) | {tok.convert_tokens_to_ids(t) for t in getattr(tok, "additional_special_tokens", [])}
-    return sorted(i for i in ids if i is not None and i != tok.eos_token_id and i >= 0)
+    ids = set(tok.all_special_ids)
+    ids |= {i for i, t in getattr(tok, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+    for name in ("image_token", "video_token", "vision_start_token", "vision_end_token"):
+        token = getattr(processor, name, None)
+        if isinstance(token, str):
+            ids.add(tok.convert_tokens_to_ids(token))
+    return sorted(i for i in ids if i is not None and i != tok.eos_token_id and 0 <= i < len(tok))
+
+
+@contextlib.contextmanager
+def left_padded(processor):
+    """Generation appends to the end of every row, so prompts must be padded on the left whatever
+    padding side the checkpoint's tokenizer ships (llava-hf and Qwen folders differ)."""
+    tok = processor.tokenizer
+    saved = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        yield
+    finally:
+        tok.padding_side = saved
 
 
 @torch.no_grad()
@@ -75,12 +96,14 @@ def generate_descriptions(model, processor, images: list[Image.Image], instructi
     """``n`` sampled descriptions per product (T = ``temperature``, top-p off, one beam); each
     product's list marks repeats of an earlier sample as duplicates."""
     torch.manual_seed(seed)
-    enc = processor(text=[_prompt(processor, i) for i in instructions], images=images,
-                    return_tensors="pt", padding=True).to(device)
+    with left_padded(processor):
+        enc = processor(text=[_prompt(processor, i) for i in instructions], images=images,
+                        return_tensors="pt", padding=True).to(device)
+    tok = processor.tokenizer
     out = model.generate(
         **enc, do_sample=True, temperature=temperature, top_p=1.0, top_k=0, num_beams=1,
         num_return_sequences=n, max_new_tokens=max_new_tokens, suppress_tokens=special_token_ids(processor),
-        eos_token_id=processor.tokenizer.eos_token_id, pad_token_id=processor.tokenizer.pad_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
         synced_gpus=synced_gpus,
     )
     texts = processor.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -24,6 +24,29 @@ class PairToScore:
     attributes: dict | None = None
 
 
+def chat_prompt(processor, content: list[dict]) -> str:
+    """The user turn + generation prompt for ``content`` (text and image items), with every text
+    item kept where it stands relative to the images. Some checkpoints' chat templates render all
+    images first (llava-hf's Vicuna template); for those the turn is written as one text item with
+    the family's image token inline, which the processor expands the same way."""
+    def render(items):
+        return processor.apply_chat_template([{"role": "user", "content": items}], add_generation_prompt=True,
+                                             tokenize=False)
+
+    prompt = render(content)
+    texts = [c["text"] for c in content if c["type"] == "text"]
+    first_image = next((k for k, c in enumerate(content) if c["type"] == "image"), None)
+    image_token = getattr(processor, "image_token", None)
+    if first_image is None or not texts or not image_token:
+        return prompt
+    text_before = [c["text"] for c in content[:first_image] if c["type"] == "text"]
+    in_order = not text_before or prompt.find(image_token) > prompt.find(text_before[0]) >= 0
+    if in_order:
+        return prompt
+    inline = "".join(c["text"] if c["type"] == "text" else image_token for c in content)
+    return render([{"type": "text", "text": inline}])
+
+
 def rm_inputs(processor, pairs: list[PairToScore], size: int, template: int = 0, swap: bool = False,
               layout: str = "composite") -> dict:
     """Processor outputs for a batch of pairs (``swap`` puts the right ad on the left).
@@ -45,8 +68,7 @@ def rm_inputs(processor, pairs: list[PairToScore], size: int, template: int = 0,
                        {"type": "text", "text": " Right ad:"}, {"type": "image"}, question]
         else:
             raise ValueError(f"unknown pair layout {layout!r}; use 'composite' or 'two_images'")
-        prompts.append(processor.apply_chat_template([{"role": "user", "content": content}],
-                                                     add_generation_prompt=True, tokenize=False))
+        prompts.append(chat_prompt(processor, content))
     return processor(text=prompts, images=images, return_tensors="pt", padding=True)
 
 

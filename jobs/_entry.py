@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from caig_ray.config import CaigConfig, ConfigError, load_config
 from caig_ray.data import DataError
+from caig_ray.models.vlm import ModelFolderError
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -26,7 +27,7 @@ def run_job(args: argparse.Namespace, job: Callable[[CaigConfig], dict], section
     try:
         cfg = load_config(args.config or args.preset, overrides={section: over} if over and section else None)
         summary = job(cfg)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, ModelFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=1, default=str))

@@ -20,8 +20,8 @@ def init_ray(num_cpus: int | None = None) -> bool:
     return True
 
 
-def fit_to_folder(train_func, loop_config: dict, *, name: str, num_workers: int, use_gpu: bool,
-                  max_failures: int, storage: str, out) -> dict:
+def fit_to_folder(train_func, loop_config: dict, *, name: str, placement, max_failures: int, storage: str,
+                  out) -> dict:
     """Run a Ray Train ``TorchTrainer`` (gloo on CPU, NCCL on GPU) and copy its final checkpoint to
     ``out`` (replacing it); returns the last reported metrics plus ``wall_s``."""
     import shutil
@@ -34,9 +34,11 @@ def fit_to_folder(train_func, loop_config: dict, *, name: str, num_workers: int,
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     trainer = TorchTrainer(
         train_func, train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=None if use_gpu else {"CPU": 1}),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        # one worker per rank, each with the role's placement (resources.reward_training / .pretraining)
+        scaling_config=ScalingConfig(num_workers=placement.num_workers, use_gpu=placement.use_gpu,
+                                     resources_per_worker={"CPU": placement.num_cpus,
+                                                           **({"GPU": placement.num_gpus} if placement.use_gpu else {})}),
+        torch_config=TorchConfig(backend="nccl" if placement.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1), worker_runtime_env={"env_vars": env}),
     )

@@ -37,6 +37,8 @@ from caig_ray.config import CaigConfig, ConfigError, load_config, save_config
 from caig_ray.data import DataError, read_catalog
 from caig_ray.faults import should_fire
 from caig_ray.imaging import png_bytes
+from caig_ray.models.renderer import check_sd_folders
+from caig_ray.models.vlm import check_model_folder
 from caig_ray.online import (
     MarketOracle, candidate_pairs, match_rate, paired_lift, render_seed, round_products, split_eval_products,
 )
@@ -55,6 +57,7 @@ class RunLog:
     formulas), and
     - ``policy_lag_steps_max``: max over the step's pairs of (steps taken before this one - steps taken
       when the pair was sampled)
+    - ``lr``: the learning rate this step used (policy.lr_schedule: cosine = warmup then cosine decay)
     - ``step_s``: wall seconds of PolicyGroup.train_step; ``since_round_start_s``: when the step ended
     kind "round": ``pairs_*`` counts (``caig_ray.pairs.account``: lost = planned and neither trained
     nor skipped; duplicated = ids seen more than once downstream or never planned), and
@@ -90,11 +93,6 @@ class RunLog:
         self.tb.close()
 
 
-def _check_model_dir(path: str, what: str) -> None:
-    if not (Path(path) / "config.json").is_file():
-        raise DataError(f"{what}: {path} is not a model folder (no config.json in it)")
-
-
 def _check_same_run(saved: CaigConfig, now: CaigConfig, where: Path) -> None:
     """--resume must continue the same run: only online.rounds and online.faults may change."""
     a, b = saved.model_dump(mode="json"), now.model_dump(mode="json")
@@ -125,8 +123,10 @@ class OnlineLoop:
         self.progress = progress
         for sub in ("checkpoints", "pairs", "plots"):
             (out / sub).mkdir(parents=True, exist_ok=True)
-        _check_model_dir(policy, "--policy (the pretrained PM)")
-        _check_model_dir(rm, "--rm (the trained reward model)")
+        check_model_folder(policy, "--policy (the pretrained PM)", kind="policy")
+        check_model_folder(rm, "--rm (the trained reward model)", kind="reward")
+        if cfg.renderer.kind == "diffusers":
+            check_sd_folders(cfg.renderer)
         if resume and (out / "config.yaml").exists():
             _check_same_run(load_config(out / "config.yaml"), cfg, out / "config.yaml")
         products = read_catalog(catalog)
@@ -225,7 +225,7 @@ class OnlineLoop:
         self.max_lag_steps = max(self.max_lag_steps, max(lags))
 
     def _train_round(self, r: int) -> dict:
-        oc, n_workers = self.oc, self.cfg.policy.num_workers
+        oc, n_workers = self.oc, self.cfg.resources.policy.num_workers
         planned = [c["pair_id"] for c in self.state["pending"][str(r)]]
         B = max(oc.train_batch_size, n_workers)
         buf, trained, skipped, records = [], [], [], {}
@@ -342,7 +342,8 @@ class OnlineLoop:
         self.gen_s, self.fed_rounds, self.buffer, self.max_lag_steps = {}, set(), {}, 0
         started = init_ray()
         try:
-            self.group = PolicyGroup(self.policy_path, self.cfg.policy, num_cpus_per_worker=oc.policy_num_cpus_per_worker)
+            steps = oc.rounds * -(-oc.products_per_round // oc.train_batch_size)  # the lr schedule's length
+            self.group = PolicyGroup(self.policy_path, self.cfg.policy, self.cfg.resources.policy, total_steps=steps)
             if self.ckpt is not None:
                 self.group.load(self.ckpt)
             start = self.state["next_round"]
@@ -378,7 +379,7 @@ class OnlineLoop:
                         self._checkpoint(r)
                         if oc.faults.driver_kill_after_round == r and should_fire(oc.faults.marker_dir, "driver"):
                             os.kill(os.getpid(), signal.SIGKILL)
-                self.group.save(self.out / "policy")
+                self.group.save_model(self.out / "policy")  # a plain model folder: --policy OUT/policy
                 pool_trace, wait_s, pool_max = self.stream.pool_trace, self.stream.wait_s, self.stream.renderer_pool_max
                 self.pool_sample_errors = self.stream.sample_errors
                 for i, (t, n_render, n_score) in enumerate(pool_trace):  # the pool sizes over time, as metrics
@@ -411,7 +412,7 @@ class OnlineLoop:
             "pool_sample_errors": self.pool_sample_errors,
             "max_policy_lag": self.oc.max_policy_lag, "policy_lag_steps_max": self.max_lag_steps,
             "driver_wait_s": wait_s, "render_busy_s": tot("render_busy_s"), "train_s": tot("train_s"),
-            "pipeline": self.oc.pipeline, "wall_s": wall_s, "policy_path": str(self.out / "policy" / "hf"),
+            "pipeline": self.oc.pipeline, "wall_s": wall_s, "policy_path": str(self.out / "policy"),
         }
         if evals and "lift" in evals[-1]:
             summary["true_ctr_lift"] = evals[-1]["lift"]

@@ -17,6 +17,7 @@ COMMANDS = {
     "generate": ("jobs.generate", "write, render and rank ads for every product of a catalog"),
     "serve": ("jobs.serve_rm", "live RM scoring over HTTP (Ray Serve + FastAPI)"),
     "evaluate-rm": ("jobs.evaluate_rm", "RM pairwise accuracy vs chance, a CNN baseline and the Bayes ceiling"),
+    "config": ("jobs.config_show", "config show --preset NAME: the resolved config and where each job runs"),
 }
 
 

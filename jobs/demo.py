@@ -87,7 +87,7 @@ def _train_models(cfg, lay: WorldLayout, out: Path, plots: Path) -> dict:
     from jobs.pretrain_pm import pretrain_pm
     from jobs.train_rm import train_rm
 
-    started = init_ray(max(2, cfg.train_rm.num_workers, cfg.pretrain.num_workers))
+    started = init_ray(max(2, cfg.resources.reward_training.num_workers, cfg.resources.pretraining.num_workers))
     try:
         t = time.perf_counter()
         pm = pretrain_pm(cfg, lay.root, out / "pm")

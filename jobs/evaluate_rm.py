@@ -20,6 +20,7 @@ from caig_ray.baselines import cnn_p_left, to_tensor, train_pair_cnn
 from caig_ray.config import CaigConfig
 from caig_ray.data import DataError, load_log_image, read_click_logs
 from caig_ray.models.reward import load_reward_model
+from caig_ray.models.vlm import check_model_folder
 from caig_ray.pairs import mine_rm_pairs
 from caig_ray.scoring import PairScorer, PairToScore
 from caig_ray.world import WorldLayout
@@ -28,6 +29,7 @@ from jobs._entry import add_config_args, run_job
 
 def evaluate_rm(cfg: CaigConfig, world_dir: str | Path, rm_path: str | Path, out: str | Path) -> dict:
     lay = WorldLayout(world_dir)
+    check_model_folder(rm_path, "--rm", kind="reward")
     logs = read_click_logs(cfg.data.click_logs or lay.click_logs)
     truth = pq.read_table(lay.truth).column("true_ctr").to_pylist() if lay.truth.is_file() else None
     tc = cfg.train_rm
@@ -45,8 +47,9 @@ def evaluate_rm(cfg: CaigConfig, world_dir: str | Path, rm_path: str | Path, out
     result = {"n_train_pairs": len(train), "n_test_pairs": len(test), "chance": 0.5}
 
     t0 = time.perf_counter()
-    model, processor = load_reward_model(rm_path, dtype=cfg.reward.dtype)
-    scored = PairScorer(model, processor, batch_size=32).score(
+    driver = cfg.resources.driver_models
+    model, processor = load_reward_model(rm_path, dtype=driver.dtype, device=driver.device)
+    scored = PairScorer(model, processor, batch_size=32, device=driver.device).score(
         [PairToScore(img(p["left_row"]), img(p["right_row"]), titles[p["left_row"]]) for p in test])
     result["rm_score_s"] = time.perf_counter() - t0
     pred = (np.array(scored["p_left"]) < 0.5).astype(int)

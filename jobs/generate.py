@@ -33,14 +33,16 @@ def write_descriptions(cfg: CaigConfig, policy_path: str, products, n: int, seed
     from caig_ray.policy_ops import as_image, generate_descriptions
     from caig_ray.prompts import pm_instruction
 
-    model, processor = load_policy(policy_path, cfg.policy.dtype)
+    driver = cfg.resources.driver_models
+    model, processor = load_policy(policy_path, driver.dtype, driver.device)
     model.eval()
     rows, bs = [], 16
     for start in range(0, len(products), bs):
         chunk = products[start:start + bs]
         gen = generate_descriptions(model, processor, [as_image(p.image, cfg.policy.image_size) for p in chunk],
                                     [pm_instruction(p.title, p.attributes) for p in chunk], n,
-                                    cfg.policy.temperature, seed + start, cfg.policy.max_new_tokens)
+                                    cfg.policy.temperature, seed + start, cfg.policy.max_new_tokens,
+                                    device=driver.device)
         for i, (p, g) in enumerate(zip(chunk, gen)):
             for k, (d, dup) in enumerate(zip(g["descriptions"], g["duplicate"])):
                 rows.append({"product_id": p.id, "title": p.title, "candidate": k, "description": d,
@@ -48,18 +50,17 @@ def write_descriptions(cfg: CaigConfig, policy_path: str, products, n: int, seed
     return rows
 
 
-def render_candidates(cfg: CaigConfig, rows: list[dict], pool: tuple[int, int]) -> list[dict]:
+def render_candidates(cfg: CaigConfig, rows: list[dict]) -> list[dict]:
+    """Render every candidate on the ``resources.renderers`` pool."""
     import ray
 
     from actors.stream import map_renderers
-    from caig_ray.config import ActorPoolConfig
 
-    gpu = cfg.renderer.device.startswith("cuda")
-    actors = ActorPoolConfig(min_size=pool[0], max_size=pool[1], num_cpus=1 if gpu else 0.5, num_gpus=1 if gpu else 0)
-    return map_renderers(ray.data.from_items(rows), cfg.renderer, actors, cfg.renderer.batch_size).take_all()
+    return map_renderers(ray.data.from_items(rows), cfg.renderer, cfg.resources.renderers,
+                         cfg.renderer.batch_size).take_all()
 
 
-def rank_candidates(rm_path: str, rows: list[dict]) -> list[dict]:
+def rank_candidates(cfg: CaigConfig, rm_path: str, rows: list[dict]) -> list[dict]:
     """Per product: win_rate = mean debiased P(beats each other candidate); rank 0 = best."""
     import io
 
@@ -68,7 +69,8 @@ def rank_candidates(rm_path: str, rows: list[dict]) -> list[dict]:
     from actors.scorer import RewardScorer
     from caig_ray.scoring import PairToScore
 
-    scorer = RewardScorer(rm_path)
+    driver = cfg.resources.driver_models
+    scorer = RewardScorer(rm_path, device=driver.device, dtype=driver.dtype)
     by_product: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_product[r["product_id"]].append(r)
@@ -116,23 +118,31 @@ def write_outputs(rows: list[dict], out: Path) -> dict:
 
 
 def generate(cfg: CaigConfig, catalog: str | Path, out: str | Path, policy: str, rm: str, n: int = 4,
-             seed: int = 0, pool: tuple[int, int] = (1, 2)) -> dict:
+             seed: int = 0) -> dict:
     import ray
 
+    from caig_ray.models.renderer import check_sd_folders
+    from caig_ray.models.vlm import check_model_folder
+
     t0 = time.perf_counter()
+    # every model folder is checked before anything is sampled or rendered
+    check_model_folder(policy, "--policy", kind="policy")
+    check_model_folder(rm, "--rm", kind="reward")
+    if cfg.renderer.kind == "diffusers":
+        check_sd_folders(cfg.renderer)
     products = read_catalog(catalog)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = write_descriptions(cfg, policy, products, n, seed)
     started = init_ray()
     try:
-        rendered = render_candidates(cfg, rows, pool)
+        rendered = render_candidates(cfg, rows)
     finally:
         if started:
             ray.shutdown()
     if len(rendered) != len(rows):
         raise RuntimeError(f"rendered {len(rendered)} candidates of {len(rows)}: some were lost")
-    ranked = rank_candidates(rm, rendered)
+    ranked = rank_candidates(cfg, rm, rendered)
     summary = write_outputs(ranked, out)
     summary.update(wall_s=time.perf_counter() - t0, n_per_product=n,
                    duplicates=sum(r["duplicate"] for r in ranked))
@@ -149,10 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rm", required=True, help="reward-model folder (train-rm --out)")
     p.add_argument("--n", type=int, default=4, help="descriptions per product")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-renderers", type=int, default=2)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    return run_job(args, lambda cfg: generate(cfg, args.catalog, args.out, args.policy, args.rm, args.n, args.seed,
-                                              (1, args.max_renderers)))
+    return run_job(args, lambda cfg: generate(cfg, args.catalog, args.out, args.policy, args.rm, args.n, args.seed))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from caig_ray.config import CaigConfig
 from caig_ray.data import read_catalog, read_click_logs
+from caig_ray.ds import deepspeed_config
+from caig_ray.models.vlm import check_model_folder
 from caig_ray.pairs import split_products
 from caig_ray.world import WorldLayout
 from jobs._entry import add_config_args, run_job
@@ -44,32 +46,29 @@ def train_func(loop: dict) -> None:
     from caig_ray.sft_data import pretraining_examples
 
     cfg = CaigConfig.model_validate(loop["cfg"])
-    pc = cfg.pretrain
-    if not pc.use_gpu:
+    pc, placement = cfg.pretrain, cfg.resources.pretraining
+    if not placement.use_gpu:
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # DESIGN.md §7
     products = read_catalog(loop["catalog"])
     train_products, _ = _held_out(products, cfg)
     logs = read_click_logs(loop["click_logs"], check_images=False)
     size = cfg.policy.image_size
     examples = pretraining_examples(
-        train_products, logs, lambda r: load_log_image(logs, r, Path(loop["click_logs"]).parent).resize((size, size)),
+        train_products, logs, lambda r: as_image(load_log_image(logs, r, Path(loop["click_logs"]).parent), size),
         lambda p: as_image(p.image, size), pc.seed)
     if pc.max_examples:
         examples = examples[: pc.max_examples]
     dataset = Dataset.from_list([{k: v for k, v in e.items() if k != "task"} for e in examples])
-    model, processor = load_policy(loop["policy"], cfg.policy.dtype)
-    ds_config = {
-        "zero_optimization": {"stage": pc.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
-        "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "zero_force_ds_cpu_optimizer": False,
-    }
+    model, processor = load_policy(loop["policy"], placement.dtype)
+    ds_config = deepspeed_config(pc.zero_stage, placement.dtype, for_trl=True)
     rank = ray.train.get_context().get_world_rank()
     os.environ["TENSORBOARD_LOGGING_DIR"] = loop["tensorboard"]  # transformers 5 has no logging_dir
     with tempfile.TemporaryDirectory() as work:
         args = SFTConfig(
             output_dir=work, per_device_train_batch_size=pc.batch_size, num_train_epochs=pc.epochs,
-            learning_rate=pc.lr, lr_scheduler_type="cosine", warmup_steps=0, bf16=False, use_cpu=not pc.use_gpu,
-            ddp_backend="nccl" if pc.use_gpu else "gloo", deepspeed=ds_config if pc.zero_stage else None,
+            learning_rate=pc.lr, lr_scheduler_type=pc.lr_schedule, warmup_steps=pc.warmup_ratio,
+            bf16=placement.dtype == "bfloat16", fp16=placement.dtype == "float16", use_cpu=not placement.use_gpu,
+            ddp_backend="nccl" if placement.use_gpu else "gloo", deepspeed=ds_config if pc.zero_stage else None,
             report_to=["tensorboard"], logging_steps=5, save_strategy="no",
             max_length=None, seed=pc.seed, disable_tqdm=rank != 0, dataloader_num_workers=0,
         )
@@ -93,11 +92,12 @@ def scene_word_share(model_path: str | Path, products, cfg: CaigConfig, seed: in
     from caig_ray.policy_ops import as_image, generate_descriptions
     from caig_ray.prompts import pm_instruction
 
-    model, processor = load_policy(model_path)
+    driver = cfg.resources.driver_models  # the before/after probe runs in the driver process
+    model, processor = load_policy(model_path, driver.dtype, driver.device)
     model.eval()
     gen = generate_descriptions(model, processor, [as_image(p.image, cfg.policy.image_size) for p in products],
                                 [pm_instruction(p.title, p.attributes) for p in products], 2,
-                                cfg.policy.temperature, seed, cfg.policy.max_new_tokens)
+                                cfg.policy.temperature, seed, cfg.policy.max_new_tokens, device=driver.device)
     texts = [d for g in gen for d in g["descriptions"]]
     return {"scene_word_share": sum(scene_words_in(t) > 0 for t in texts) / len(texts), "examples": texts[:6]}
 
@@ -107,18 +107,19 @@ def pretrain_pm(cfg: CaigConfig, world_dir: str | Path, out: str | Path) -> dict
     catalog = Path(cfg.data.catalog or lay.catalog).resolve()
     click_logs = Path(cfg.data.click_logs or lay.click_logs).resolve()
     policy = Path(cfg.policy.model_path or lay.policy).resolve()
+    check_model_folder(policy, "policy.model_path", kind="policy")
     products = read_catalog(catalog)
     read_click_logs(click_logs)  # refuse bad input before any worker starts
     _, held_out = _held_out(products, cfg)
     out = Path(out).resolve()
-    pc = cfg.pretrain
+    pc, placement = cfg.pretrain, cfg.resources.pretraining
     before = scene_word_share(policy, held_out, cfg)
-    init_ray(None if pc.use_gpu else max(2, pc.num_workers))
+    init_ray(None if placement.use_gpu else max(2, placement.num_workers))
     result = fit_to_folder(
         train_func,
         {"cfg": cfg.model_dump(mode="json"), "catalog": str(catalog), "click_logs": str(click_logs),
          "policy": str(policy), "tensorboard": str(out.parent / f"{out.name}_tensorboard")},
-        name="pretrain_pm", num_workers=pc.num_workers, use_gpu=pc.use_gpu, max_failures=pc.max_failures,
+        name="pretrain_pm", placement=placement, max_failures=pc.max_failures,
         storage=str(out.parent / f"{out.name}_ray"), out=out)
     after = scene_word_share(out, held_out, cfg)
     summary = {**result, "model_path": str(out),

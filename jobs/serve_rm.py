@@ -24,7 +24,10 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 from ray import serve
 
-from caig_ray.config import ConfigError, ServeConfig, load_config
+from caig_ray.config import (
+    CaigConfig, ConfigError, ReplicaPlacement, ServeConfig, ValidationError, _format_errors, load_config,
+)
+from caig_ray.models.vlm import ModelFolderError, check_model_folder
 from caig_ray.scoring import PairToScore
 
 app = FastAPI(title="caig-ray reward model", version="1")
@@ -87,13 +90,15 @@ def decode_image(value: str, field: str, max_bytes: int, max_side: int) -> Image
 @serve.deployment(name="RewardScorerService", health_check_period_s=10)
 @serve.ingress(app)
 class RewardScorerService:
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, placement: dict):
         from actors.scorer import RewardScorer
 
         self.cfg = ServeConfig.model_validate(cfg)
+        where = ReplicaPlacement.model_validate(placement)
         if not self.cfg.model_path:
             raise ValueError("serve.model_path is not set: point it at a trained RM folder")
-        self.scorer = RewardScorer(self.cfg.model_path, batch_size=self.cfg.max_batch_size)
+        self.scorer = RewardScorer(self.cfg.model_path, batch_size=self.cfg.max_batch_size, device=where.device,
+                                   dtype=where.dtype)
         self._score_batch.set_max_batch_size(self.cfg.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
@@ -140,14 +145,19 @@ class RewardScorerService:
 
 def build_app(args: dict):
     """Application builder (``serve build`` / RayService ``import_path: jobs.serve_rm:build_app``):
-    ``args`` is a ``serve:`` config block."""
-    cfg = ServeConfig.model_validate(args)
+    ``args`` is a caig-ray config holding the ``serve:`` block and ``resources: {serve: ...}`` (where
+    the replicas run); every other block keeps its defaults."""
+    try:
+        full = CaigConfig.model_validate(args)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, "serve application args")) from None
+    cfg, where = full.serve, full.resources.serve
     return RewardScorerService.options(
-        autoscaling_config={"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+        autoscaling_config={"min_replicas": where.min_replicas, "max_replicas": where.max_replicas,
                             "target_ongoing_requests": cfg.target_ongoing_requests},
-        ray_actor_options={"num_cpus": cfg.num_cpus_per_replica, "num_gpus": cfg.num_gpus_per_replica,
+        ray_actor_options={"num_cpus": where.num_cpus, "num_gpus": where.num_gpus,
                            "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}}},
-    ).bind(cfg.model_dump(mode="json"))
+    ).bind(cfg.model_dump(mode="json"), where.model_dump(mode="json"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,16 +173,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     over = {k: v for k, v in {"model_path": args.rm, "host": args.host, "port": args.port}.items() if v is not None}
     try:
-        cfg = load_config(args.config or args.preset, overrides={"serve": over} if over else None).serve
-    except ConfigError as e:
+        full = load_config(args.config or args.preset, overrides={"serve": over} if over else None)
+        check_model_folder(full.serve.model_path, "serve.model_path (--rm)", kind="reward")
+    except (ConfigError, ModelFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not cfg.model_path or not os.path.isdir(cfg.model_path):
-        print(f"error: serve.model_path: RM folder not found: {cfg.model_path!r} (pass --rm)", file=sys.stderr)
-        return 2
+    cfg = full.serve
     init_ray()
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(cfg.model_dump(mode="json")), name="caig-rm", route_prefix="/")
+    serve.run(build_app({"serve": cfg.model_dump(mode="json"),
+                         "resources": {"serve": full.resources.serve.model_dump(mode="json")}}),
+              name="caig-rm", route_prefix="/")
     print(f"serving on http://{cfg.host}:{cfg.port} (POST /v1/score, /v1/rank; GET /healthz; /docs). Ctrl-C stops.")
     try:
         while True:

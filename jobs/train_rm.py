@@ -19,6 +19,8 @@ from pathlib import Path
 
 from caig_ray.config import CaigConfig
 from caig_ray.data import read_click_logs
+from caig_ray.ds import deepspeed_config, lr_scheduler
+from caig_ray.models.vlm import check_model_folder
 from caig_ray.pairs import mine_rm_pairs
 from caig_ray.world import WorldLayout
 from jobs._entry import add_config_args, run_job
@@ -44,13 +46,13 @@ def train_func(loop: dict) -> None:
     from caig_ray.scoring import PairToScore, rm_inputs
 
     cfg = CaigConfig.model_validate(loop["cfg"])
-    tc = cfg.train_rm
+    tc, placement = cfg.train_rm, cfg.resources.reward_training
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if not tc.use_gpu:
+    if not placement.use_gpu:
         _skip_shm_comm_build()
-    deepspeed.init_distributed(dist_backend="nccl" if tc.use_gpu else "gloo")
-    device = f"cuda:{ctx.get_local_rank()}" if tc.use_gpu else "cpu"
+    deepspeed.init_distributed(dist_backend="nccl" if placement.use_gpu else "gloo")
+    device = f"cuda:{ctx.get_local_rank()}" if placement.use_gpu else "cpu"
     torch.manual_seed(tc.seed)
 
     logs = read_click_logs(loop["click_logs"], check_images=False)
@@ -72,16 +74,13 @@ def train_func(loop: dict) -> None:
             images[row] = load_log_image(logs, row, base)
         return images[row]
 
-    model, processor = load_reward_model(loop["backbone"], from_backbone=True, dtype=cfg.reward.dtype)
+    model, processor = load_reward_model(loop["backbone"], from_backbone=True, dtype=placement.dtype)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr)
-    ds_config = {
-        "train_micro_batch_size_per_gpu": tc.batch_size, "gradient_accumulation_steps": 1,
-        "gradient_clipping": 1.0, "zero_optimization": {"stage": tc.zero_stage},
-        "zero_force_ds_cpu_optimizer": False, "bf16": {"enabled": cfg.reward.dtype == "bfloat16"},
-        "steps_per_print": 10**9,
-    }
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    steps_per_epoch = max(1, len(shard) // tc.batch_size)
+    scheduler = lr_scheduler(optimizer, tc.lr_schedule, tc.warmup_ratio, tc.epochs * steps_per_epoch)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(tc.zero_stage, placement.dtype, tc.batch_size))
 
     writer = None
     if rank == 0 and loop.get("tensorboard"):
@@ -147,15 +146,15 @@ def train_rm(cfg: CaigConfig, world_dir: str | Path, out: str | Path, storage: s
     read_click_logs(click_logs)  # refuse bad logs in the driver, before any worker starts
     out = Path(out).resolve()
     storage = Path(storage or out.parent / f"{out.name}_ray").resolve()
-    tc = cfg.train_rm
-    init_ray(None if tc.use_gpu else max(2, tc.num_workers))
+    tc, placement = cfg.train_rm, cfg.resources.reward_training
+    check_model_folder(backbone, "reward.backbone_path", kind="backbone")
+    init_ray(None if placement.use_gpu else max(2, placement.num_workers))
     summary = fit_to_folder(
         train_func,
         {"cfg": cfg.model_dump(mode="json"), "click_logs": str(click_logs), "backbone": str(backbone),
          "tensorboard": str(out.parent / f"{out.name}_tensorboard")},
-        name="train_rm", num_workers=tc.num_workers, use_gpu=tc.use_gpu, max_failures=tc.max_failures,
-        storage=str(storage), out=out)
-    summary.update(model_path=str(out), zero_stage=tc.zero_stage, num_workers=tc.num_workers)
+        name="train_rm", placement=placement, max_failures=tc.max_failures, storage=str(storage), out=out)
+    summary.update(model_path=str(out), zero_stage=tc.zero_stage, num_workers=placement.num_workers)
     (out / "train_metrics.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import yaml
 
-from caig_ray.config import ServeConfig
+from caig_ray.config import CaigConfig
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
 
@@ -13,7 +13,8 @@ def test_serve_config_parses_and_points_at_a_real_builder():
     (app,) = doc["applications"]
     module, attr = app["import_path"].split(":")
     assert callable(getattr(importlib.import_module(module), attr))
-    ServeConfig.model_validate(app["args"])  # the args are a valid serve block
+    cfg = CaigConfig.model_validate(app["args"])  # the args are a valid partial config
+    assert cfg.serve.model_path and cfg.resources.serve.use_gpu
 
 
 def _load(name):
@@ -47,7 +48,7 @@ def test_rayjob_and_rayservice_reference_real_entrypoints():
     (app,) = serve_cfg["applications"]
     module, attr = app["import_path"].split(":")
     assert callable(getattr(importlib.import_module(module), attr))
-    ServeConfig.model_validate(app["args"])
+    CaigConfig.model_validate(app["args"])
     assert app["args"] == _load("serve.yaml")["applications"][0]["args"]  # one Serve config, two carriers
 
 
@@ -74,8 +75,8 @@ def test_online_rayjob_resumes_and_its_renderers_land_on_the_renderer_group():
     groups = {g["groupName"]: g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
     assert groups["renderer"]["minReplicas"] == 0
     advertised = json_resources(groups["renderer"]["rayStartParams"]["resources"])
-    online = load_config("gpu-cluster").online
-    assert set(online.renderers.resources) <= set(advertised)  # the preset's renderers fit that group
+    renderers = load_config("gpu-cluster").resources.renderers
+    assert set(renderers.resources) <= set(advertised)  # the preset's renderers fit that group
     assert job["spec"]["rayClusterSpec"]["enableInTreeAutoscaling"] is True
 
 

@@ -13,7 +13,51 @@ def test_presets_load_and_validate(name):
 def test_gpu_cluster_preset_names_real_checkpoints():
     cfg = load_config("gpu-cluster")
     assert cfg.renderer.kind == "diffusers" and cfg.renderer.sd_path and cfg.renderer.controlnet_path
-    assert cfg.policy.model_path and cfg.policy.dtype == "bfloat16"
+    assert cfg.policy.model_path and cfg.resources.policy.dtype == "bfloat16"
+
+
+def test_gpu_cluster_preset_has_no_role_on_cpu_or_a_tiny_default():
+    """Every role on GPUs in 16-bit, CAIG's optimisation, native policy input, the RM from the PM."""
+    cfg = load_config("gpu-cluster")
+    for role, placement in cfg.resources:
+        assert placement.use_gpu and placement.device == "cuda", f"resources.{role} falls back to CPU"
+        expected = "float16" if role == "renderers" else "bfloat16"
+        assert placement.dtype == expected, f"resources.{role}.dtype is {placement.dtype}"
+    tiny = CaigConfig()  # the embedded defaults a preset must not fall back to
+    for section in ("policy", "train_rm", "pretrain"):
+        block = getattr(cfg, section)
+        assert block.lr == 2e-5 and block.lr_schedule == "cosine" and block.warmup_ratio > 0, section
+    assert cfg.pretrain.lr != tiny.pretrain.lr and cfg.train_rm.lr != tiny.train_rm.lr
+    assert cfg.policy.image_size is None  # the checkpoint's native input size, not the tiny 56 px
+    assert cfg.policy.lora.r == 128 and cfg.policy.lora.alpha == 256
+    assert cfg.reward.backbone_path and cfg.reward.pair_image_size == 512
+    assert cfg.renderer.scheduler == "euler_ancestral" and cfg.renderer.image_size == 512
+    assert cfg.resources.policy.num_workers == 8 and cfg.policy.zero_stage == 3
+
+
+def test_device_is_derived_never_set():
+    """One way to say where a role runs: a `device`/`use_gpu` key is refused, num_gpus decides."""
+    with pytest.raises(ConfigError, match="renderer.device"):
+        load_config("quick", overrides={"renderer": {"device": "cuda"}})
+    with pytest.raises(ConfigError, match="policy.use_gpu"):
+        load_config("quick", overrides={"policy": {"use_gpu": True}})
+    cfg = load_config("quick", overrides={"resources": {"scorers": {"num_gpus": 0.5}}})
+    assert cfg.resources.scorers.device == "cuda" and cfg.resources.renderers.device == "cpu"
+    with pytest.raises(ConfigError, match="resources.policy"):
+        load_config("quick", overrides={"resources": {"policy": {"num_gpus": 2}}})
+
+
+def test_config_show_prints_the_resolved_preset_and_its_gpu_plan(capsys):
+    import yaml
+
+    from jobs.cli import main
+
+    assert main(["config", "show", "--preset", "gpu-cluster"]) == 0
+    out = capsys.readouterr().out
+    shown = CaigConfig.model_validate(yaml.safe_load(out.split("\n# where")[0]))
+    assert shown == load_config("gpu-cluster")
+    plan = [line.split() for line in out.splitlines() if line.startswith("# train ")]
+    assert ["#", "train", "policy", "8", "cuda", "bfloat16", "8", "64"] in plan
 
 
 def _write(tmp_path, text):

@@ -69,8 +69,8 @@ def test_faults_fire_once_and_need_a_marker_dir(tmp_path):
     assert not should_fire(None, "renderer")
     with pytest.raises(ConfigError, match="marker_dir"):
         load_config("quick", overrides={"online": {"faults": {"renderer_die_after_batches": 2}}})
-    with pytest.raises(ConfigError, match="online.renderers"):
-        load_config("quick", overrides={"online": {"renderers": {"min_size": 3, "max_size": 1}}})
+    with pytest.raises(ConfigError, match="resources.renderers"):
+        load_config("quick", overrides={"resources": {"renderers": {"min_size": 3, "max_size": 1}}})
 
 
 def test_train_refuses_bad_paths_and_a_changed_config_before_starting_ray(quick_world, tmp_path, capsys):

@@ -34,8 +34,10 @@ def _examples(products):
 def test_policy_group_trains_saves_and_loads(local_ray, quick_world, products, tmp_path, stage):
     from actors.policy import PolicyGroup
 
-    cfg = load_config("quick", overrides={"policy": {"zero_stage": stage, "num_workers": 2, "lr": 5e-3}}).policy
-    group = PolicyGroup(quick_world.policy, cfg, num_cpus_per_worker=1)
+    full = load_config("quick", overrides={"policy": {"zero_stage": stage, "lr": 5e-3},
+                                           "resources": {"policy": {"num_workers": 2, "num_cpus": 1}}})
+    cfg, placement = full.policy, full.resources.policy
+    group = PolicyGroup(quick_world.policy, cfg, placement)
     try:
         batch = _examples(products)
         before = group.eval_loss(batch)
@@ -53,7 +55,7 @@ def test_policy_group_trains_saves_and_loads(local_ray, quick_world, products, t
     finally:
         group.shutdown()
     assert (tmp_path / "ckpt" / "hf" / "config.json").is_file()
-    fresh = PolicyGroup(quick_world.policy, cfg, num_cpus_per_worker=1)
+    fresh = PolicyGroup(quick_world.policy, cfg, placement)
     try:
         assert fresh.logps(probe) != pytest.approx(lp, abs=1e-6)  # a fresh group starts from PM0
         fresh.load(tmp_path / "ckpt")
@@ -67,9 +69,11 @@ def test_policy_group_trains_saves_and_loads(local_ray, quick_world, products, t
 def test_policy_group_lora_trains_adapters_only(local_ray, quick_world, products, tmp_path):
     from actors.policy import PolicyGroup
 
-    cfg = load_config("quick", overrides={"policy": {"zero_stage": 2, "num_workers": 2, "lr": 1e-2,
-                                                     "lora": {"enabled": True, "r": 8, "alpha": 16}}}).policy
-    group = PolicyGroup(quick_world.policy, cfg, num_cpus_per_worker=1)
+    full = load_config("quick", overrides={"policy": {"zero_stage": 2, "lr": 1e-2,
+                                                      "lora": {"enabled": True, "r": 8, "alpha": 16}},
+                                           "resources": {"policy": {"num_workers": 2, "num_cpus": 1}}})
+    cfg, placement = full.policy, full.resources.policy
+    group = PolicyGroup(quick_world.policy, cfg, placement)
     try:
         batch = _examples(products)
         before = group.eval_loss(batch)

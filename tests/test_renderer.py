@@ -61,7 +61,7 @@ def test_control_image_and_mask(products):
 
 def test_renderer_choice_and_clear_errors(tmp_path):
     assert make_renderer(RendererConfig()).kind == "procedural"
-    with pytest.raises(ValueError, match="needs renderer.sd_path"):
+    with pytest.raises(FileNotFoundError, match="needs renderer.sd_path"):
         make_renderer(RendererConfig(kind="diffusers"))
     with pytest.raises(FileNotFoundError, match="renderer.sd_path: model folder not found"):
         make_renderer(RendererConfig(kind="diffusers", sd_path=str(tmp_path / "x"), controlnet_path=str(tmp_path)))

@@ -39,8 +39,8 @@ def endpoint(quick_world):
     port = _free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model_path": str(quick_world.reward), "max_batch_size": 8, "min_replicas": 1,
-                         "max_replicas": 1, "num_cpus_per_replica": 0.5, "max_image_bytes": 50_000}),
+    serve.run(build_app({"serve": {"model_path": str(quick_world.reward), "max_batch_size": 8, "max_image_bytes": 50_000},
+                         "resources": {"serve": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5}}}),
               name="caig-rm", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()

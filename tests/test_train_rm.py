@@ -23,8 +23,8 @@ def test_train_rm_zero_stage_and_reload_into_scorer(local_ray, quick_world, tmp_
     from actors.scorer import RewardScorer
     from jobs.train_rm import train_rm
 
-    cfg = load_config("quick", overrides={"train_rm": {"zero_stage": stage, "epochs": 1, "max_pairs": 24,
-                                                       "num_workers": 2}})
+    cfg = load_config("quick", overrides={"train_rm": {"zero_stage": stage, "epochs": 1, "max_pairs": 24},
+                                          "resources": {"reward_training": {"num_workers": 2}}})
     summary = train_rm(cfg, quick_world.root, tmp_path / "rm")
     assert summary["zero_stage"] == stage and summary["step"] >= 1
     assert (tmp_path / "rm" / "config.json").is_file()

@@ -17,8 +17,39 @@ from PIL import Image
 
 from caig_ray.config import RendererConfig
 from caig_ray.imaging import RenderedAd, paste_product, place_product
-from caig_ray.models.vlm import DTYPES
+from caig_ray.models.vlm import DTYPES, ModelFolderError
 from caig_ray.prompts import clean_prompt
+
+
+SCHEDULERS = {"euler_ancestral": "EulerAncestralDiscreteScheduler", "euler": "EulerDiscreteScheduler",
+              "ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "dpm_solver": "DPMSolverMultistepScheduler"}
+
+
+def check_sd_folders(cfg: RendererConfig) -> None:
+    """Refuse SD/ControlNet folders that cannot load, naming the folder and what is missing (the
+    weights of ``renderer.variant`` included), before any pipeline is built."""
+    if not cfg.sd_path or not cfg.controlnet_path:
+        raise ModelFolderError("renderer.kind=diffusers needs renderer.sd_path and renderer.controlnet_path")
+    suffix = f".{cfg.variant}.safetensors" if cfg.variant else ".safetensors"
+    needs = {"sd_path": ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+                         "tokenizer", "scheduler/scheduler_config.json"],
+             "controlnet_path": ["config.json"]}
+    weights = {"sd_path": ["unet", "vae", "text_encoder"], "controlnet_path": ["."]}
+    for key, files in needs.items():
+        root = Path(getattr(cfg, key))
+        if not root.is_dir():
+            raise ModelFolderError(f"renderer.{key}: model folder not found: {root}")
+        missing = [f for f in files if not (root / f).exists()]
+        for sub in weights[key]:
+            found = [f for f in (root / sub).glob("*.safetensors")
+                     if f.name.endswith(suffix) and (cfg.variant or f.name.count(".") == 1)]
+            if not found and not list((root / sub).glob("*.bin")):
+                missing.append(f"{sub}/*{suffix}" if sub != "." else f"*{suffix}")
+        if missing:
+            hint = "" if cfg.variant else " (a folder of only fp16 files needs renderer.variant: fp16)"
+            raise ModelFolderError(f"renderer.{key}: {root} is not a usable "
+                                    f"{'Stable Diffusion inpainting' if key == 'sd_path' else 'ControlNet'} "
+                                    f"folder: missing {', '.join(missing)}{hint}")
 
 
 def control_and_mask(placed: Image.Image, canny_low: int, canny_high: int, dilate: int) -> tuple[Image.Image, Image.Image, Image.Image]:
@@ -38,20 +69,20 @@ class DiffusersRenderer:
 
     kind = "diffusers"
 
-    def __init__(self, cfg: RendererConfig):
+    def __init__(self, cfg: RendererConfig, device: str = "cpu", dtype: str = "float32"):
+        import diffusers
         from diffusers import ControlNetModel, StableDiffusionControlNetInpaintPipeline
 
-        if not cfg.sd_path or not cfg.controlnet_path:
-            raise ValueError("renderer.kind=diffusers needs renderer.sd_path and renderer.controlnet_path")
-        for key in ("sd_path", "controlnet_path"):
-            if not Path(getattr(cfg, key)).is_dir():
-                raise FileNotFoundError(f"renderer.{key}: model folder not found: {getattr(cfg, key)}")
+        check_sd_folders(cfg)
         self.cfg = cfg
-        dtype = DTYPES[cfg.dtype]
-        controlnet = ControlNetModel.from_pretrained(cfg.controlnet_path, dtype=dtype)
+        torch_dtype = DTYPES[dtype]
+        controlnet = ControlNetModel.from_pretrained(cfg.controlnet_path, dtype=torch_dtype, variant=cfg.variant)
         self.pipe = StableDiffusionControlNetInpaintPipeline.from_pretrained(
-            cfg.sd_path, controlnet=controlnet, safety_checker=None, requires_safety_checker=False, dtype=dtype,
-        ).to(cfg.device)
+            cfg.sd_path, controlnet=controlnet, safety_checker=None, requires_safety_checker=False,
+            dtype=torch_dtype, variant=cfg.variant,
+        ).to(device)
+        if cfg.scheduler != "folder":  # CAIG's sampler, not whatever the folder happens to ship
+            self.pipe.scheduler = getattr(diffusers, SCHEDULERS[cfg.scheduler]).from_config(self.pipe.scheduler.config)
         self.pipe.set_progress_bar_config(disable=True)
         # CAIG's 20x20 dilation is for 512 px; keep the same fraction of the side at other sizes.
         self.dilate = max(1, round(cfg.mask_dilate * cfg.image_size / 512))
@@ -81,10 +112,11 @@ class DiffusersRenderer:
         return out
 
 
-def make_renderer(cfg: RendererConfig):
-    """The renderer ``cfg.kind`` names (both share the ``render`` interface)."""
+def make_renderer(cfg: RendererConfig, device: str = "cpu", dtype: str = "float32"):
+    """The renderer ``cfg.kind`` names (both share the ``render`` interface); ``device`` and
+    ``dtype`` come from ``resources.renderers``."""
     if cfg.kind == "diffusers":
-        return DiffusersRenderer(cfg)
+        return DiffusersRenderer(cfg, device, dtype)
     from caig_ray.market.render import ProceduralRenderer
 
     return ProceduralRenderer(cfg.image_size, cfg.product_fill)

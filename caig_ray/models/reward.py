@@ -23,15 +23,17 @@ from transformers.utils import ModelOutput
 from caig_ray.config import TinyBackboneConfig
 from caig_ray.models.vlm import DTYPES, build_tiny_processor, load_processor, model_type, tiny_vlm_config
 
-# model_type -> (module, PreTrainedModel base, backbone class, generation class whose saved
-# weight layout the RM shares -- its checkpoint conversion mapping is reused for loading)
+# model_type -> (module, PreTrainedModel base, backbone class, the key transformers registers the
+# family's checkpoint conversion mapping under -- the hub's weight names -> the module's names. The
+# key differs by family (a class name for Qwen-VL, the model_type for LLaVA-NeXT), so it is named
+# here explicitly and a missing mapping is an error, never a silent random backbone.)
 BACKBONES = {
     "qwen2_vl": ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLPreTrainedModel", "Qwen2VLModel",
                  "Qwen2VLForConditionalGeneration"),
     "qwen2_5_vl": ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLPreTrainedModel",
                    "Qwen2_5_VLModel", "Qwen2_5_VLForConditionalGeneration"),
     "llava_next": ("transformers.models.llava_next.modeling_llava_next", "LlavaNextPreTrainedModel",
-                   "LlavaNextModel", "LlavaNextForConditionalGeneration"),
+                   "LlavaNextModel", "llava_next"),
 }
 
 
@@ -55,7 +57,7 @@ def reward_model_class(kind: str) -> type:
         raise ValueError(f"no reward-model support for model_type {kind!r}; supported: {sorted(BACKBONES)}")
     if kind in _CLASSES:
         return _CLASSES[kind]
-    mod_name, base_name, backbone_name, gen_name = BACKBONES[kind]
+    mod_name, base_name, backbone_name, mapping_key = BACKBONES[kind]
     module = importlib.import_module(mod_name)
     base, backbone_cls = getattr(module, base_name), getattr(module, backbone_name)
 
@@ -78,11 +80,14 @@ def reward_model_class(kind: str) -> type:
         "__init__": __init__, "forward": forward, "__module__": __name__,
         "_keys_to_ignore_on_load_unexpected": [r"lm_head\..*"],
     })
-    # Read a generation checkpoint's (legacy) key layout exactly as its own class does.
-    mapping = get_checkpoint_conversion_mapping(gen_name) or get_checkpoint_conversion_mapping(
-        getattr(module, gen_name).__name__.replace("_5_", ""))
-    if mapping:
-        register_checkpoint_conversion_mapping(cls.__name__, mapping, overwrite=True)
+    # Read a generation checkpoint's (legacy) key layout exactly as its own class does: the family's
+    # conversion mapping, looked up by model_type and registered for this class by name, so it never
+    # depends on transformers finding it through a nested sub-model by chance.
+    mapping = get_checkpoint_conversion_mapping(mapping_key)
+    if not mapping:
+        raise RuntimeError(f"transformers has no checkpoint conversion mapping under {mapping_key!r} for {kind}: "
+                           f"a hub checkpoint's weights would not reach the reward model's backbone")
+    register_checkpoint_conversion_mapping(cls.__name__, mapping, overwrite=True)
     _CLASSES[kind] = cls
     return cls
 

@@ -98,3 +98,61 @@ def load_processor(path: str | Path):
     if model_type(path) in QWEN_FAMILY or model_type(path) == "caig_reward":
         return CaigVLProcessor.from_pretrained(str(path))
     return AutoProcessor.from_pretrained(str(path))
+
+
+SUPPORTED_FAMILIES = ("llava_next", "qwen2_vl", "qwen2_5_vl")
+
+
+class ModelFolderError(FileNotFoundError):
+    """A model folder that cannot be used; the message names the setting, the path and what is missing."""
+
+
+def _weight_names(folder: Path) -> set[str] | None:
+    """Tensor names of a folder's safetensors weights (None when it holds only other formats)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text()).get("weight_map", {}))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            names |= set(st.keys())
+    return names
+
+
+def check_model_folder(path: str | Path | None, setting: str, kind: str = "policy") -> str:
+    """Refuse a model folder up front -- before Ray or any worker starts -- naming ``setting`` (the
+    flag or config key), the path and what is missing. ``kind``: "policy" / "backbone" (a generation
+    checkpoint of a supported family) or "reward" (a trained RM: both heads present). Returns the
+    folder's model_type."""
+    if path is None:
+        raise ModelFolderError(f"{setting}: no model folder given")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelFolderError(f"{setting}: model folder not found: {folder}")
+    if not (folder / "config.json").is_file():
+        raise ModelFolderError(f"{setting}: {folder} has no config.json: not a saved model "
+                               f"(expected a folder written by save_pretrained, as the hub repos are)")
+    mtype = model_type(folder)
+    supported = SUPPORTED_FAMILIES
+    if mtype not in supported:
+        raise ModelFolderError(f"{setting}: {folder} holds a {mtype or 'unknown'!r} model; "
+                               f"supported families: {', '.join(supported)}")
+    missing = []
+    names = _weight_names(folder)
+    if names is None and not list(folder.glob("pytorch_model*.bin")):
+        missing.append("weights (*.safetensors or pytorch_model*.bin)")
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        missing.append("a tokenizer (tokenizer.json / tokenizer.model)")
+    if not any((folder / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
+        missing.append("an image processor (preprocessor_config.json)")
+    if missing:
+        raise ModelFolderError(f"{setting}: {folder} is missing {'; '.join(missing)}")
+    if kind == "reward" and names is not None and not {"score.weight", "ctr_head.weight"} <= names:
+        raise ModelFolderError(f"{setting}: {folder} is a {mtype} checkpoint but not a trained reward model "
+                               f"(no score/ctr_head weights): pass the folder `caig-ray train-rm --out` wrote")
+    return mtype
