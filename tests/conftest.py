@@ -21,3 +21,17 @@ def quick_world(tmp_path_factory, quick_cfg):
     root = tmp_path_factory.mktemp("world")
     make_world(quick_cfg, root, progress=False)
     return WorldLayout(root)
+
+
+@pytest.fixture(scope="session")
+def hub_models(tmp_path_factory):
+    """Tiny random checkpoints of the real families in their hub layouts (built once per session,
+    ~5 s): ``{"llava_next": dir, "qwen2_vl": dir, "qwen2_5_vl": dir, "sd": dir, "controlnet": dir,
+    "sd_fp16": dir, "controlnet_fp16": dir}``."""
+    from caig_ray.models.hub_families import FAMILIES, make_family, make_sd_folders
+
+    root = tmp_path_factory.mktemp("hub_models")
+    out = {f: make_family(f, root / f) for f in FAMILIES}
+    out["sd"], out["controlnet"] = make_sd_folders(root / "sd", root / "controlnet")
+    out["sd_fp16"], out["controlnet_fp16"] = make_sd_folders(root / "sd_fp16", root / "controlnet_fp16", variant="fp16")
+    return out

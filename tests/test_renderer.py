@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from PIL import Image
 
 from caig_ray.config import RendererConfig
 from caig_ray.imaging import place_product
@@ -65,3 +66,29 @@ def test_renderer_choice_and_clear_errors(tmp_path):
         make_renderer(RendererConfig(kind="diffusers"))
     with pytest.raises(FileNotFoundError, match="renderer.sd_path: model folder not found"):
         make_renderer(RendererConfig(kind="diffusers", sd_path=str(tmp_path / "x"), controlnet_path=str(tmp_path)))
+
+
+def test_fp16_variant_folder_loads_only_with_renderer_variant(hub_models):
+    from caig_ray.models.vlm import ModelFolderError
+
+    cfg = dict(kind="diffusers", sd_path=str(hub_models["sd_fp16"]), controlnet_path=str(hub_models["controlnet_fp16"]),
+               image_size=64, steps=2)
+    with pytest.raises(ModelFolderError, match=r"missing unet/\*\.safetensors.*renderer.variant: fp16"):
+        make_renderer(RendererConfig(**cfg))
+    renderer = make_renderer(RendererConfig(**cfg, variant="fp16"))
+    product = Image.new("RGBA", (48, 48), (0, 0, 0, 0))
+    product.paste((200, 20, 20, 255), (12, 12, 36, 36))
+    (ad,) = renderer.render([product], ["a sunny beach"], [3])
+    assert ad.image.size == (64, 64)
+
+
+def test_scheduler_comes_from_config_not_the_folder(hub_models):
+    """The SD folder ships PNDM (as runwayml's inpainting does); CAIG samples with Euler-ancestral."""
+    import json as _json
+
+    shipped = _json.loads((hub_models["sd"] / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+    assert shipped == "PNDMScheduler"
+    base = dict(kind="diffusers", sd_path=str(hub_models["sd"]), controlnet_path=str(hub_models["controlnet"]),
+                image_size=64, steps=2)
+    assert type(make_renderer(RendererConfig(**base)).pipe.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
+    assert type(make_renderer(RendererConfig(**base, scheduler="folder")).pipe.scheduler).__name__ == "PNDMScheduler"
