@@ -115,7 +115,7 @@ def generate_descriptions(model, processor, images: list[Image.Image], instructi
 
 
 def dpo_pcpo_step_loss(model, ref_model, processor, examples: list[dict], beta: float, pcpo_weight: float,
-                       image_size: int, device: str = "cpu") -> tuple[torch.Tensor, dict]:
+                       image_size: int | None, device: str = "cpu") -> tuple[torch.Tensor, dict]:
     """Loss of one batch. Each example: ``image`` (bytes or PIL), ``instruction``, ``chosen``,
     ``rejected`` and ``seed`` (its PCPO coin flip and patch mask)."""
     images = [as_image(e["image"], image_size) for e in examples]

@@ -2,6 +2,23 @@ import os
 
 import pytest
 
+
+def pytest_addoption(parser):
+    parser.addoption("--run-gpu", action="store_true",
+                     help="run the tests marked gpu (scripts/gpu_check.sh on a CUDA machine)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA and run only with --run-gpu (scripts/gpu_check.sh); everywhere
+    else they are deselected -- reported as deselected, never silently skipped as passed."""
+    if config.getoption("--run-gpu"):
+        return
+    keep = [i for i in items if "gpu" not in i.keywords]
+    dropped = [i for i in items if "gpu" in i.keywords]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -240,3 +240,38 @@ def make_sd_folders(sd_dir: str | Path, controlnet_dir: str | Path, variant: str
     else:
         pipe.save_pretrained(str(sd_dir))
     return sd_dir, controlnet_dir
+
+
+def make_sd15_random(sd_dir: str | Path, controlnet_dir: str | Path, device: str = "cuda") -> tuple[Path, Path]:
+    """SD1.5-SIZE inpainting + ControlNet canny with random weights (UNet 860M, ControlNet 360M, VAE,
+    CLIP ViT-L text encoder), saved as fp16-variant folders: measures real render time and memory on
+    a GPU without the real weights (DESIGN.md 8.6). The tokenizer is the tiny one (ids < 600)."""
+    from diffusers import (
+        AutoencoderKL, ControlNetModel, PNDMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from caig_ray.models.tokenizers import build_clip_tokenizer
+
+    torch.manual_seed(0)
+    blocks = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+                  attention_head_dim=8, norm_num_groups=32)
+    down = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    with torch.device(device):
+        unet = UNet2DConditionModel(sample_size=64, in_channels=9, out_channels=4, down_block_types=down,
+                                    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, **blocks)
+        controlnet = ControlNetModel(in_channels=4, down_block_types=down,
+                                     conditioning_embedding_out_channels=(16, 32, 96, 256), **blocks)
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            layers_per_block=2, norm_num_groups=32, sample_size=512)
+        text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                                    num_hidden_layers=12, vocab_size=49408, max_position_embeddings=77,
+                                                    projection_dim=768))
+    pipe = StableDiffusionInpaintPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(market_corpus(), vocab_size=600), unet=unet,
+        scheduler=PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.to(torch.float16).save_pretrained(str(sd_dir), variant="fp16")
+    controlnet.to(torch.float16).save_pretrained(str(controlnet_dir), variant="fp16")
+    return Path(sd_dir), Path(controlnet_dir)
