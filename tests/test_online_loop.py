@@ -75,7 +75,12 @@ def test_two_rounds_account_for_every_pair(uninterrupted):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     for plot in s["plots"]:
         assert (out / plot).stat().st_size > 1000
-    assert (out / "policy" / "hf" / "model.safetensors").exists()
+    assert (out / "policy" / "model.safetensors").exists()
+    from caig_ray.models.policy import load_policy  # the run's policy loads by the path the summary gives
+
+    assert s["policy_path"] == str(out / "policy")
+    model, _ = load_policy(s["policy_path"])
+    assert model.config.model_type == "qwen2_vl"
 
 
 @pytest.mark.slow
@@ -103,8 +108,8 @@ def test_killed_driver_resumes_to_the_same_state(uninterrupted, quick_world, tmp
     assert resumed["rounds"] == ROUNDS and resumed["pairs_lost"] == 0 and resumed["pairs_duplicated"] == 0
     assert _pairs(out) == _pairs(ref_out)  # same products, seeds, samples, choices, step of each pair
     assert resumed["true_ctr_by_round"] == pytest.approx(ref["true_ctr_by_round"], rel=1e-6)
-    a = load_file(ref_out / "policy" / "hf" / "model.safetensors")
-    b = load_file(out / "policy" / "hf" / "model.safetensors")
+    a = load_file(ref_out / "policy" / "model.safetensors")
+    b = load_file(out / "policy" / "model.safetensors")
     assert a.keys() == b.keys()
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     moved = max(float((a[k].float() - load_file(quick_world.policy / "model.safetensors")[k].float()).abs().max())
