@@ -36,3 +36,25 @@ def test_generate_refuses_a_bad_rm_before_sampling(quick_world, hub_models, tmp_
                str(hub_models["qwen2_vl"]), "--rm", str(hub_models["qwen2_vl"])])
     assert rc == 2
     assert "--rm: " in capsys.readouterr().err and not (tmp_path / "g").exists()
+
+
+def test_driver_side_loads_use_resources_driver_models(quick_world, monkeypatch):
+    """generate's policy (and evaluate-rm / the pretraining probe) load in the driver on the device
+    and dtype of resources.driver_models -- not float32 on CPU whatever the preset says."""
+    import caig_ray.models.policy as policy_mod
+    from caig_ray.config import load_config
+    from caig_ray.data import read_catalog
+    from jobs.generate import write_descriptions
+
+    seen = []
+    real = policy_mod.load_policy
+
+    def recording(path, dtype="float32", device="cpu"):
+        model, processor = real(path, dtype, device)
+        seen.append((next(model.parameters()).dtype, next(model.parameters()).device.type))
+        return model, processor
+
+    monkeypatch.setattr(policy_mod, "load_policy", recording)
+    cfg = load_config("quick", overrides={"resources": {"driver_models": {"dtype": "bfloat16"}}})
+    rows = write_descriptions(cfg, str(quick_world.policy), read_catalog(quick_world.catalog)[:2], 2, 0)
+    assert len(rows) == 4 and seen == [(__import__("torch").bfloat16, "cpu")]
