@@ -87,7 +87,7 @@ def main() -> None:
     }
     scaling = []
     for k in (1, 2, 4):
-        r = run_one(demo, work, f"pool{k}", {"online": {**base, "renderers": {"min_size": k, "max_size": k, "num_cpus": 0.1}}})
+        r = run_one(demo, work, f"pool{k}", {"online": base, "resources": {"renderers": {"min_size": k, "max_size": k, "num_cpus": 0.1}}})
         scaling.append({"renderers": k, **{m: r[m] for m in ("pairs_per_s_rounds", "rounds_s", "renderer_busy_fraction",
                                                               "trainer_wait_s", "renderer_pool_size_max")}})
         print(f"pool {k}: {r['pairs_per_s_rounds']:5.1f} pairs/s, renderer busy {r['renderer_busy_fraction'] or 0:.2f}",
