@@ -198,6 +198,15 @@ class PolicyConfig(_Strict):
     image_size: int | None = Field(56, ge=28)
     max_new_tokens: int = Field(24, ge=1)
     temperature: float = Field(1.0, gt=0.0)
+    generate_batch_size: int = Field(16, ge=1)  # products per generate call on a rank (bounds the KV cache)
+    # sequences (examples) per forward/backward; gradients accumulate to one optimizer step over the
+    # rank's shard. None = the whole shard in one forward.
+    micro_batch_size: int | None = Field(4, ge=1)
+    gradient_checkpointing: bool = False
+    # the frozen reference (the pretrained PM) for a full fine-tune: "replicated" = a whole copy per
+    # rank; "zero3" = a ZeRO-3 inference engine, partitioned like the policy (needs zero_stage 3).
+    # With LoRA the reference is the policy with its adapter disabled (no copy), whatever this says.
+    reference: Literal["replicated", "zero3"] = "replicated"
     # DeepSpeed training of the policy (PolicyGroup; ranks and devices: resources.policy)
     zero_stage: Literal[0, 1, 2, 3] = 2
     lr: float = Field(2e-5, gt=0)
@@ -206,6 +215,12 @@ class PolicyConfig(_Strict):
     beta: float = Field(0.5, gt=0)  # DPO / PCPO temperature (CAIG: 0.5)
     pcpo_weight: float = Field(1.0, ge=0.0)  # total = DPO + w * PCPO (CAIG: 1.0)
     lora: LoraConfig = LoraConfig()
+
+    @model_validator(mode="after")
+    def _reference_needs_zero3(self) -> "PolicyConfig":
+        if self.reference == "zero3" and self.zero_stage != 3:
+            raise ValueError(f"reference 'zero3' needs zero_stage 3, got {self.zero_stage}")
+        return self
 
 
 class RewardConfig(_Strict):

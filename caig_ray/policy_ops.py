@@ -56,10 +56,28 @@ def build_batch(processor, images: list[Image.Image], instructions: list[str], r
 
 
 def response_logps(model, batch: dict) -> torch.Tensor:
-    """Summed log π(response | image, instruction) per row."""
+    """Summed log π(response | image, instruction) per row, computed only where it is needed: the
+    model returns logits for the last positions that predict response tokens (``logits_to_keep``),
+    and TRL's ``selective_log_softmax`` gathers each token's log-prob without a full-vocabulary fp32
+    tensor for every position (DESIGN.md 8.2: 384 MB for one 3,000-token LLaVA-NeXT sequence)."""
+    from trl.trainer.utils import selective_log_softmax
+
     inputs = {k: v for k, v in batch.items() if k != "response_mask"}
-    logits = model(**inputs).logits
-    return sequence_logps(logits, batch["input_ids"], batch["response_mask"])
+    mask = batch["response_mask"]
+    width = mask.shape[1]
+    first = int(mask.float().argmax(dim=1)[mask.any(dim=1)].min()) if mask.any() else width - 1
+    keep = width - first + 1  # logits at positions first-1 .. width-1 predict tokens first .. width
+    logits = model(**inputs, logits_to_keep=keep).logits[:, :-1]
+    ids, used = batch["input_ids"][:, first:], mask[:, first:]
+    tok = selective_log_softmax(logits if logits.dtype != torch.float16 else logits.float(), ids)
+    return (tok.float() * used.to(torch.float32)).sum(dim=1)
+
+
+def full_response_logps(model, batch: dict) -> torch.Tensor:
+    """The reference computation: log-softmax over the full vocabulary at every position (kept for
+    the equivalence test of ``response_logps``)."""
+    inputs = {k: v for k, v in batch.items() if k != "response_mask"}
+    return sequence_logps(model(**inputs).logits, batch["input_ids"], batch["response_mask"])
 
 
 def special_token_ids(processor) -> list[int]:
@@ -114,28 +132,67 @@ def generate_descriptions(model, processor, images: list[Image.Image], instructi
     return results
 
 
-def dpo_pcpo_step_loss(model, ref_model, processor, examples: list[dict], beta: float, pcpo_weight: float,
-                       image_size: int | None, device: str = "cpu") -> tuple[torch.Tensor, dict]:
-    """Loss of one batch. Each example: ``image`` (bytes or PIL), ``instruction``, ``chosen``,
-    ``rejected`` and ``seed`` (its PCPO coin flip and patch mask)."""
+def preference_rows(examples: list[dict], image_size: int | None, pcpo_weight: float) -> list[dict]:
+    """One row per example: its image, instruction, chosen and rejected description and -- drawn over
+    the whole list, so that micro-batching never changes it -- its PCPO negative. Each example:
+    ``image`` (bytes or PIL), ``instruction``, ``chosen``, ``rejected``, ``seed`` (its coin flip and mask)."""
     images = [as_image(e["image"], image_size) for e in examples]
     ins = [e["instruction"] for e in examples]
-    chosen, rejected = [e["chosen"] for e in examples], [e["rejected"] for e in examples]
-    n = len(examples)
-    rows_img, rows_ins, rows_resp = images + images, ins + ins, chosen + rejected
+    chosen = [e["chosen"] for e in examples]
+    rows = []
+    for i, e in enumerate(examples):
+        row = {"image": images[i], "instruction": ins[i], "chosen": chosen[i], "rejected": e["rejected"]}
+        if pcpo_weight > 0:
+            row["negative"] = pcpo_negative(i, images, ins, chosen, np.random.default_rng(int(e["seed"])))
+        rows.append(row)
+    return rows
+
+
+def preference_loss_on_rows(model, reference, processor, rows: list[dict], beta: float, pcpo_weight: float,
+                            device: str = "cpu") -> tuple[torch.Tensor, dict]:
+    """DPO + w·PCPO loss (mean over ``rows``) and its metrics. ``reference`` is the frozen reference
+    model, or None for a LoRA policy: then the reference is the same model with its adapter disabled."""
+    n = len(rows)
+    rows_img = [r["image"] for r in rows] * 2
+    rows_ins = [r["instruction"] for r in rows] * 2
+    rows_resp = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
     if pcpo_weight > 0:
-        negs = [pcpo_negative(i, images, ins, chosen, np.random.default_rng(int(e["seed"])))
-                for i, e in enumerate(examples)]
-        rows_img += [g["image"] for g in negs]
-        rows_ins += [g["instruction"] for g in negs]
-        rows_resp += [g["response"] for g in negs]
-    batch = build_batch(processor, rows_img, rows_ins, rows_resp).to(device)
+        rows_img += [r["negative"]["image"] for r in rows]
+        rows_ins += [r["negative"]["instruction"] for r in rows]
+        rows_resp += [r["negative"]["response"] for r in rows]
+    with left_padded(processor):  # responses end every row: the fewest logits to keep
+        batch = build_batch(processor, rows_img, rows_ins, rows_resp).to(device)
     pi = response_logps(model, batch)
     with torch.no_grad():
-        ref = response_logps(ref_model, batch)
+        if reference is not None:
+            ref = response_logps(reference, batch)
+        else:
+            peft_model = getattr(model, "module", model)  # a DeepSpeed engine wraps the PeftModel
+            with peft_model.disable_adapter():
+                ref = response_logps(model, batch)
     dpo = (pi[:n], pi[n:2 * n], ref[:n], ref[n:2 * n])
     pcpo = (pi[:n], pi[2 * n:], ref[:n], ref[2 * n:]) if pcpo_weight > 0 else None
     loss, metrics = dpo_pcpo_loss(dpo, pcpo, beta, pcpo_weight)
     if pcpo_weight > 0:
-        metrics["pcpo/masked_image_share"] = float(np.mean([g["kind"] == "masked_image" for g in negs]))
+        metrics["pcpo/masked_image_share"] = float(np.mean([r["negative"]["kind"] == "masked_image" for r in rows]))
     return loss, metrics
+
+
+def micro_batches(rows: list, size: int | None, count: int | None = None) -> list[tuple[list, float]]:
+    """(rows, weight) chunks of at most ``size`` rows whose weighted losses sum to the whole list's
+    mean loss (weight = len(chunk) / len(rows)). ``count`` pads with zero-weight chunks so that every
+    rank runs the same number of forwards (ZeRO-3 gathers parameters in every forward)."""
+    size = size or len(rows)
+    chunks = [(rows[i:i + size], len(rows[i:i + size]) / len(rows)) for i in range(0, len(rows), size)]
+    if count is not None:
+        if count < len(chunks):
+            raise ValueError(f"{len(rows)} rows need {len(chunks)} micro-batches of {size}, more than {count}")
+        chunks += [(rows[:1], 0.0)] * (count - len(chunks))
+    return chunks
+
+
+def dpo_pcpo_step_loss(model, ref_model, processor, examples: list[dict], beta: float, pcpo_weight: float,
+                       image_size: int | None, device: str = "cpu") -> tuple[torch.Tensor, dict]:
+    """Loss of one batch in one forward (see ``preference_rows`` for an example's keys)."""
+    rows = preference_rows(examples, image_size, pcpo_weight)
+    return preference_loss_on_rows(model, ref_model, processor, rows, beta, pcpo_weight, device)

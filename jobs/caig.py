@@ -58,6 +58,7 @@ class RunLog:
     - ``policy_lag_steps_max``: max over the step's pairs of (steps taken before this one - steps taken
       when the pair was sampled)
     - ``lr``: the learning rate this step used (policy.lr_schedule: cosine = warmup then cosine decay)
+    - ``n_micro_batches``: forwards per rank in the step = ceil(largest shard / policy.micro_batch_size)
     - ``step_s``: wall seconds of PolicyGroup.train_step; ``since_round_start_s``: when the step ended
     kind "round": ``pairs_*`` counts (``caig_ray.pairs.account``: lost = planned and neither trained
     nor skipped; duplicated = ids seen more than once downstream or never planned), and

@@ -22,7 +22,8 @@ def make_tiny_policy(tiny: TinyBackboneConfig, out_dir: str | Path) -> Path:
     return out
 
 
-def load_policy(path: str | Path, dtype: str = "float32", device: str = "cpu"):
-    """(model, processor) from a local folder -- a real checkpoint or a tiny one alike."""
-    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=DTYPES[dtype]).to(device)
-    return model, load_processor(path)
+def load_policy(path: str | Path, dtype: str = "float32", device: str | None = "cpu"):
+    """(model, processor) from a local folder -- a real checkpoint or a tiny one alike. ``device``
+    None leaves the weights where loading put them (under ZeRO-3's ``zero.Init``: partitioned)."""
+    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=DTYPES[dtype])
+    return (model if device is None else model.to(device)), load_processor(path)
