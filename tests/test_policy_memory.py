@@ -2,7 +2,7 @@
 accumulation equals one forward over the shard (loss, metrics, updated weights), for ZeRO-2 and
 ZeRO-3; selective log-softmax equals the full-vocabulary one; under ZeRO-3 a LoRA adapter is saved
 consolidated (not the empty partitions) and loads back, merged or as an adapter, to the same policy.
-PolicyWorker runs as a plain object in a subprocess (DeepSpeed, world size 1, gloo)."""
+``PolicyEngine`` (what each Ray PolicyWorker holds) runs in a subprocess (DeepSpeed, world size 1, gloo)."""
 
 import json
 import subprocess
@@ -16,12 +16,16 @@ from PIL import Image
 from caig_ray.models.hub_families import FAMILIES
 
 WORKER_SCRIPT = r'''
-import json, sys, torch
+import importlib, json, os, sys, torch
+import deepspeed
 from PIL import Image
-from actors.policy import PolicyWorker
 from caig_ray.config import load_config
 from caig_ray.imaging import png_bytes
+from caig_ray.policy_engine import PolicyEngine
 path, stage, port, out, lora = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5] == "lora"
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+deepspeed.init_distributed(dist_backend="gloo")
 
 def product(k):
     im = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
@@ -37,9 +41,7 @@ for mb in ([None] if lora else [None, 1, 2]):
     over = {"policy": {"zero_stage": stage, "lr": 1e-3, "micro_batch_size": mb, "gradient_checkpointing": mb == 1,
                        "lora": {"enabled": lora, "r": 4, "alpha": 8}}}
     full = load_config("quick", overrides=over)
-    worker = PolicyWorker(0, 1, path, full.policy.model_dump(mode="json"),
-                          full.resources.policy.model_dump(mode="json"), 10)
-    worker.init_engine("127.0.0.1", port)
+    worker = PolicyEngine(path, full.policy, full.resources.policy, 0, 10)
     steps = [worker.train_step(examples) for _ in range(2)]
     torch.save({k: v.float() for k, v in worker._consolidated_state().items()}, out + ".%s.pt" % mb)
     result[str(mb)] = {"steps": steps, "logps": worker.logps(probe)}
