@@ -113,8 +113,21 @@ def _hub_processor_files(folder: Path, image_processor_type: str, processor_clas
     tok_cfg.write_text(json.dumps(data, indent=2))
 
 
-def make_llava_next(out: str | Path, seed: int = 0, vision_size: int = 56) -> Path:
-    """A tiny llava-v1.6-vicuna-shaped checkpoint in llava-hf's layout."""
+# model sizes: "tiny" for tests; "mid" (~100M parameters) keeps what drives a 7B's memory per token --
+# the real CLIP input (336 px, anyres tiles: ~2,900 image tokens for a 672 px tile grid) and the real
+# 32,064-token vocabulary -- at a width a benchmark can run many steps of (bench/policy_memory.py)
+LLAVA_SIZES = {
+    "tiny": dict(vision_size=56, vocab=0, text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                    num_attention_heads=4, num_key_value_heads=2),
+                 vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)),
+    "mid": dict(vision_size=336, vocab=32064, text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                                                        num_attention_heads=8, num_key_value_heads=8),
+                vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6)),
+}
+
+
+def make_llava_next(out: str | Path, seed: int = 0, size: str = "tiny") -> Path:
+    """A llava-v1.6-vicuna-shaped checkpoint in llava-hf's layout, of ``size`` (``LLAVA_SIZES``)."""
     from transformers import (
         CLIPVisionConfig, LlamaConfig, LlamaTokenizerFast, LlavaNextConfig, LlavaNextForConditionalGeneration,
         LlavaNextProcessor,
@@ -128,16 +141,15 @@ def make_llava_next(out: str | Path, seed: int = 0, vision_size: int = 56) -> Pa
     tokenizer.add_special_tokens({"pad_token": "<pad>"})
     tokenizer.add_tokens(["<image>"], special_tokens=True)
     image_token = tokenizer.convert_tokens_to_ids("<image>")
+    shape = LLAVA_SIZES[size]
+    vision_size = shape["vision_size"]
     pinpoints = [[vision_size, 2 * vision_size], [2 * vision_size, vision_size], [2 * vision_size, 2 * vision_size],
                  [vision_size, 3 * vision_size], [3 * vision_size, vision_size]]
     config = LlavaNextConfig(
-        text_config=LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=4096,
-                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                pad_token_id=tokenizer.pad_token_id),
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=vision_size, patch_size=14,
-                                       projection_dim=32),
+        text_config=LlamaConfig(**shape["text"], vocab_size=max(len(tokenizer), shape["vocab"]),
+                                max_position_embeddings=8192, bos_token_id=tokenizer.bos_token_id,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=CLIPVisionConfig(**shape["vision"], image_size=vision_size, patch_size=14, projection_dim=32),
         image_token_index=image_token, image_grid_pinpoints=pinpoints, vision_feature_layer=-2,
         vision_feature_select_strategy="default", projector_hidden_act="gelu", tie_word_embeddings=False,
     )
