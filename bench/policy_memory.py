@@ -140,7 +140,8 @@ def main() -> int:
     for k, spec in enumerate(specs):
         spec.update(model=model, device=args.device, port=29800 + k)
         proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                  x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)})
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         run = json.loads(line[0][7:]) if line else {**spec, "status": f"failed (exit {proc.returncode})",
                                                    "error": proc.stderr[-800:]}
