@@ -33,6 +33,9 @@ def test_gpu_cluster_preset_has_no_role_on_cpu_or_a_tiny_default():
     assert cfg.reward.backbone_path and cfg.reward.pair_image_size == 512
     assert cfg.renderer.scheduler == "euler_ancestral" and cfg.renderer.image_size == 512
     assert cfg.resources.policy.num_workers == 8 and cfg.policy.zero_stage == 3
+    # a 7B fits (issue 12): micro-batches, checkpointing, the reference as a ZeRO-3 engine
+    assert cfg.policy.micro_batch_size == 2 and cfg.policy.gradient_checkpointing
+    assert cfg.policy.reference == "zero3" and cfg.policy.generate_batch_size <= 8
 
 
 def test_device_is_derived_never_set():
@@ -45,6 +48,11 @@ def test_device_is_derived_never_set():
     assert cfg.resources.scorers.device == "cuda" and cfg.resources.renderers.device == "cpu"
     with pytest.raises(ConfigError, match="resources.policy"):
         load_config("quick", overrides={"resources": {"policy": {"num_gpus": 2}}})
+
+
+def test_zero3_reference_needs_zero_stage_3():
+    with pytest.raises(ConfigError, match="reference 'zero3' needs zero_stage 3"):
+        load_config("quick", overrides={"policy": {"reference": "zero3", "zero_stage": 2}})
 
 
 def test_config_show_prints_the_resolved_preset_and_its_gpu_plan(capsys):
