@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh) and run the test suite. Extra arguments go to pytest, e.g.
 #   bash scripts/test.sh -m "not slow"      # the quick subset
-# Every Ray process the tests start is stopped on exit, failure included.
+# Every Ray process the tests start (and only those) is stopped on exit, failure included.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
@@ -18,7 +18,10 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 export HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}"
-cleanup() { .venv/bin/ray stop --force >/dev/null 2>&1 || true; }
+# Every Ray instance the tests start lives under this run's own temp dir; on exit only those processes
+# are stopped (never `ray stop --force`, which would end other people's clusters on this host).
+export RAY_TMPDIR="$(mktemp -d /tmp/caig-tests-ray.XXXXXX)"
+cleanup() { .venv/bin/python tests/ray_cleanup.py "$RAY_TMPDIR" || true; rm -rf "$RAY_TMPDIR"; }
 trap cleanup EXIT
 start=$(date +%s)
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -1,16 +1,19 @@
 """Entrypoints as `ray job submit` runs them, against a real local head with the dashboard on
-127.0.0.1 (RAY_AUTH_MODE pinned); the head is always stopped."""
+127.0.0.1 (RAY_AUTH_MODE pinned); the head (only it) is always stopped."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from ray_cleanup import stop_own_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -31,7 +34,8 @@ def ray_head(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
-    started = _run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+    temp_dir = tempfile.mkdtemp(prefix="caig-head-", dir="/tmp")  # short: Ray's socket paths have a limit
+    started = _run([RAY, "start", "--head", "--temp-dir", temp_dir, "--node-ip-address", "127.0.0.1", "--port", str(gcs),
                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
                     "--disable-usage-stats"], env)
     try:
@@ -43,7 +47,8 @@ def ray_head(tmp_path):
             time.sleep(1)
         yield address, env
     finally:
-        _run([RAY, "stop", "--force"], env, timeout=120)
+        stop_own_ray(temp_dir)  # this head only: never `ray stop --force` (other clusters on the host)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _submit(address, env, entrypoint: list[str], timeout=600):
@@ -67,3 +72,30 @@ def test_train_and_generate_jobs_succeed_on_a_real_head(ray_head, quick_world, t
                            "--n", "2"])
     best = pq.read_table(tmp_path / "ads" / "best.parquet")
     assert best.num_rows == 40 and (tmp_path / "ads" / "gallery.html").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_cleanup_stops_only_the_ray_it_started():
+    """Two local heads, each under its own temp dir: stopping ours leaves the other one running (what
+    scripts/test.sh does on exit, instead of `ray stop --force`)."""
+    from ray_cleanup import own_ray_processes
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    ours, theirs = (tempfile.mkdtemp(prefix=f"caig-{k}-", dir="/tmp") for k in ("ours", "theirs"))
+    try:
+        for temp_dir in (ours, theirs):
+            started = _run([RAY, "start", "--head", "--temp-dir", temp_dir, "--node-ip-address", "127.0.0.1",
+                            "--port", str(_free_port()), "--num-cpus", "1", "--include-dashboard", "false",
+                            "--disable-usage-stats"], env)
+            assert started.returncode == 0, started.stderr[-2000:]
+        before = {p.pid for p in own_ray_processes(theirs)}
+        assert before and own_ray_processes(ours)
+        assert stop_own_ray(ours) > 0
+        assert not own_ray_processes(ours)
+        assert {p.pid for p in own_ray_processes(theirs)} == before  # the other cluster is untouched
+    finally:
+        for temp_dir in (ours, theirs):
+            stop_own_ray(temp_dir)
+            shutil.rmtree(temp_dir, ignore_errors=True)

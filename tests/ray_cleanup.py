@@ -1,0 +1,57 @@
+"""Stop only the Ray processes this test run started: those whose command line names our own Ray
+temp dir (gcs_server, raylet, dashboard, log monitor...) and every process below them (workers,
+whose titles read ``ray::...``). Never ``ray stop --force``: that ends every Ray cluster of the user
+on the host, someone else's running job or demo included.
+
+    python tests/ray_cleanup.py TEMP_DIR      (scripts/test.sh does this on exit)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import psutil
+
+
+def own_ray_processes(temp_dir: str) -> list[psutil.Process]:
+    """Processes started under ``temp_dir`` and their descendants (not this process)."""
+    roots = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.pid != os.getpid() and any(temp_dir in part for part in proc.info["cmdline"] or []):
+                roots.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    found = {p.pid: p for p in roots}
+    for root in roots:
+        try:
+            found.update({c.pid: c for c in root.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            continue
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def stop_own_ray(temp_dir: str, timeout_s: float = 15) -> int:
+    """SIGTERM, then SIGKILL after ``timeout_s``, every process of ``own_ray_processes``; returns how many."""
+    procs = own_ray_processes(temp_dir)
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return len(procs)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or not sys.argv[1].strip("/"):
+        sys.exit("usage: python tests/ray_cleanup.py TEMP_DIR")
+    n = stop_own_ray(sys.argv[1])
+    print(f"ray cleanup: stopped {n} process(es) under {sys.argv[1]}")
