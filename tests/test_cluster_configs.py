@@ -84,3 +84,42 @@ def json_resources(value: str) -> dict:
     import json
 
     return json.loads(json.loads(value))  # KubeRay wants the JSON object as a quoted string
+
+
+def _groups(doc):
+    spec = doc["spec"]
+    return [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+
+
+def _cluster_specs():
+    yield "raycluster.yaml", _load("raycluster.yaml")
+    for name in ("rayjob.yaml", "rayjob-online.yaml"):
+        yield name, {"spec": _load(name)["spec"]["rayClusterSpec"]}
+    yield "rayservice.yaml", {"spec": _load("rayservice.yaml")["spec"]["rayClusterConfig"]}
+
+
+def test_every_group_mounts_the_shared_storage_at_the_same_paths():
+    """Checkpoints, models and run folders one node writes must be seen by every other node."""
+    from caig_ray.config import load_config
+
+    groups = [(manifest, name, group) for manifest, doc in _cluster_specs() for name, group in _groups(doc)]
+    for manifest, name, group in groups:
+        pod = group["template"]["spec"]
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}
+        mounts = {m["mountPath"]: claims[m["name"]] for m in pod["containers"][0]["volumeMounts"]}
+        assert mounts.get("/checkpoints") == mounts.get("/runs") == "caig-storage", (manifest, name)
+    cfg = load_config("gpu-cluster")
+    for path in (cfg.reward.model_path, cfg.reward.backbone_path):
+        assert path.startswith("/checkpoints/")  # the preset writes where every group mounts it
+
+
+def test_trainer_nodes_hold_the_presets_policy_bundles():
+    from caig_ray.config import load_config
+
+    res = load_config("gpu-cluster").resources
+    for manifest in ("raycluster.yaml", "rayjob.yaml", "rayjob-online.yaml"):
+        doc = dict(_cluster_specs())[manifest]
+        limits = dict(_groups(doc))["trainer"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        for role in (res.policy, res.reward_training, res.pretraining):  # PACK: one node holds every rank
+            assert int(limits["nvidia.com/gpu"]) >= role.num_workers * role.num_gpus, manifest
+            assert int(limits["cpu"]) >= role.num_workers * role.num_cpus, manifest
