@@ -40,6 +40,9 @@ class PolicyWorker:
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), _free_port()
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def init_engine(self, master_addr: str, master_port: int) -> None:
         import deepspeed
 
@@ -86,7 +89,7 @@ class PolicyGroup:
                  total_steps: int = 1, ready_timeout_s: float = 120):
         self.cfg, self.n = cfg, placement.num_workers
         bundle = {"CPU": placement.num_cpus, **({"GPU": placement.num_gpus} if placement.use_gpu else {})}
-        self.pg = placement_group([bundle] * self.n, strategy="PACK")
+        self.pg = placement_group([bundle] * self.n, strategy=placement.placement_strategy)
         try:
             ray.get(self.pg.ready(), timeout=ready_timeout_s)
         except ray.exceptions.GetTimeoutError:
@@ -162,6 +165,10 @@ class PolicyGroup:
 
     def save_model(self, path: str | Path) -> None:
         ray.get([w.save_model.remote(str(path)) for w in self.workers])
+
+    def node_ids(self) -> list[str]:
+        """The Ray node each rank runs on."""
+        return ray.get([w.node_id.remote() for w in self.workers])
 
     def shutdown(self) -> None:
         for w in self.workers:

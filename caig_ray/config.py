@@ -133,6 +133,9 @@ class WorkerGroupPlacement(Placement):
     """A group of ranks training one DeepSpeed model (one rank per worker)."""
 
     num_workers: int = Field(2, ge=1)
+    # how the ranks' bundles are placed: PACK fills a node first (NVLink inside a node); SPREAD /
+    # STRICT_SPREAD put ranks on different nodes
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
 
     @model_validator(mode="after")
     def _whole_gpus(self) -> "WorkerGroupPlacement":

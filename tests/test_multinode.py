@@ -1,0 +1,64 @@
+"""Policy ranks on different Ray nodes (issue 13): a multi-node cluster on this machine
+(``ray.cluster_utils.Cluster``: one raylet per node, each with its own temp dir), the two ranks placed
+STRICT_SPREAD, DeepSpeed over gloo between them; every rank writes its ZeRO shard of the checkpoint to
+the shared storage path, and a fresh group -- again one rank per node -- resumes from there to the
+same policy."""
+
+import pytest
+import ray
+
+from caig_ray.config import load_config
+from caig_ray.data import read_catalog
+from caig_ray.imaging import png_bytes
+from caig_ray.prompts import pm_instruction
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_ranks_on_two_nodes_checkpoint_to_storage_and_resume(two_node_cluster, quick_world, tmp_path):
+    from actors.policy import PolicyGroup
+
+    storage = tmp_path / "storage"  # stands for the shared volume every node mounts at the same path
+    full = load_config("quick", overrides={"policy": {"zero_stage": 3, "lr": 5e-3},
+                                           "resources": {"policy": {"num_workers": 2, "num_cpus": 1,
+                                                                    "placement_strategy": "STRICT_SPREAD"}}})
+    products = [{"id": p.id, "title": p.title, "attributes": p.attributes, "image": png_bytes(p.image)}
+                for p in read_catalog(quick_world.catalog)[:4]]
+    batch = [{"image": p["image"], "instruction": pm_instruction(p["title"], p["attributes"]),
+              "chosen": "a bright stadium background with vivid tones", "rejected": "dim kitchen, busy",
+              "seed": i} for i, p in enumerate(products)]
+    probe = [{"image": e["image"], "instruction": e["instruction"], "response": e["chosen"]} for e in batch]
+    group = PolicyGroup(quick_world.policy, full.policy, full.resources.policy)
+    try:
+        nodes = group.node_ids()
+        assert len(set(nodes)) == 2  # one rank per node
+        for _ in range(2):
+            group.train_step(batch)
+        trained = group.logps(probe)
+        group.save(storage / "round_000")
+    finally:
+        group.shutdown()
+    ranks = sorted(p.name for p in (storage / "round_000" / "deepspeed").rglob("*model_states.pt"))
+    assert len(ranks) == 2  # a shard from each node's rank
+    fresh = PolicyGroup(quick_world.policy, full.policy, full.resources.policy)
+    try:
+        assert len(set(fresh.node_ids())) == 2
+        assert fresh.logps(probe) != pytest.approx(trained, abs=1e-6)
+        fresh.load(storage / "round_000")
+        assert fresh.logps(probe) == pytest.approx(trained, abs=1e-5)
+    finally:
+        fresh.shutdown()
