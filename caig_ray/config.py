@@ -417,10 +417,16 @@ def load_config(source: str | Path, overrides: dict[str, Any] | None = None) -> 
         raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     if overrides:
         raw = _deep_merge(raw, overrides)
+    return config_from_dict(raw, str(path))
+
+
+def config_from_dict(raw: dict, source: str) -> CaigConfig:
+    """Validate a config mapping (a YAML file's content, or Serve's application args); errors name
+    each key and ``source``."""
     try:
         return CaigConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, str(path))) from None
+        raise ConfigError(_format_errors(e, source)) from None
 
 
 def save_config(cfg: CaigConfig, path: str | Path) -> None:

@@ -97,46 +97,44 @@ class PolicyEngine:
                 module.config.use_cache = False
         return out
 
-    def train_step(self, examples: list[dict], n_micro: int | None = None) -> dict:
-        """One optimizer step over this rank's shard: ``policy.micro_batch_size`` examples per
-        forward/backward, gradients accumulated (DeepSpeed's manual accumulation boundary) and each
-        micro-batch's loss weighted by its share, so loss, metrics and update equal one forward over
-        the whole shard. ``n_micro``: forwards every rank runs (ZeRO-3 needs the same count)."""
-        from caig_ray.policy_ops import micro_batches, preference_loss_on_rows, preference_rows
-
-        self.engine.train()
-        rows = preference_rows(examples, self.cfg.image_size, self.cfg.pcpo_weight)
-        chunks = micro_batches(rows, self.cfg.micro_batch_size, n_micro)
-        metrics: dict[str, float] = {}
-        for k, (chunk, weight) in enumerate(chunks):
-            self.engine.set_gradient_accumulation_boundary(k == len(chunks) - 1)
-            loss, part = preference_loss_on_rows(self.engine, self.ref, self.processor, chunk, self.cfg.beta,
-                                                 self.cfg.pcpo_weight, self.device)
-            self.engine.backward(loss * weight)
-            for key, value in part.items():
-                metrics[key] = metrics.get(key, 0.0) + weight * value
-        self.engine.step()
-        metrics["n_examples"] = len(examples)
-        metrics["n_micro_batches"] = len(chunks)
-        metrics["lr"] = float(self.scheduler.get_last_lr()[0]) if self.scheduler else self.cfg.lr
-        return metrics
-
-    def eval_loss(self, examples: list[dict], n_micro: int | None = None) -> dict:
+    def _over_micro_batches(self, examples: list[dict], n_micro: int | None, backward: bool) -> dict:
+        """Loss and metrics over this rank's shard, ``policy.micro_batch_size`` examples per forward;
+        each micro-batch weighted by its share, so they equal one forward over the whole shard. With
+        ``backward`` the weighted losses are backpropagated into one accumulation (DeepSpeed's manual
+        boundary: the last micro-batch closes it). ``n_micro``: forwards every rank runs (ZeRO-3
+        gathers parameters in each one, so every rank needs the same count)."""
         import torch
 
         from caig_ray.policy_ops import micro_batches, preference_loss_on_rows, preference_rows
 
-        self.engine.eval()
         rows = preference_rows(examples, self.cfg.image_size, self.cfg.pcpo_weight)
+        chunks = micro_batches(rows, self.cfg.micro_batch_size, n_micro)
         metrics: dict[str, float] = {}
-        with torch.no_grad():
-            for chunk, weight in micro_batches(rows, self.cfg.micro_batch_size, n_micro):
-                _, part = preference_loss_on_rows(self.engine, self.ref, self.processor, chunk, self.cfg.beta,
-                                                  self.cfg.pcpo_weight, self.device)
-                for key, value in part.items():
-                    metrics[key] = metrics.get(key, 0.0) + weight * value
+        for k, (chunk, weight) in enumerate(chunks):
+            with torch.set_grad_enabled(backward):
+                if backward:
+                    self.engine.set_gradient_accumulation_boundary(k == len(chunks) - 1)
+                loss, part = preference_loss_on_rows(self.engine, self.ref, self.processor, chunk, self.cfg.beta,
+                                                     self.cfg.pcpo_weight, self.device)
+                if backward:
+                    self.engine.backward(loss * weight)
+            for key, value in part.items():
+                metrics[key] = metrics.get(key, 0.0) + weight * value
         metrics["n_examples"] = len(examples)
+        metrics["n_micro_batches"] = len(chunks)
         return metrics
+
+    def train_step(self, examples: list[dict], n_micro: int | None = None) -> dict:
+        """One optimizer step over this rank's shard (micro-batched, see ``_over_micro_batches``)."""
+        self.engine.train()
+        metrics = self._over_micro_batches(examples, n_micro, backward=True)
+        self.engine.step()
+        metrics["lr"] = float(self.scheduler.get_last_lr()[0]) if self.scheduler else self.cfg.lr
+        return metrics
+
+    def eval_loss(self, examples: list[dict], n_micro: int | None = None) -> dict:
+        self.engine.eval()
+        return self._over_micro_batches(examples, n_micro, backward=False)
 
     def logps(self, examples: list[dict]) -> list[float]:
         import torch
@@ -184,10 +182,9 @@ class PolicyEngine:
             self._write_model(Path(path), state)
             return
         from peft import PeftModel
+        from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
         from caig_ray.models.policy import load_policy
-
-        from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
         adapter = Path(path) / "adapter"
         self._write_model(adapter, state)

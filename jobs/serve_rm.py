@@ -24,9 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 from ray import serve
 
-from caig_ray.config import (
-    CaigConfig, ConfigError, ReplicaPlacement, ServeConfig, ValidationError, _format_errors, load_config,
-)
+from caig_ray.config import ConfigError, ReplicaPlacement, ServeConfig, config_from_dict, load_config
 from caig_ray.models.vlm import ModelFolderError, check_model_folder
 from caig_ray.scoring import PairToScore
 
@@ -147,10 +145,7 @@ def build_app(args: dict):
     """Application builder (``serve build`` / RayService ``import_path: jobs.serve_rm:build_app``):
     ``args`` is a caig-ray config holding the ``serve:`` block and ``resources: {serve: ...}`` (where
     the replicas run); every other block keeps its defaults."""
-    try:
-        full = CaigConfig.model_validate(args)
-    except ValidationError as e:
-        raise ConfigError(_format_errors(e, "serve application args")) from None
+    full = config_from_dict(args, "serve application args")
     cfg, where = full.serve, full.resources.serve
     return RewardScorerService.options(
         autoscaling_config={"min_replicas": where.min_replicas, "max_replicas": where.max_replicas,

@@ -19,7 +19,7 @@ fi
 export HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}"
 # Every Ray instance the tests start lives under this run's own temp dir; on exit only those processes
-# are stopped (never `ray stop --force`, which would end other people's clusters on this host).
+# are stopped: other people's Ray clusters on this host are left alone.
 export RAY_TMPDIR="$(mktemp -d /tmp/caig-tests-ray.XXXXXX)"
 cleanup() { .venv/bin/python tests/ray_cleanup.py "$RAY_TMPDIR" || true; rm -rf "$RAY_TMPDIR"; }
 trap cleanup EXIT

@@ -1,13 +1,14 @@
 """Stop only the Ray processes this test run started: those whose command line names our own Ray
 temp dir (gcs_server, raylet, dashboard, log monitor...) and every process below them (workers,
-whose titles read ``ray::...``). Never ``ray stop --force``: that ends every Ray cluster of the user
-on the host, someone else's running job or demo included.
+whose titles read ``ray::...``). A host-wide stop would also end other people's Ray clusters on
+the host (a running job or demo included), so nothing here stops by a broad rule.
 
     python tests/ray_cleanup.py TEMP_DIR      (scripts/test.sh does this on exit)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -37,16 +38,12 @@ def stop_own_ray(temp_dir: str, timeout_s: float = 15) -> int:
     """SIGTERM, then SIGKILL after ``timeout_s``, every process of ``own_ray_processes``; returns how many."""
     procs = own_ray_processes(temp_dir)
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.terminate()
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(procs, timeout=timeout_s)
     for p in alive:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
     return len(procs)
 
 
