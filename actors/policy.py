@@ -19,6 +19,12 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from caig_ray.config import PolicyConfig, WorkerGroupPlacement
+from caig_ray.faults import BatchFault
+from caig_ray.storage import Output
+
+
+class PolicyRankLost(RuntimeError):
+    """A PolicyWorker process died: the group is unusable (ZeRO needs every rank) and was shut down."""
 
 
 def _free_port() -> int:
@@ -31,11 +37,14 @@ class PolicyWorker:
     """A Ray actor holding one rank's ``PolicyEngine`` (caig_ray/policy_engine.py)."""
 
     def __init__(self, rank: int, world_size: int, model_path: str, cfg: dict, placement: dict,
-                 total_steps: int = 1):
+                 total_steps: int = 1, fault: dict | None = None):
         self.rank, self.world_size, self.model_path = rank, world_size, model_path
         self.cfg = PolicyConfig.model_validate(cfg)
         self.placement = WorkerGroupPlacement.model_validate(placement)
         self.total_steps = total_steps
+        fault = fault or {}  # online.faults.policy_rank_die_at_step: armed on the last rank only
+        armed = fault.get("policy_rank_die_at_step") if rank == world_size - 1 else None
+        self.fault = BatchFault(fault.get("marker_dir"), "policy_rank", armed)
 
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), _free_port()
@@ -61,6 +70,7 @@ class PolicyWorker:
         return self.policy.generate(products, n, temperature, seed)
 
     def train_step(self, examples: list[dict], n_micro: int | None = None) -> dict:
+        self.fault.tick()
         return self.policy.train_step(examples, n_micro)
 
     def eval_loss(self, examples: list[dict], n_micro: int | None = None) -> dict:
@@ -81,12 +91,25 @@ class PolicyWorker:
     def load(self, path: str) -> None:
         self.policy.load(path)
 
+    def upload(self, path: str, uri: str) -> None:
+        """Upload what this node holds of ``path`` to ``uri`` (object-store storage)."""
+        Output(Path(path), uri).upload()
+
+    def fetch(self, path: str, uri: str) -> None:
+        """Download ``uri`` to ``path`` on this node, replacing what is there."""
+        import shutil
+
+        if Path(path).exists():
+            shutil.rmtree(path)
+        if not Output(Path(path), uri).download():
+            raise FileNotFoundError(f"nothing in storage at {uri}")
+
 
 class PolicyGroup:
     """N ``PolicyWorker`` actors in a placement group; calls fan out to every rank."""
 
     def __init__(self, model_path: str | Path, cfg: PolicyConfig, placement: WorkerGroupPlacement,
-                 total_steps: int = 1, ready_timeout_s: float = 120):
+                 total_steps: int = 1, ready_timeout_s: float = 120, fault: dict | None = None):
         self.cfg, self.n = cfg, placement.num_workers
         bundle = {"CPU": placement.num_cpus, **({"GPU": placement.num_gpus} if placement.use_gpu else {})}
         self.pg = placement_group([bundle] * self.n, strategy=placement.placement_strategy)
@@ -103,11 +126,35 @@ class PolicyGroup:
             actor.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=self.pg, placement_group_bundle_index=r), runtime_env=env,
             ).remote(r, self.n, str(model_path), cfg.model_dump(mode="json"), placement.model_dump(mode="json"),
-                     total_steps)
+                     total_steps, fault)
             for r in range(self.n)
         ]
         addr, port = ray.get(self.workers[0].address.remote())  # rank 0 picks MASTER_ADDR/PORT
-        ray.get([w.init_engine.remote(addr, port) for w in self.workers])
+        self._gather([w.init_engine.remote(addr, port) for w in self.workers])
+
+    def _gather(self, refs: list, grace_s: float = 30) -> list:
+        """``ray.get(refs)``, but a dead rank raises ``PolicyRankLost`` (after shutting the group down)
+        instead of leaving the others blocked in a collective. A rank's own error (say gloo's "connection
+        closed" when its peer died) is checked against the others for ``grace_s`` before it is re-raised."""
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(ready[0])
+            except ray.exceptions.RayActorError as e:
+                self.shutdown()
+                raise PolicyRankLost(f"a policy rank died: {e}") from e
+            except ray.exceptions.RayTaskError as e:
+                for ref in pending:
+                    try:
+                        ray.get(ref, timeout=grace_s)
+                    except ray.exceptions.RayActorError as lost:
+                        self.shutdown()
+                        raise PolicyRankLost(f"a policy rank died: {lost}") from lost
+                    except (ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError):
+                        continue
+                raise e
+        return ray.get(refs)
 
     def _split(self, items: list) -> list[list]:
         """Contiguous, near-equal shards, one per rank; every rank gets at least one item (a short
@@ -124,7 +171,7 @@ class PolicyGroup:
 
     def generate(self, products: list[dict], n: int = 2, temperature: float = 1.0, seed: int = 0) -> list[dict]:
         shards = self._split(products)
-        outs = ray.get([w.generate.remote(s, n, temperature, seed + 1000 * r)
+        outs = self._gather([w.generate.remote(s, n, temperature, seed + 1000 * r)
                         for r, (w, s) in enumerate(zip(self.workers, shards))])
         kept = [o[:len(s)] for o, s in zip(outs, self._real_sizes(len(products)))]
         return [r for part in kept for r in part]
@@ -139,7 +186,7 @@ class PolicyGroup:
             raise ValueError(f"a train step needs at least one example per rank ({self.n}), got {len(examples)}")
         shards = self._split(examples)
         n_micro = self._micro_batches_per_rank(shards)
-        return self._weighted(ray.get([w.train_step.remote(s, n_micro) for w, s in zip(self.workers, shards)]))
+        return self._weighted(self._gather([w.train_step.remote(s, n_micro) for w, s in zip(self.workers, shards)]))
 
     def _micro_batches_per_rank(self, shards: list[list]) -> int:
         """Forwards every rank runs in a step: the largest shard's micro-batch count."""
@@ -151,29 +198,49 @@ class PolicyGroup:
             raise ValueError(f"eval needs at least one example per rank ({self.n}), got {len(examples)}")
         shards = self._split(examples)
         n_micro = self._micro_batches_per_rank(shards)
-        return self._weighted(ray.get([w.eval_loss.remote(s, n_micro) for w, s in zip(self.workers, shards)]))
+        return self._weighted(self._gather([w.eval_loss.remote(s, n_micro) for w, s in zip(self.workers, shards)]))
 
     def logps(self, examples: list[dict]) -> list[float]:
-        outs = ray.get([w.logps.remote(s) for w, s in zip(self.workers, self._split(examples))])
+        outs = self._gather([w.logps.remote(s) for w, s in zip(self.workers, self._split(examples))])
         return [x for o, r in zip(outs, self._real_sizes(len(examples))) for x in o[:len(r)]]
 
-    def save(self, path: str | Path) -> None:
-        ray.get([w.save.remote(str(path)) for w in self.workers])
+    def save(self, path: str | Path, uri: str | None = None) -> None:
+        """Every rank writes its part of the checkpoint to ``path`` on its node; with object-store
+        storage (``uri``) each node then uploads what it holds."""
+        self._gather([w.save.remote(str(path)) for w in self.workers])
+        if uri:
+            self._gather([w.upload.remote(str(path), uri) for w in self._one_per_node()])
 
-    def load(self, path: str | Path) -> None:
-        ray.get([w.load.remote(str(path)) for w in self.workers])
+    def load(self, path: str | Path, uri: str | None = None) -> None:
+        """Load a checkpoint; with ``uri`` each node first downloads it from storage (fresh pods hold nothing)."""
+        if uri:
+            self._gather([w.fetch.remote(str(path), uri) for w in self._one_per_node()])
+        self._gather([w.load.remote(str(path)) for w in self.workers])
 
-    def save_model(self, path: str | Path) -> None:
-        ray.get([w.save_model.remote(str(path)) for w in self.workers])
+    def save_model(self, path: str | Path, uri: str | None = None) -> None:
+        self._gather([w.save_model.remote(str(path)) for w in self.workers])
+        if uri:
+            self._gather([w.upload.remote(str(path), uri) for w in self._one_per_node()])
+
+    def _one_per_node(self) -> list:
+        """One worker per Ray node (ranks on one node share its disk: one download/upload each)."""
+        first: dict[str, object] = {}
+        for w, node in zip(self.workers, self.node_ids()):
+            first.setdefault(node, w)
+        return list(first.values())
 
     def node_ids(self) -> list[str]:
         """The Ray node each rank runs on."""
-        return ray.get([w.node_id.remote() for w in self.workers])
+        return self._gather([w.node_id.remote() for w in self.workers])
 
     def shutdown(self) -> None:
+        """Kill every rank and free the placement group (safe to call twice, and on a broken group)."""
         for w in self.workers:
             ray.kill(w)
-        remove_placement_group(self.pg)
+        self.workers = []
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
 
     @staticmethod
     def _weighted(parts: list[dict]) -> dict:

@@ -17,6 +17,7 @@ A block stays in the feed until the driver has consumed it, so a read task Ray r
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 
@@ -29,20 +30,32 @@ from ray.data.datasource import Datasource, ReadTask
 from actors.renderer import Renderer
 from actors.scorer import RewardScorer
 from caig_ray.config import ActorPoolConfig, CaigConfig, RendererConfig
+from caig_ray.faults import BatchFault
+
+
+class PipelineLost(RuntimeError):
+    """The ``PairFeed`` actor died: the pipeline's blocks in flight are gone (the job recovers from
+    its last checkpoint and re-feeds)."""
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class PairFeed:
     """Blocks of candidate pairs by index; ``get(i)`` waits until the driver has put block ``i``."""
 
-    def __init__(self):
+    def __init__(self, fault: dict | None = None):
         self.blocks: dict[int, list[dict]] = {}
         self.events: dict[int, asyncio.Event] = {}
+        fault = fault or {}  # online.faults.feed_die_after_blocks
+        self.fault = BatchFault(fault.get("marker_dir"), "feed", fault.get("feed_die_after_blocks"))
+        self.puts = 0
 
     def _event(self, i: int) -> asyncio.Event:
         return self.events.setdefault(i, asyncio.Event())
 
     async def put(self, i: int, rows: list[dict]) -> None:
+        if self.puts > 0:  # dies when block k+1 comes, after k were put
+            self.fault.tick()
+        self.puts += 1
         self.blocks[i] = rows
         self._event(i).set()
 
@@ -145,7 +158,7 @@ class PairStream(_PoolTrace):
     def __init__(self, cfg: CaigConfig, rm_path: str, n_blocks: int, sample_every_s: float = 0.25):
         oc = cfg.online
         self.n_blocks, self.fed, self.consumed = n_blocks, 0, 0
-        self.feed = PairFeed.remote()
+        self.feed = PairFeed.remote(oc.faults.model_dump(mode="json"))
         super().__init__(sample_every_s)
         ds = ray.data.read_datasource(FeedDatasource(self.feed, n_blocks), override_num_blocks=n_blocks,
                                       concurrency=2, num_cpus=0)
@@ -159,23 +172,45 @@ class PairStream(_PoolTrace):
             raise RuntimeError(f"PairStream planned {self.n_blocks} blocks; a block more was fed (driver bug)")
         if not rows:
             raise ValueError("PairStream.put got an empty block")
-        ray.get(self.feed.put.remote(self.fed, rows))
+        try:
+            ray.get(self.feed.put.remote(self.fed, rows))
+        except ray.exceptions.RayActorError as e:
+            raise PipelineLost(f"the PairFeed actor died: {e}") from e
         self.fed += 1
         return self.fed - 1
+
+    def _feed_alive(self) -> bool:
+        try:
+            ray.get(self.feed.__ray_ready__.remote(), timeout=30)
+            return True
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return False
 
     def next_block(self) -> list[dict]:
         """The next scored block in feed order (blocks until it is ready)."""
         if self.consumed >= self.fed:
             raise RuntimeError("PairStream.next_block: every fed block was consumed; feed more first (driver bug)")
         t = time.perf_counter()
-        table = next(self._it)
+        try:
+            table = next(self._it)
+        except Exception as e:  # a read task that waited on a dead feed fails inside Ray Data
+            if not self._feed_alive():
+                raise PipelineLost(f"the PairFeed actor died; the pipeline failed with: {e}") from e
+            raise
         self.wait_s += time.perf_counter() - t
         self.feed.drop.remote(self.consumed)
         self.consumed += 1
         return table.to_pylist()
 
     def close(self) -> None:
+        """Stop the sampler, end the Ray Data execution (closing the iterator shuts its actor pools
+        down) and kill the feed; safe on a broken pipeline."""
         self._stop_sampling()
+        if self._it is not None and hasattr(self._it, "close"):
+            try:
+                self._it.close()
+            except Exception:  # noqa: BLE001 -- a failed execution may raise again while closing; it is over
+                logging.getLogger(__name__).debug("closing a failed Ray Data iterator", exc_info=True)
         self._it = None
         ray.kill(self.feed)
 

@@ -317,10 +317,13 @@ class FaultConfig(_Strict):
     renderer_die_after_batches: int | None = Field(None, ge=1)  # a renderer process exits after k batches
     scorer_die_after_batches: int | None = Field(None, ge=1)  # a scorer process exits after k batches
     driver_kill_after_round: int | None = Field(None, ge=0)  # the driver SIGKILLs itself after this round's checkpoint
+    policy_rank_die_at_step: int | None = Field(None, ge=1)  # the last PolicyWorker process exits in its k-th train step
+    feed_die_after_blocks: int | None = Field(None, ge=1)  # the PairFeed actor's process exits when block k+1 is put
 
     @model_validator(mode="after")
     def _needs_dir(self) -> "FaultConfig":
-        armed = [self.renderer_die_after_batches, self.scorer_die_after_batches, self.driver_kill_after_round]
+        armed = [self.renderer_die_after_batches, self.scorer_die_after_batches, self.driver_kill_after_round,
+                 self.policy_rank_die_at_step, self.feed_die_after_blocks]
         if any(v is not None for v in armed) and not self.marker_dir:
             raise ValueError("faults need marker_dir (where each fault records that it fired)")
         return self
@@ -346,6 +349,10 @@ class OnlineConfig(_Strict):
     scorer_batch_size: int = Field(16, ge=1)
     checkpoint_every: int = Field(1, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    # In-job recovery: a lost PolicyWorker (or the PairFeed actor) rebuilds the group (or the pipeline),
+    # reloads the last checkpoint from storage and re-feeds the rounds after it, at most this many times.
+    max_policy_restarts: int = Field(2, ge=0)
+    max_feed_restarts: int = Field(2, ge=0)
     seed: int = 0
     faults: FaultConfig = FaultConfig()
 
@@ -368,6 +375,9 @@ class CaigConfig(_Strict):
 
     name: str = "caig"
     seed: int = 0
+    # Where every output of a job lives (caig_ray/storage.py): unset = --out as given; a shared POSIX
+    # path; or an object-store URI (staged locally, uploaded). --out is relative to it.
+    storage: str | None = None
     market: MarketConfig = MarketConfig()
     policy: PolicyConfig = PolicyConfig()
     reward: RewardConfig = RewardConfig()

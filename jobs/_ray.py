@@ -20,10 +20,12 @@ def init_ray(num_cpus: int | None = None) -> bool:
     return True
 
 
-def fit_to_folder(train_func, loop_config: dict, *, name: str, placement, max_failures: int, storage: str,
+def fit_to_folder(train_func, loop_config: dict, *, name: str, placement, max_failures: int, storage,
                   out) -> dict:
     """Run a Ray Train ``TorchTrainer`` (gloo on CPU, NCCL on GPU) and copy its final checkpoint to
-    ``out`` (replacing it); returns the last reported metrics plus ``wall_s``."""
+    ``out`` (replacing it); returns the last reported metrics plus ``wall_s``. ``storage`` (a
+    ``caig_ray.storage.Output``) is Ray Train's ``storage_path``: a folder, or the object store itself
+    (Ray Train uploads its checkpoints there)."""
     import shutil
     import time
     from pathlib import Path
@@ -31,6 +33,7 @@ def fit_to_folder(train_func, loop_config: dict, *, name: str, placement, max_fa
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    fs, fs_path = storage.filesystem() if storage.staged else (None, str(storage.local))
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     trainer = TorchTrainer(
         train_func, train_loop_config=loop_config,
@@ -39,7 +42,7 @@ def fit_to_folder(train_func, loop_config: dict, *, name: str, placement, max_fa
                                      resources_per_worker={"CPU": placement.num_cpus,
                                                            **({"GPU": placement.num_gpus} if placement.use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if placement.use_gpu else "gloo"),
-        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
+        run_config=RunConfig(name=name, storage_path=fs_path, storage_filesystem=fs, failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1), worker_runtime_env={"env_vars": env}),
     )
     t0 = time.perf_counter()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import signal
@@ -44,9 +45,11 @@ from caig_ray.online import (
 )
 from caig_ray.pairs import account, preference_examples
 from caig_ray.prompts import clean_prompt
+from caig_ray.storage import Output, resolve_output
 from jobs._entry import add_config_args, run_job
 from jobs._ray import init_ray
 
+logger = logging.getLogger(__name__)
 EVAL_SEED_ROUND = 10**6  # render seeds of evaluation ads: one fixed seed per product for every evaluation
 
 
@@ -72,6 +75,9 @@ class RunLog:
     - ``lift``: mean paired difference true_ctr - base_true_ctr, 95% CI mean ± 1.96·sd/√n
     - ``match_rate``: of the ads that set a scene, the share whose scene suits the product
     - ``scene_rate``: share of ads whose description sets a scene
+    kind "recovery" (one per in-job recovery): ``lost`` = "policy" (a PolicyWorker died) or "feed" (the
+    PairFeed actor died), ``from_round`` = the round the loop restarts at (the last checkpoint's next round);
+    records of the lost attempt's later rounds stay in this file, summary.json counts each round once
     kind "pool" (one per 0.25 s sample): ``renderers`` / ``scorers`` = alive actors of each Ray Data
     pool, ``t_s`` = seconds since the pools started
     """
@@ -108,9 +114,15 @@ def _check_same_run(saved: CaigConfig, now: CaigConfig, where: Path) -> None:
                           "only online.rounds and online.faults may change")
 
 
-def _latest_checkpoint(ckpt_root: Path) -> Path | None:
-    done = sorted(p.parent for p in ckpt_root.glob("round_*/state.json"))
-    return done[-1] if done else None
+def _latest_checkpoint(store: Output) -> str | None:
+    """Name of the newest complete checkpoint in storage (``round_XXX`` holding a ``state.json``)."""
+    ckpts = store.child("checkpoints")
+    done = [n for n in ckpts.listdir() if n.startswith("round_") and ckpts.child(f"{n}/state.json").exists()]
+    return max(done) if done else None
+
+
+def _fresh_state() -> dict:
+    return {"next_round": 0, "step": 0, "pending": {}, "eval_base": None, "rounds": [], "evals": []}
 
 
 def _blocks(n_rows: int, size: int) -> int:
@@ -118,33 +130,43 @@ def _blocks(n_rows: int, size: int) -> int:
 
 
 class OnlineLoop:
-    def __init__(self, cfg: CaigConfig, out: Path, policy: str, rm: str, catalog: str, resume: bool,
+    def __init__(self, cfg: CaigConfig, out: Output, policy: str, rm: str, catalog: str, resume: bool,
                  progress: bool = True):
-        self.cfg, self.oc, self.out, self.policy_path, self.rm_path = cfg, cfg.online, out, policy, rm
+        self.cfg, self.oc, self.store, self.out, self.policy_path, self.rm_path = (
+            cfg, cfg.online, out, out.local, policy, rm)
         self.progress = progress
+        if resume and out.staged:  # --resume reads only from storage: the local staging copy is rebuilt from it
+            shutil.rmtree(self.out, ignore_errors=True)
+            out.download(exclude=("checkpoints", "policy"))
         for sub in ("checkpoints", "pairs", "plots"):
-            (out / sub).mkdir(parents=True, exist_ok=True)
+            (self.out / sub).mkdir(parents=True, exist_ok=True)
         check_model_folder(policy, "--policy (the pretrained PM)", kind="policy")
         check_model_folder(rm, "--rm (the trained reward model)", kind="reward")
         if cfg.renderer.kind == "diffusers":
             check_sd_folders(cfg.renderer)
-        if resume and (out / "config.yaml").exists():
-            _check_same_run(load_config(out / "config.yaml"), cfg, out / "config.yaml")
+        if resume and (self.out / "config.yaml").exists():
+            _check_same_run(load_config(self.out / "config.yaml"), cfg, self.store.child("config.yaml"))
         products = read_catalog(catalog)
         self.products = {p.id: p for p in products}
         self.images = {p.id: png_bytes(p.image) for p in products}
         self.train_ids, self.eval_ids = split_eval_products(list(self.products), self.oc.eval_products, self.oc.seed)
         self.oracle = MarketOracle(cfg.market) if cfg.renderer.kind == "procedural" else None
-        ckpt = _latest_checkpoint(out / "checkpoints") if resume else None
-        if resume and ckpt is None:
-            print(f"--resume: no checkpoint under {out / 'checkpoints'}; starting from round 0", file=sys.stderr)
-        if not resume and (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()  # a fresh run does not append to an old one's log
-        self.ckpt = ckpt
-        self.state = json.loads((ckpt / "state.json").read_text()) if ckpt else {
-            "next_round": 0, "step": 0, "pending": {}, "eval_base": None, "rounds": [], "evals": [],
-        }
-        save_config(cfg, out / "config.yaml")
+        name = _latest_checkpoint(self.store) if resume else None
+        if resume and name is None:
+            print(f"--resume: no checkpoint under {self.store.child('checkpoints')}; starting from round 0",
+                  file=sys.stderr)
+        if not resume and (self.out / "metrics.jsonl").exists():
+            (self.out / "metrics.jsonl").unlink()  # a fresh run does not append to an old one's log
+        self.ckpt = self.store.child(f"checkpoints/{name}") if name else None
+        if self.ckpt is not None:
+            self.ckpt.child("state.json").download()
+        self.state = self._restored_state()
+        self.recoveries = {"policy": 0, "feed": 0}
+        save_config(cfg, self.out / "config.yaml")
+
+    def _restored_state(self) -> dict:
+        """The loop's state at the last checkpoint (a fresh one before the first)."""
+        return json.loads((self.ckpt.local / "state.json").read_text()) if self.ckpt else _fresh_state()
 
     # ---- plan ---------------------------------------------------------------------------------
     def _eval_after(self, r: int) -> bool:
@@ -317,82 +339,134 @@ class OnlineLoop:
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def _checkpoint(self, r: int) -> None:
-        d = self.out / "checkpoints" / f"round_{r:03d}"
+        ckpt = self.store.child(f"checkpoints/round_{r:03d}")
+        d = ckpt.local
         if d.exists():
             shutil.rmtree(d)
-        self.group.save(d)
+        ckpt.delete()
+        self.group.save(d, ckpt.uri)  # every rank's part; uploaded node by node with object-store storage
         # trained rounds leave the pending set; rounds sampled ahead (max_policy_lag) stay with their samples
         self.state["pending"] = {k: v for k, v in self.state["pending"].items() if int(k) > r}
+        self.store.upload(exclude=("checkpoints", "policy"))  # metrics, pairs, config: as far as this checkpoint
         tmp = d / "state.json.tmp"
         tmp.write_text(json.dumps(self.state))
         tmp.rename(d / "state.json")  # written last: a checkpoint without it is incomplete and ignored
-        done = sorted(p.parent for p in (self.out / "checkpoints").glob("round_*/state.json"))
+        ckpt.child("state.json").upload()
+        self.ckpt = ckpt
+        ckpts = self.store.child("checkpoints")
+        done = sorted(n for n in ckpts.listdir() if ckpts.child(f"{n}/state.json").exists())
         for old in done[:-self.oc.keep_checkpoints]:
-            shutil.rmtree(old)
+            shutil.rmtree(ckpts.local / old, ignore_errors=True)
+            ckpts.child(old).delete()
 
     # ---- the loop -------------------------------------------------------------------------------------
-    def run(self) -> dict:
-        import ray
-
+    def _start(self) -> None:
+        """The policy group (at the last checkpoint) and the pipeline for the blocks still to come."""
         from actors.policy import PolicyGroup
         from actors.stream import PairStream, StagedPipeline
 
-        t0 = time.perf_counter()
         oc = self.oc
+        steps = oc.rounds * -(-oc.products_per_round // oc.train_batch_size)  # the lr schedule's length
+        self.group = PolicyGroup(self.policy_path, self.cfg.policy, self.cfg.resources.policy, total_steps=steps,
+                                 fault=oc.faults.model_dump(mode="json"))
+        if self.ckpt is not None:
+            self.group.load(self.ckpt.local, self.ckpt.uri)
+        self.fed_rounds, self.buffer = set(), {}
+        pipeline = PairStream if oc.pipeline == "streaming" else StagedPipeline
+        self.stream = pipeline(self.cfg, self.rm_path, self._n_blocks())
+        self.streams.append(self.stream)
+
+    def _stop(self) -> None:
+        self.stream.close()
+        self.group.shutdown()
+
+    def _recover(self, kind: str, error: Exception) -> None:
+        """A lost policy rank or feed: back to the last checkpoint, then re-feed every round after it.
+        Rounds re-run with the same seeds and weights, so the job ends as an uninterrupted one would."""
+        self.recoveries[kind] += 1
+        budget = self.oc.max_policy_restarts if kind == "policy" else self.oc.max_feed_restarts
+        if self.recoveries[kind] > budget:
+            raise RuntimeError(f"{kind} lost {self.recoveries[kind]} times, more than online.max_{kind}_restarts="
+                               f"{budget}; last: {error}") from error
+        where = self.ckpt or "the start (no checkpoint yet)"
+        logger.warning("recovery %d (%s): %s; restarting from %s", sum(self.recoveries.values()), kind, error, where)
+        self._stop()
+        self.state = self._restored_state()
+        self.log.write("recovery", self.state["step"], {"lost": kind, "from_round": self.state["next_round"]})
+        self._start()
+
+    def _rounds(self) -> None:
+        oc = self.oc
+        if self.state["eval_base"] is None:
+            self._sample_eval(0)
+            ev = self._collect_eval(0)
+            self.state["evals"].append(ev)
+            self.log.write("eval", 0, ev)
+        start = self.state["next_round"]
+        bar = tqdm(range(start, oc.rounds), desc="online rounds", disable=not self.progress,
+                   initial=start, total=oc.rounds)
+        for r in bar:
+            self.round_t0 = time.perf_counter()
+            wait_before = self.stream.wait_s
+            for ahead in range(r, min(r + oc.max_policy_lag, oc.rounds - 1) + 1):
+                if ahead not in self.fed_rounds:
+                    self._sample_round(ahead)
+            info = self._train_round(r)
+            info["round_s"] = time.perf_counter() - self.round_t0
+            info["wait_s"] = self.stream.wait_s - wait_before  # driver blocked on the pipeline
+            self.state["rounds"].append(info)
+            self.log.write("round", r, info)
+            if self._eval_after(r):
+                self._sample_eval(r + 1)
+                ev = self._collect_eval(r + 1)
+                self.state["evals"].append(ev)
+                self.log.write("eval", r + 1, ev)
+                bar.set_postfix(true_ctr=ev.get("true_ctr"), rm_win=round(ev["rm_win_rate"], 3))
+            self.state["next_round"] = r + 1
+            if (r + 1) % oc.checkpoint_every == 0 or r == oc.rounds - 1:
+                self._checkpoint(r)
+                if oc.faults.driver_kill_after_round == r and should_fire(oc.faults.marker_dir, "driver"):
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+    def run(self) -> dict:
+        import ray
+
+        from actors.policy import PolicyRankLost
+        from actors.stream import PipelineLost
+
+        t0 = time.perf_counter()
         self.log = RunLog(self.out)
-        self.gen_s, self.fed_rounds, self.buffer, self.max_lag_steps = {}, set(), {}, 0
+        self.gen_s, self.max_lag_steps, self.streams = {}, 0, []
         started = init_ray()
         try:
-            steps = oc.rounds * -(-oc.products_per_round // oc.train_batch_size)  # the lr schedule's length
-            self.group = PolicyGroup(self.policy_path, self.cfg.policy, self.cfg.resources.policy, total_steps=steps)
-            if self.ckpt is not None:
-                self.group.load(self.ckpt)
-            start = self.state["next_round"]
-            pipeline = PairStream if oc.pipeline == "streaming" else StagedPipeline
-            self.stream = pipeline(self.cfg, self.rm_path, self._n_blocks())
+            self._start()
             try:
-                if self.state["eval_base"] is None:
-                    self._sample_eval(0)
-                    ev = self._collect_eval(0)
-                    self.state["evals"].append(ev)
-                    self.log.write("eval", 0, ev)
-                bar = tqdm(range(start, oc.rounds), desc="online rounds", disable=not self.progress,
-                           initial=start, total=oc.rounds)
-                for r in bar:
-                    self.round_t0 = time.perf_counter()
-                    wait_before = self.stream.wait_s
-                    for ahead in range(r, min(r + oc.max_policy_lag, oc.rounds - 1) + 1):
-                        if ahead not in self.fed_rounds:
-                            self._sample_round(ahead)
-                    info = self._train_round(r)
-                    info["round_s"] = time.perf_counter() - self.round_t0
-                    info["wait_s"] = self.stream.wait_s - wait_before  # driver blocked on the pipeline
-                    self.state["rounds"].append(info)
-                    self.log.write("round", r, info)
-                    if self._eval_after(r):
-                        self._sample_eval(r + 1)
-                        ev = self._collect_eval(r + 1)
-                        self.state["evals"].append(ev)
-                        self.log.write("eval", r + 1, ev)
-                        bar.set_postfix(true_ctr=ev.get("true_ctr"), rm_win=round(ev["rm_win_rate"], 3))
-                    self.state["next_round"] = r + 1
-                    if (r + 1) % oc.checkpoint_every == 0 or r == oc.rounds - 1:
-                        self._checkpoint(r)
-                        if oc.faults.driver_kill_after_round == r and should_fire(oc.faults.marker_dir, "driver"):
-                            os.kill(os.getpid(), signal.SIGKILL)
-                self.group.save_model(self.out / "policy")  # a plain model folder: --policy OUT/policy
-                pool_trace, wait_s, pool_max = self.stream.pool_trace, self.stream.wait_s, self.stream.renderer_pool_max
-                self.pool_sample_errors = self.stream.sample_errors
-                for i, (t, n_render, n_score) in enumerate(pool_trace):  # the pool sizes over time, as metrics
-                    self.log.write("pool", i, {"t_s": t, "renderers": n_render, "scorers": n_score})
+                while True:
+                    try:
+                        self._rounds()
+                        break
+                    except PolicyRankLost as e:
+                        self._recover("policy", e)
+                    except PipelineLost as e:
+                        self._recover("feed", e)
+                policy = self.store.child("policy")  # a plain model folder: --policy OUT/policy
+                self.group.save_model(policy.local, policy.uri)
             finally:
-                self.stream.close()
-                self.group.shutdown()
+                self._stop()
+            # the pool sizes over time (every pipeline the job ran), as metrics
+            pool_trace = [x for st in self.streams for x in st.pool_trace]
+            wait_s = sum(st.wait_s for st in self.streams)
+            pool_max = max(st.renderer_pool_max for st in self.streams)
+            self.pool_sample_errors = sum(st.sample_errors for st in self.streams)
+            for i, (t, n_render, n_score) in enumerate(pool_trace):
+                self.log.write("pool", i, {"t_s": t, "renderers": n_render, "scorers": n_score})
         finally:
             self.log.close()
             if started:
                 ray.shutdown()
-        return self._summary(time.perf_counter() - t0, pool_trace, wait_s, pool_max)
+        summary = self._summary(time.perf_counter() - t0, pool_trace, wait_s, pool_max)
+        self.store.upload(exclude=("checkpoints", "policy"))
+        return summary
 
     def _summary(self, wall_s: float, pool_trace, wait_s: float, pool_max: int) -> dict:
         from caig_ray.report import online_plots, write_run_report
@@ -413,7 +487,9 @@ class OnlineLoop:
             "pool_sample_errors": self.pool_sample_errors,
             "max_policy_lag": self.oc.max_policy_lag, "policy_lag_steps_max": self.max_lag_steps,
             "driver_wait_s": wait_s, "render_busy_s": tot("render_busy_s"), "train_s": tot("train_s"),
-            "pipeline": self.oc.pipeline, "wall_s": wall_s, "policy_path": str(self.out / "policy"),
+            "pipeline": self.oc.pipeline, "wall_s": wall_s, "policy_path": str(self.store.child("policy")),
+            "recoveries": sum(self.recoveries.values()), "recoveries_by_kind": dict(self.recoveries),
+            "storage": str(self.store),
         }
         if evals and "lift" in evals[-1]:
             summary["true_ctr_lift"] = evals[-1]["lift"]
@@ -424,9 +500,11 @@ class OnlineLoop:
         return summary
 
 
-def train(cfg: CaigConfig, out: str | Path, policy: str, rm: str, catalog: str, resume: bool = False,
+def train(cfg: CaigConfig, out: str | Path | Output, policy: str, rm: str, catalog: str, resume: bool = False,
           progress: bool = True) -> dict:
-    return OnlineLoop(cfg, Path(out), policy, rm, catalog, resume, progress).run()
+    """Run the loop; ``out`` is the run folder (relative to ``cfg.storage`` when that is set)."""
+    out = out if isinstance(out, Output) else resolve_output(cfg.storage, out)
+    return OnlineLoop(cfg, out, policy, rm, catalog, resume, progress).run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -446,8 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     catalog = args.catalog or (str(WorldLayout(args.world).catalog) if args.world else None)
     if catalog is None:
         p.error("give --catalog or --world")
-    return run_job(args, lambda cfg: train(cfg, args.out, args.policy, args.rm, catalog, args.resume),
-                   section="online", overrides={"rounds": args.rounds})
+    return run_job(args, lambda cfg, out: train(cfg, out, args.policy, args.rm, catalog, args.resume),
+                   section="online", overrides={"rounds": args.rounds}, upload=False)  # the loop uploads itself
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rm", required=True, help="trained RM folder (train-rm --out)")
     p.add_argument("--out", default="rm_eval.json")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    return run_job(args, lambda cfg: evaluate_rm(cfg, args.world, args.rm, args.out))
+    return run_job(args, lambda cfg, out: evaluate_rm(cfg, args.world, args.rm, out.local))
 
 
 if __name__ == "__main__":

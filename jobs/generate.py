@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=4, help="descriptions per product")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    return run_job(args, lambda cfg: generate(cfg, args.catalog, args.out, args.policy, args.rm, args.n, args.seed))
+    return run_job(args, lambda cfg, out: generate(cfg, args.catalog, out.local, args.policy, args.rm, args.n,
+                                                   args.seed))
 
 
 if __name__ == "__main__":

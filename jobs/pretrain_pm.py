@@ -20,6 +20,7 @@ from caig_ray.data import read_catalog, read_click_logs
 from caig_ray.ds import deepspeed_config
 from caig_ray.models.vlm import check_model_folder
 from caig_ray.pairs import split_products
+from caig_ray.storage import Output, resolve_output
 from caig_ray.world import WorldLayout
 from jobs._entry import add_config_args, run_job
 from jobs._ray import fit_to_folder, init_ray
@@ -102,7 +103,10 @@ def scene_word_share(model_path: str | Path, products, cfg: CaigConfig, seed: in
     return {"scene_word_share": sum(scene_words_in(t) > 0 for t in texts) / len(texts), "examples": texts[:6]}
 
 
-def pretrain_pm(cfg: CaigConfig, world_dir: str | Path, out: str | Path) -> dict:
+def pretrain_pm(cfg: CaigConfig, world_dir: str | Path, out: str | Path | Output) -> dict:
+    """Supervised e-commerce pretraining of the PM; the model lands in ``out`` (relative to ``cfg.storage``
+    when set), Ray Train's checkpoints in ``<out>_ray`` and rank 0's TensorBoard in ``<out>_tensorboard``."""
+    store = out if isinstance(out, Output) else resolve_output(cfg.storage, out)
     lay = WorldLayout(world_dir)
     catalog = Path(cfg.data.catalog or lay.catalog).resolve()
     click_logs = Path(cfg.data.click_logs or lay.click_logs).resolve()
@@ -111,16 +115,17 @@ def pretrain_pm(cfg: CaigConfig, world_dir: str | Path, out: str | Path) -> dict
     products = read_catalog(catalog)
     read_click_logs(click_logs)  # refuse bad input before any worker starts
     _, held_out = _held_out(products, cfg)
-    out = Path(out).resolve()
+    out = store.local
     pc, placement = cfg.pretrain, cfg.resources.pretraining
     before = scene_word_share(policy, held_out, cfg)
     init_ray(None if placement.use_gpu else max(2, placement.num_workers))
     result = fit_to_folder(
         train_func,
         {"cfg": cfg.model_dump(mode="json"), "catalog": str(catalog), "click_logs": str(click_logs),
-         "policy": str(policy), "tensorboard": str(out.parent / f"{out.name}_tensorboard")},
-        name="pretrain_pm", placement=placement, max_failures=pc.max_failures,
-        storage=str(out.parent / f"{out.name}_ray"), out=out)
+         "policy": str(policy), "tensorboard": str(store.sibling("tensorboard").local)},
+        name="pretrain_pm", placement=placement, max_failures=pc.max_failures, storage=store.sibling("ray"),
+        out=out)
+    store.sibling("tensorboard").upload()
     after = scene_word_share(out, held_out, cfg)
     summary = {**result, "model_path": str(out),
                "zero_stage": pc.zero_stage, "held_out_products": len(held_out),
@@ -139,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None)
     p.add_argument("--epochs", type=float, default=None)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    return run_job(args, lambda cfg: pretrain_pm(cfg, args.world, args.out), "pretrain",
+    return run_job(args, lambda cfg, out: pretrain_pm(cfg, args.world, out), "pretrain",
                    {"zero_stage": args.zero_stage, "epochs": args.epochs})
 
 

@@ -22,6 +22,7 @@ from caig_ray.data import read_click_logs
 from caig_ray.ds import deepspeed_config, lr_scheduler
 from caig_ray.models.vlm import check_model_folder
 from caig_ray.pairs import mine_rm_pairs
+from caig_ray.storage import Output, resolve_output
 from caig_ray.world import WorldLayout
 from jobs._entry import add_config_args, run_job
 from jobs._ray import fit_to_folder, init_ray
@@ -138,22 +139,25 @@ def train_func(loop: dict) -> None:
         writer.close()
 
 
-def train_rm(cfg: CaigConfig, world_dir: str | Path, out: str | Path, storage: str | Path | None = None) -> dict:
-    """Run the TorchTrainer; the final RM lands in ``out`` (``save_pretrained`` layout)."""
+def train_rm(cfg: CaigConfig, world_dir: str | Path, out: str | Path | Output) -> dict:
+    """Run the TorchTrainer; the final RM lands in ``out`` (``save_pretrained`` layout; relative to
+    ``cfg.storage`` when set), Ray Train's checkpoints in ``<out>_ray`` and rank 0's TensorBoard in
+    ``<out>_tensorboard`` beside it."""
+    store = out if isinstance(out, Output) else resolve_output(cfg.storage, out)
     lay = WorldLayout(world_dir)
     click_logs = Path(cfg.data.click_logs or lay.click_logs).resolve()
     backbone = Path(cfg.reward.backbone_path or lay.reward).resolve()
     read_click_logs(click_logs)  # refuse bad logs in the driver, before any worker starts
-    out = Path(out).resolve()
-    storage = Path(storage or out.parent / f"{out.name}_ray").resolve()
+    out = store.local
     tc, placement = cfg.train_rm, cfg.resources.reward_training
     check_model_folder(backbone, "reward.backbone_path", kind="backbone")
     init_ray(None if placement.use_gpu else max(2, placement.num_workers))
     summary = fit_to_folder(
         train_func,
         {"cfg": cfg.model_dump(mode="json"), "click_logs": str(click_logs), "backbone": str(backbone),
-         "tensorboard": str(out.parent / f"{out.name}_tensorboard")},
-        name="train_rm", placement=placement, max_failures=tc.max_failures, storage=str(storage), out=out)
+         "tensorboard": str(store.sibling("tensorboard").local)},
+        name="train_rm", placement=placement, max_failures=tc.max_failures, storage=store.sibling("ray"), out=out)
+    store.sibling("tensorboard").upload()
     summary.update(model_path=str(out), zero_stage=tc.zero_stage, num_workers=placement.num_workers)
     (out / "train_metrics.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
@@ -169,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-pairs", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    return run_job(args, lambda cfg: train_rm(cfg, args.world, args.out), "train_rm",
+    return run_job(args, lambda cfg, out: train_rm(cfg, args.world, out), "train_rm",
                    {"zero_stage": args.zero_stage, "epochs": args.epochs, "max_pairs": args.max_pairs, "lr": args.lr})
 
 

@@ -52,3 +52,30 @@ def hub_models(tmp_path_factory):
     out["sd"], out["controlnet"] = make_sd_folders(root / "sd", root / "controlnet")
     out["sd_fp16"], out["controlnet_fp16"] = make_sd_folders(root / "sd_fp16", root / "controlnet_fp16", variant="fp16")
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory):
+    """A local S3-compatible server (moto, started here; stopped at the end of the session) and the
+    storage URI of an empty bucket on it. Credentials go through the usual AWS environment variables,
+    which Ray workers started afterwards inherit; staging goes to a session temp dir."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "CAIG_STAGING_DIR")}
+    os.environ.update(AWS_ACCESS_KEY_ID="caig-test", AWS_SECRET_ACCESS_KEY="caig-test",
+                      CAIG_STAGING_DIR=str(tmp_path_factory.mktemp("staging")))
+    import pyarrow.fs as pafs
+
+    query = f"?endpoint_override=http://{host}:{port}&scheme=http&region=us-east-1&allow_bucket_creation=true"
+    fs, _ = pafs.FileSystem.from_uri(f"s3://caig-runs{query}")
+    fs.create_dir("caig-runs")
+    yield f"s3://caig-runs/storage{query}"
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -4,6 +4,7 @@ faults injected into the renderer and scorer pools. Real Ray, real DeepSpeed (gl
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from caig_ray.config import load_config, save_config
+from caig_ray.storage import Output
 
 ROUNDS = 2
 
@@ -83,16 +85,31 @@ def test_two_rounds_account_for_every_pair(uninterrupted):
     assert model.config.model_type == "qwen2_vl"
 
 
+def _same_weights(ref_out: Path, out: Path, world) -> None:
+    """The two runs' final policies agree to float tolerance, and both moved away from the start."""
+    a = load_file(ref_out / "policy" / "model.safetensors")
+    b = load_file(out / "policy" / "model.safetensors")
+    assert a.keys() == b.keys()
+    start = load_file(world.policy / "model.safetensors")
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    moved = max(float((a[k].float() - start[k].float()).abs().max()) for k in a)
+    assert worst < 1e-5 < moved, (worst, moved)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_killed_driver_resumes_to_the_same_state(uninterrupted, quick_world, tmp_path):
-    """The driver SIGKILLs itself after round 0's checkpoint; --resume finishes the job. Same data
-    order and the same weights (float tolerance) as the uninterrupted run."""
+def test_killed_driver_resumes_from_object_storage_to_the_same_state(uninterrupted, quick_world, s3_store, tmp_path):
+    """Outputs go to an object store (a local S3 server). The driver SIGKILLs itself after round 0's
+    checkpoint; the local run folder is then deleted (a fresh pod), and --resume reads only from the
+    store. Same data order and the same weights (float tolerance) as the uninterrupted run."""
+    from caig_ray.storage import resolve_output
+
     ref_out, ref = uninterrupted
-    out = tmp_path / "run"
     cfg = _cfg(faults={"marker_dir": str(tmp_path / "faults"), "driver_kill_after_round": 0})
+    cfg = cfg.model_copy(update={"storage": s3_store})
     save_config(cfg, tmp_path / "cfg.yaml")
-    cmd = [sys.executable, "-m", "jobs.caig", "--config", str(tmp_path / "cfg.yaml"), "--out", str(out),
+    store = resolve_output(s3_store, "runs/killed")
+    cmd = [sys.executable, "-m", "jobs.caig", "--config", str(tmp_path / "cfg.yaml"), "--out", "runs/killed",
            "--catalog", str(quick_world.catalog), "--policy", str(quick_world.policy), "--rm", str(quick_world.reward)]
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -101,20 +118,52 @@ def test_killed_driver_resumes_to_the_same_state(uninterrupted, quick_world, tmp
         os.killpg(proc.pid, signal.SIGKILL)  # whatever the killed driver left behind
     assert proc.returncode == -signal.SIGKILL, log.decode()[-3000:]
     assert (tmp_path / "faults" / "driver.fired").exists()
-    assert (out / "checkpoints" / "round_000" / "state.json").exists()
-    assert not (out / "pairs" / "round_001.parquet").exists()
+    assert store.child("checkpoints/round_000/state.json").exists()
+    assert store.child("checkpoints/round_000/deepspeed").listdir()  # every rank's shard is in the store
+    assert not store.child("pairs/round_001.parquet").exists()
+    shutil.rmtree(store.local)  # a fresh pod: nothing of the run on local disk
 
-    resumed = _train(cfg, quick_world, out, resume=True)
+    resumed = _train(cfg, quick_world, "runs/killed", resume=True)
     assert resumed["rounds"] == ROUNDS and resumed["pairs_lost"] == 0 and resumed["pairs_duplicated"] == 0
-    assert _pairs(out) == _pairs(ref_out)  # same products, seeds, samples, choices, step of each pair
+    assert resumed["recoveries"] == 0 and resumed["storage"] == store.uri
+    fetched = Output(tmp_path / "fetched", store.uri)  # what the store holds at the end
+    assert fetched.download()
+    assert _pairs(fetched.local) == _pairs(ref_out)  # same products, seeds, samples, choices, step of each pair
     assert resumed["true_ctr_by_round"] == pytest.approx(ref["true_ctr_by_round"], rel=1e-6)
-    a = load_file(ref_out / "policy" / "model.safetensors")
-    b = load_file(out / "policy" / "model.safetensors")
-    assert a.keys() == b.keys()
-    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-    moved = max(float((a[k].float() - load_file(quick_world.policy / "model.safetensors")[k].float()).abs().max())
-                for k in a)
-    assert worst < 1e-5 < moved, (worst, moved)
+    _same_weights(ref_out, fetched.local, quick_world)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_lost_policy_rank_and_lost_feed_recover_in_job(uninterrupted, quick_world, tmp_path):
+    """The PairFeed actor dies while round 0 is fed (before any checkpoint) and, after that recovery,
+    the last PolicyWorker dies in its 3rd train step (round 1, mid-round). The job rebuilds what it
+    lost, reloads the last checkpoint, re-feeds, and ends as the uninterrupted run: every pair once,
+    the same pairs, curve and weights."""
+    ref_out, ref = uninterrupted
+    marker = tmp_path / "faults"
+    cfg = _cfg(faults={"marker_dir": str(marker), "feed_die_after_blocks": 3, "policy_rank_die_at_step": 3})
+    s = _train(cfg, quick_world, tmp_path / "run")
+    assert (marker / "feed.fired").exists() and (marker / "policy_rank.fired").exists()
+    assert s["recoveries"] == 2 and s["recoveries_by_kind"] == {"policy": 1, "feed": 1}
+    assert s["rounds"] == ROUNDS and s["pairs_lost"] == 0 and s["pairs_duplicated"] == 0
+    assert s["pairs_planned"] == ref["pairs_planned"] and s["steps"] == ref["steps"]
+    assert _pairs(tmp_path / "run") == _pairs(ref_out)
+    assert s["true_ctr_by_round"] == pytest.approx(ref["true_ctr_by_round"], rel=1e-6)
+    _same_weights(ref_out, tmp_path / "run", quick_world)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    recs = [x for x in lines if x["kind"] == "recovery"]
+    assert [(x["lost"], x["from_round"]) for x in recs] == [
+        ("feed", 0), ("policy", 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_recoveries_past_the_budget_end_the_job(quick_world, tmp_path):
+    cfg = _cfg(rounds=1, max_policy_restarts=0,
+               faults={"marker_dir": str(tmp_path / "faults"), "policy_rank_die_at_step": 1})
+    with pytest.raises(RuntimeError, match="max_policy_restarts=0"):
+        _train(cfg, quick_world, tmp_path / "run")
 
 
 @pytest.mark.slow

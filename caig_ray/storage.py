@@ -1,0 +1,164 @@
+"""Where a job's outputs live: ``storage`` (config) / ``--storage`` (flag). DESIGN.md §8.3.
+
+- unset: ``--out`` is a folder on this machine, as on a laptop.
+- a POSIX path -- a shared volume (NFS/EFS/Filestore PVC) mounted at the same path on every pod: a
+  relative ``--out`` is a folder under it, and every rank writes there directly.
+- an object-store URI -- anything ``pyarrow.fs.FileSystem.from_uri`` reads (``s3://bucket/prefix``,
+  ``gs://...``; ``?endpoint_override=...&scheme=http`` for an S3-compatible server; credentials from
+  the usual environment variables): the job writes to a local staging folder and uploads it -- at
+  every checkpoint and at the end -- as Ray Train does with its ``storage_path``. ``--resume``
+  downloads from there, so a RayJob retried on fresh pods continues.
+
+``--out`` outside ``storage`` is refused: every output of a job lands under the one storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import pyarrow.fs as pafs
+
+from caig_ray.config import ConfigError
+
+
+def is_uri(location: str) -> bool:
+    return "://" in location
+
+
+def _split_uri(uri: str) -> tuple[str, str]:
+    """``s3://b/p?x=1`` -> (``s3://b/p``, ``?x=1``)."""
+    base, q, query = uri.partition("?")
+    return base.rstrip("/"), (q + query) if q else ""
+
+
+def staging_root() -> Path:
+    """Local folder object-store outputs are staged in (``CAIG_STAGING_DIR``, default under the temp dir)."""
+    return Path(os.environ.get("CAIG_STAGING_DIR") or Path(tempfile.gettempdir()) / "caig-staging")
+
+
+@dataclass(frozen=True)
+class Output:
+    """One output (a folder, or a single file) of a job: ``local`` is where the job writes; ``uri``
+    (object store only) is where it is uploaded to and downloaded from."""
+
+    local: Path
+    uri: str | None = None
+
+    @property
+    def staged(self) -> bool:
+        return self.uri is not None
+
+    def __str__(self) -> str:
+        return self.uri or str(self.local)
+
+    def child(self, sub: str) -> "Output":
+        if not self.staged:
+            return Output(self.local / sub)
+        base, query = _split_uri(self.uri)
+        return Output(self.local / sub, f"{base}/{sub}{query}")
+
+    def sibling(self, name: str) -> "Output":
+        """``<out>_<name>`` next to this output (Ray Train's storage, TensorBoard of rank 0)."""
+        if not self.staged:
+            return Output(self.local.with_name(f"{self.local.name}_{name}"))
+        base, query = _split_uri(self.uri)
+        return Output(self.local.with_name(f"{self.local.name}_{name}"), f"{base}_{name}{query}")
+
+    def filesystem(self) -> tuple[pafs.FileSystem, str]:
+        """(filesystem, path) of the stored copy: the object store, or the local disk."""
+        if not self.staged:
+            return pafs.LocalFileSystem(), str(self.local)
+        return pafs.FileSystem.from_uri(self.uri)
+
+    def exists(self) -> bool:
+        fs, path = self.filesystem()
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def upload(self, exclude: tuple[str, ...] = ()) -> None:
+        """Copy the local copy to the object store (a no-op when ``local`` is the storage itself);
+        top-level entries named in ``exclude`` stay local."""
+        if not self.staged or not self.local.exists():
+            return
+        fs, path = self.filesystem()
+        if self.local.is_file():
+            pafs.copy_files(str(self.local), path, destination_filesystem=fs)
+            return
+        fs.create_dir(path, recursive=True)
+        for entry in sorted(self.local.iterdir()):
+            if entry.name not in exclude:
+                pafs.copy_files(str(entry), f"{path}/{entry.name}", destination_filesystem=fs)
+
+    def download(self, exclude: tuple[str, ...] = ()) -> bool:
+        """Copy the stored copy into ``local`` (top-level entries in ``exclude`` skipped); False when
+        storage holds nothing there."""
+        if not self.staged:
+            return self.local.exists()
+        fs, path = self.filesystem()
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            return False
+        if info.type == pafs.FileType.File:
+            self.local.parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(path, str(self.local), source_filesystem=fs)
+            return True
+        self.local.mkdir(parents=True, exist_ok=True)
+        for entry in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+            rel = PurePosixPath(entry.path).relative_to(PurePosixPath(path))
+            if entry.type != pafs.FileType.File or rel.parts[0] in exclude:
+                continue
+            target = self.local / rel  # copy_files does not create local parent folders: make them
+            target.parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(entry.path, str(target), source_filesystem=fs)
+        return True
+
+    def listdir(self) -> list[str]:
+        """Names of the stored copy's entries (empty when it does not exist)."""
+        fs, path = self.filesystem()
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            return []
+        return sorted(PurePosixPath(e.path).name for e in fs.get_file_info(pafs.FileSelector(path)))
+
+    def delete(self) -> None:
+        """Remove the stored copy (the object-store one; the local one is the caller's)."""
+        if self.staged and self.exists():
+            fs, path = self.filesystem()
+            fs.delete_dir(path)
+
+
+def resolve_output(storage: str | None, out: str | Path, flag: str = "--out") -> Output:
+    """Where ``out`` lives under ``storage`` (see the module docstring); refuses an ``out`` outside it."""
+    out = str(out)
+    if not storage:
+        if is_uri(out):
+            raise ConfigError(f"{flag} {out} is an object-store URI: give the store as --storage (or the config's "
+                              f"storage) and {flag} as a path under it")
+        return Output(Path(out).resolve())
+    if is_uri(storage):
+        base, query = _split_uri(storage)
+        try:
+            pafs.FileSystem.from_uri(storage)
+        except (ValueError, OSError) as e:  # pyarrow says ArrowInvalid (a ValueError) for a bad URI
+            raise ConfigError(f"storage {storage!r} is not a URI pyarrow.fs can open: {e}") from None
+        if is_uri(out):
+            if not _split_uri(out)[0].startswith(base + "/"):
+                raise ConfigError(f"{flag} {out} is outside storage {storage}")
+            rel = _split_uri(out)[0][len(base) + 1:]
+        elif Path(out).is_absolute():
+            raise ConfigError(f"{flag} {out} is a local path but storage is {storage}: give {flag} relative "
+                              "to the storage")
+        else:
+            rel = out
+        rel = str(PurePosixPath(rel))
+        if rel.startswith("..") or not rel or rel == ".":
+            raise ConfigError(f"{flag} {out} is not a folder under storage {storage}")
+        digest = hashlib.sha1(base.encode()).hexdigest()[:12]
+        return Output(staging_root() / digest / rel, f"{base}/{rel}{query}")
+    root = Path(storage).resolve()
+    path = (root / out).resolve() if not Path(out).is_absolute() else Path(out).resolve()
+    if path != root and root not in path.parents:
+        raise ConfigError(f"{flag} {out} is outside storage {storage}: every output of a job lands under it")
+    return Output(path)
