@@ -101,17 +101,18 @@ class RunLog:
 
 
 def _check_same_run(saved: CaigConfig, now: CaigConfig, where: Path) -> None:
-    """--resume must continue the same run: only online.rounds and online.faults may change."""
+    """--resume must continue the same run: only online.rounds, online.faults and storage (a run copied
+    to another store) may change."""
     a, b = saved.model_dump(mode="json"), now.model_dump(mode="json")
     for d in (a, b):
-        d["online"].pop("rounds"), d["online"].pop("faults")
+        d["online"].pop("rounds"), d["online"].pop("faults"), d.pop("storage")
     if a != b:
         diff = sorted(
             f"{sec}.{k}" if isinstance(a[sec], dict) else sec
             for sec in a for k in (a[sec] if isinstance(a[sec], dict) else [sec])
             if (a[sec].get(k) != b[sec].get(k) if isinstance(a[sec], dict) else a[sec] != b[sec]))
         raise ConfigError(f"--resume with a config that differs from the run's {where}: {', '.join(diff) or 'name'}; "
-                          "only online.rounds and online.faults may change")
+                          "only online.rounds, online.faults and storage may change")
 
 
 def _latest_checkpoint(store: Output) -> str | None:

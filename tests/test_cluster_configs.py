@@ -99,18 +99,38 @@ def _cluster_specs():
 
 
 def test_every_group_mounts_the_shared_storage_at_the_same_paths():
-    """Checkpoints, models and run folders one node writes must be seen by every other node."""
+    """Every output is under the preset's ``storage``, which every group mounts from one shared
+    volume: checkpoints, models and run folders one node writes are seen by every other node."""
     from caig_ray.config import load_config
 
+    storage = load_config("gpu-cluster").storage
     groups = [(manifest, name, group) for manifest, doc in _cluster_specs() for name, group in _groups(doc)]
     for manifest, name, group in groups:
         pod = group["template"]["spec"]
         claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}
         mounts = {m["mountPath"]: claims[m["name"]] for m in pod["containers"][0]["volumeMounts"]}
-        assert mounts.get("/checkpoints") == mounts.get("/runs") == "caig-storage", (manifest, name)
+        assert mounts.get(storage) == "caig-storage", (manifest, name)
     cfg = load_config("gpu-cluster")
     for path in (cfg.reward.model_path, cfg.reward.backbone_path):
-        assert path.startswith("/checkpoints/")  # the preset writes where every group mounts it
+        assert path.startswith(storage + "/")  # the preset reads what its jobs wrote, where every group mounts it
+
+
+def test_every_manifest_entrypoint_writes_under_storage():
+    """Each job's --out resolves under the preset's storage (resolve_output refuses anything else),
+    and the models it reads are there too."""
+    import shlex
+
+    from caig_ray.config import load_config
+    from caig_ray.storage import resolve_output
+
+    storage = load_config("gpu-cluster").storage
+    for manifest in ("rayjob.yaml", "rayjob-online.yaml"):
+        args = shlex.split(_load(manifest)["spec"]["entrypoint"])
+        out = resolve_output(storage, args[args.index("--out") + 1])
+        assert str(out.local).startswith(storage + "/"), manifest
+        for flag in ("--policy", "--rm"):
+            if flag in args:
+                assert args[args.index(flag) + 1].startswith(storage + "/"), (manifest, flag)
 
 
 def test_trainer_nodes_hold_the_presets_policy_bundles():
