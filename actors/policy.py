@@ -96,11 +96,7 @@ class PolicyWorker:
         Output(Path(path), uri).upload()
 
     def fetch(self, path: str, uri: str) -> None:
-        """Download ``uri`` to ``path`` on this node, replacing what is there."""
-        import shutil
-
-        if Path(path).exists():
-            shutil.rmtree(path)
+        """Download ``uri`` to ``path`` on this node (file by file, each replaced atomically)."""
         if not Output(Path(path), uri).download():
             raise FileNotFoundError(f"nothing in storage at {uri}")
 

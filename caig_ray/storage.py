@@ -112,7 +112,11 @@ class Output:
                 continue
             target = self.local / rel  # copy_files does not create local parent folders: make them
             target.parent.mkdir(parents=True, exist_ok=True)
-            pafs.copy_files(entry.path, str(target), source_filesystem=fs)
+            # written beside, then renamed: two downloads into one folder (ranks of one host) never
+            # leave a half-written file
+            part = target.with_name(f"{target.name}.part-{os.getpid()}")
+            pafs.copy_files(entry.path, str(part), source_filesystem=fs)
+            os.replace(part, target)
         return True
 
     def listdir(self) -> list[str]:

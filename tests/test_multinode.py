@@ -1,8 +1,8 @@
 """Policy ranks on different Ray nodes (issue 13): a multi-node cluster on this machine
 (``ray.cluster_utils.Cluster``: one raylet per node, each with its own temp dir), the two ranks placed
-STRICT_SPREAD, DeepSpeed over gloo between them; every rank writes its ZeRO shard of the checkpoint to
-the shared storage path, and a fresh group -- again one rank per node -- resumes from there to the
-same policy."""
+STRICT_SPREAD, DeepSpeed over gloo between them; every rank writes its ZeRO shard of the checkpoint, each
+node uploads what it holds to the object store (a local S3 server), and a fresh group -- again one rank
+per node, each node downloading the checkpoint -- resumes from there to the same policy."""
 
 import pytest
 import ray
@@ -29,10 +29,16 @@ def two_node_cluster():
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_ranks_on_two_nodes_checkpoint_to_storage_and_resume(two_node_cluster, quick_world, tmp_path):
-    from actors.policy import PolicyGroup
+def test_ranks_on_two_nodes_checkpoint_to_storage_and_resume(s3_store, two_node_cluster, quick_world, tmp_path):
+    """Each node uploads its rank's shard to the object store; the local copy is deleted; a fresh group
+    (each node downloading what it loads) resumes to the same policy."""
+    import shutil
 
-    storage = tmp_path / "storage"  # stands for the shared volume every node mounts at the same path
+    from actors.policy import PolicyGroup
+    from caig_ray.storage import resolve_output
+
+    ckpt = resolve_output(s3_store, "multinode/round_000")
+    storage = ckpt.local.parent  # the nodes' local copy (one host here: the same folder)
     full = load_config("quick", overrides={"policy": {"zero_stage": 3, "lr": 5e-3},
                                            "resources": {"policy": {"num_workers": 2, "num_cpus": 1,
                                                                     "placement_strategy": "STRICT_SPREAD"}}})
@@ -49,16 +55,18 @@ def test_ranks_on_two_nodes_checkpoint_to_storage_and_resume(two_node_cluster, q
         for _ in range(2):
             group.train_step(batch)
         trained = group.logps(probe)
-        group.save(storage / "round_000")
+        group.save(ckpt.local, ckpt.uri)
     finally:
         group.shutdown()
-    ranks = sorted(p.name for p in (storage / "round_000" / "deepspeed").rglob("*model_states.pt"))
-    assert len(ranks) == 2  # a shard from each node's rank
+    ranks = sorted(n for n in ckpt.child("deepspeed").listdir())
+    tags = ckpt.child(f"deepspeed/{[n for n in ranks if n != 'latest'][0]}").listdir()
+    assert sum(n.endswith("model_states.pt") for n in tags) == 2, tags  # a shard from each node's rank, in the store
+    shutil.rmtree(storage)  # fresh pods: nothing local
     fresh = PolicyGroup(quick_world.policy, full.policy, full.resources.policy)
     try:
         assert len(set(fresh.node_ids())) == 2
         assert fresh.logps(probe) != pytest.approx(trained, abs=1e-6)
-        fresh.load(storage / "round_000")
+        fresh.load(ckpt.local, ckpt.uri)
         assert fresh.logps(probe) == pytest.approx(trained, abs=1e-5)
     finally:
         fresh.shutdown()
