@@ -45,6 +45,7 @@ def candidate_pairs(products: list, generations: list[dict], round_index: int, s
 
     Each pair: ``pair_id`` (unique in a job), ``kind``, ``round``, ``product_id``, ``title``,
     ``category``, ``instruction``, ``desc_a``/``desc_b`` (cleaned as the renderer reads them),
+    ``ids_a``/``ids_b`` (the sampled token ids, trained on),
     ``seed`` (shared by both renders) and ``policy_version`` (train steps taken when sampled)."""
     if len(products) != len(generations):
         raise ValueError(f"{len(products)} products but {len(generations)} generations")
@@ -56,6 +57,9 @@ def candidate_pairs(products: list, generations: list[dict], round_index: int, s
             "product_id": p.id, "title": p.title, "category": p.category or "",
             "instruction": pm_instruction(p.title, p.attributes),
             "desc_a": clean_prompt(a), "desc_b": clean_prompt(b),
+            # what the policy sampled, token for token: DPO trains on these (cleaning is for the renderer)
+            "ids_a": list(g["token_ids"][0]) if g.get("token_ids") else None,
+            "ids_b": list(g["token_ids"][1]) if g.get("token_ids") else None,
             "seed": render_seed(seed, p.id, round_index), "policy_version": policy_version,
         })
     return out

@@ -73,13 +73,17 @@ def mine_rm_pairs(
     return out
 
 
-def preference_examples(candidates: list[dict], p_first: list[float]) -> tuple[list[dict], list[dict]]:
+def preference_examples(candidates: list[dict], p_first: list[float], tie_margin: float = 0.0
+                        ) -> tuple[list[dict], list[dict]]:
     """The online loop's DPO examples from scored candidate pairs (CAIG: the RM picks chosen/rejected).
 
-    ``candidates[i]`` has ``pair_id``, ``image`` (the product), ``instruction``, ``desc_a``, ``desc_b``
-    and ``seed``; ``p_first[i]`` is the RM's P(ad of ``desc_a`` gets more clicks). Returns
-    (examples, skipped): identical descriptions are skipped with reason "duplicate" (the renderer
-    paints the same ad twice: no preference), every other pair becomes one example."""
+    ``candidates[i]`` has ``pair_id``, ``image`` (the product), ``instruction``, ``desc_a``, ``desc_b``,
+    ``seed``, and optionally ``ids_a``/``ids_b`` (the sampled token ids, carried to the example as
+    ``chosen_ids``/``rejected_ids``) and the rendered ads ``left_image``/``right_image``; ``p_first[i]``
+    is the RM's P(ad of ``desc_a`` gets more clicks). Returns (examples, skipped). Skipped, with the
+    reason: "duplicate" (identical descriptions: the renderer paints the same ad twice) and "tie"
+    (both ads identical pixel for pixel, or |p - 0.5| <= ``tie_margin``: the RM prefers neither, and
+    ``p >= 0.5`` would hand the win to the first sample). Every other pair becomes one example."""
     if len(candidates) != len(p_first):
         raise ValueError(f"{len(candidates)} candidate pairs but {len(p_first)} scores")
     examples, skipped = [], []
@@ -87,11 +91,16 @@ def preference_examples(candidates: list[dict], p_first: list[float]) -> tuple[l
         if cand["desc_a"].strip() == cand["desc_b"].strip():
             skipped.append({"pair_id": cand["pair_id"], "reason": "duplicate"})
             continue
-        a_wins = p >= 0.5  # CAIG's decision rule: logit[0] >= logit[1] -> left
+        same_ad = cand.get("left_image") is not None and cand.get("left_image") == cand.get("right_image")
+        if same_ad or abs(p - 0.5) <= tie_margin:
+            skipped.append({"pair_id": cand["pair_id"], "reason": "tie"})
+            continue
+        a_wins = p > 0.5  # CAIG's decision rule: logit[0] > logit[1] -> left (equality is a tie, above)
+        win, lose = ("a", "b") if a_wins else ("b", "a")
         examples.append({
             "pair_id": cand["pair_id"], "image": cand["image"], "instruction": cand["instruction"],
-            "chosen": cand["desc_a"] if a_wins else cand["desc_b"],
-            "rejected": cand["desc_b"] if a_wins else cand["desc_a"],
+            "chosen": cand[f"desc_{win}"], "rejected": cand[f"desc_{lose}"],
+            "chosen_ids": cand.get(f"ids_{win}"), "rejected_ids": cand.get(f"ids_{lose}"),
             "seed": cand["seed"], "p_chosen": p if a_wins else 1 - p,
         })
     return examples, skipped

@@ -36,23 +36,46 @@ def _prompt(processor, instruction: str) -> str:
     )
 
 
-def build_batch(processor, images: list[Image.Image], instructions: list[str], responses: list[str]) -> dict:
-    """Tokenised prompt+response with ``response_mask`` (1 on response tokens and the closing
-    end-of-turn token, 0 on prompt and padding)."""
-    eos = processor.tokenizer.eos_token or ""
+def response_ids(processor, response) -> list[int]:
+    """A response's token ids: sampled ids are used as they are (DPO trains on what the policy
+    sampled, CAIG); text (pretraining targets, tests) is tokenised and closed with the end-of-turn token."""
+    if not isinstance(response, str):
+        return [int(t) for t in response]
+    tok = processor.tokenizer
+    return tok(response + (tok.eos_token or ""), add_special_tokens=False)["input_ids"]
+
+
+def _over_response(key: str, ids: list[int]) -> list[int]:
+    """A per-token tensor's values over the response: the ids themselves, 1 for the attention mask, 0 else."""
+    return ids if key == "input_ids" else [1 if key == "attention_mask" else 0] * len(ids)
+
+
+def build_batch(processor, images: list[Image.Image], instructions: list[str], responses: list) -> dict:
+    """Prompt (chat template + image, as the processor encodes it) followed by each response's ids
+    (``response_ids``: sampled token ids, or text), padded on the tokenizer's side, with
+    ``response_mask`` (1 on response tokens, 0 on prompt and padding). Every per-token tensor the
+    processor returns (e.g. Qwen's ``mm_token_type_ids``) is extended with 0 over the response."""
+    tok = processor.tokenizer
     prompts = [_prompt(processor, ins) for ins in instructions]
-    full = processor(text=[p + r + eos for p, r in zip(prompts, responses)], images=images,
-                     return_tensors="pt", padding=True)
-    prompt_only = processor(text=prompts, images=images, return_tensors="pt", padding=True)
-    prompt_len = prompt_only["attention_mask"].sum(1)
-    real = full["attention_mask"].sum(1)
-    width = full["input_ids"].shape[1]
-    pos = torch.arange(width).unsqueeze(0)
-    left = processor.tokenizer.padding_side == "left"
-    start = (width - real + prompt_len) if left else prompt_len
-    end = width if left else real
-    full["response_mask"] = ((pos >= start.unsqueeze(1)) & (pos < torch.as_tensor(end).reshape(-1, 1))).long()
-    return full
+    enc = processor(text=prompts, images=images, return_tensors="pt", padding=True)
+    keep = enc["attention_mask"].bool()
+    resp = [response_ids(processor, r) for r in responses]
+    lengths = [int(keep[i].sum()) + len(r) for i, r in enumerate(resp)]
+    width, left = max(lengths), tok.padding_side == "left"
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    per_token = [k for k, v in enc.items() if torch.is_tensor(v) and v.shape[:2] == keep.shape]
+
+    def row(values: list[int], fill: int, n: int) -> list[int]:
+        return [fill] * (width - n) + values if left else values + [fill] * (width - n)
+
+    out = {k: v for k, v in enc.items() if k not in per_token}
+    for k in per_token:
+        fill = pad_id if k == "input_ids" else 0
+        out[k] = torch.tensor([row(enc[k][i][keep[i]].tolist() + _over_response(k, r), fill, lengths[i])
+                               for i, r in enumerate(resp)], dtype=enc[k].dtype)
+    out["response_mask"] = torch.tensor([row([0] * int(keep[i].sum()) + [1] * len(r), 0, lengths[i])
+                                         for i, r in enumerate(resp)], dtype=torch.long)
+    return type(enc)(out)
 
 
 def response_logps(model, batch: dict) -> torch.Tensor:
@@ -111,8 +134,9 @@ def left_padded(processor):
 def generate_descriptions(model, processor, images: list[Image.Image], instructions: list[str], n: int,
                           temperature: float, seed: int, max_new_tokens: int, synced_gpus: bool = False,
                           device: str = "cpu") -> list[dict]:
-    """``n`` sampled descriptions per product (T = ``temperature``, top-p off, one beam); each
-    product's list marks repeats of an earlier sample as duplicates."""
+    """``n`` sampled descriptions per product (T = ``temperature``, top-p off, one beam): their text
+    (``descriptions``, what the renderer gets after cleaning), their token ids (``token_ids``, what DPO
+    trains on) and which repeat an earlier sample (``duplicate``)."""
     torch.manual_seed(seed)
     with left_padded(processor):
         enc = processor(text=[_prompt(processor, i) for i in instructions], images=images,
@@ -124,24 +148,36 @@ def generate_descriptions(model, processor, images: list[Image.Image], instructi
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
         synced_gpus=synced_gpus,
     )
-    texts = processor.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    new = out[:, enc["input_ids"].shape[1]:]
+    texts = processor.batch_decode(new, skip_special_tokens=True)
+    ids = [_until_eos(seq.tolist(), tok.eos_token_id) for seq in new]
     results = []
     for i in range(len(instructions)):
         mine = [t.strip() for t in texts[i * n:(i + 1) * n]]
-        results.append({"descriptions": mine, "duplicate": [t in mine[:k] for k, t in enumerate(mine)]})
+        results.append({"descriptions": mine, "token_ids": ids[i * n:(i + 1) * n],
+                        "duplicate": [t in mine[:k] for k, t in enumerate(mine)]})
     return results
+
+
+def _until_eos(ids: list[int], eos: int) -> list[int]:
+    """A sampled sequence up to and with its first end-of-turn token (what follows is padding); one
+    that hit max_new_tokens has none."""
+    return ids[:ids.index(eos) + 1] if eos in ids else ids
 
 
 def preference_rows(examples: list[dict], image_size: int | None, pcpo_weight: float) -> list[dict]:
     """One row per example: its image, instruction, chosen and rejected description and -- drawn over
     the whole list, so that micro-batching never changes it -- its PCPO negative. Each example:
-    ``image`` (bytes or PIL), ``instruction``, ``chosen``, ``rejected``, ``seed`` (its coin flip and mask)."""
+    ``image`` (bytes or PIL), ``instruction``, ``chosen``, ``rejected``, ``seed`` (its coin flip and mask),
+    and optionally ``chosen_ids`` / ``rejected_ids``: the sampled token ids, trained on instead of the text."""
     images = [as_image(e["image"], image_size) for e in examples]
     ins = [e["instruction"] for e in examples]
-    chosen = [e["chosen"] for e in examples]
+    # the sampled token ids when the example has them (the online loop), else the text
+    chosen = [e["chosen_ids"] if e.get("chosen_ids") else e["chosen"] for e in examples]
     rows = []
     for i, e in enumerate(examples):
-        row = {"image": images[i], "instruction": ins[i], "chosen": chosen[i], "rejected": e["rejected"]}
+        rejected = e["rejected_ids"] if e.get("rejected_ids") else e["rejected"]
+        row = {"image": images[i], "instruction": ins[i], "chosen": chosen[i], "rejected": rejected}
         if pcpo_weight > 0:
             row["negative"] = pcpo_negative(i, images, ins, chosen, np.random.default_rng(int(e["seed"])))
         rows.append(row)

@@ -262,11 +262,11 @@ class OnlineLoop:
             p_key = "p_left_debiased" if oc.debias_rm else "p_left"
             scored += sum(1 for x in rows if x.get(p_key) is not None)
             cands = [{**x, "image": x["product_image"]} for x in rows]
-            examples, skips = preference_examples(cands, [float(x[p_key]) for x in rows])
+            examples, skips = preference_examples(cands, [float(x[p_key]) for x in rows], oc.tie_margin)
             for x in rows:
                 records[x["pair_id"]] = {
-                    k: x[k] for k in ("pair_id", "round", "product_id", "title", "category", "seed", "desc_a",
-                                      "desc_b", "policy_version", "p_left", p_key)} | {
+                    k: x.get(k) for k in ("pair_id", "round", "product_id", "title", "category", "seed", "desc_a",
+                                          "desc_b", "ids_a", "ids_b", "policy_version", "p_left", p_key)} | {
                     "ad_a": x["left_image"], "ad_b": x["right_image"], "status": "pending", "trained_at_step": -1,
                     **self._verdicts(x)}
             for e in examples:
@@ -483,6 +483,8 @@ class OnlineLoop:
             "pairs_planned": tot("pairs_planned"), "pairs_rendered": tot("pairs_rendered"),
             "pairs_scored": tot("pairs_scored"), "pairs_trained": tot("pairs_trained"),
             "pairs_skipped": tot("pairs_skipped"), "pairs_lost": tot("pairs_lost"),
+            "pairs_skipped_tie": sum(r["skipped_reasons"].get("tie", 0) for r in rounds),
+            "pairs_skipped_duplicate": sum(r["skipped_reasons"].get("duplicate", 0) for r in rounds),
             "pairs_duplicated": tot("pairs_duplicated"),
             "renderer_pool_size_max": pool_max, "renderer_pool_trace": pool_trace,
             "pool_sample_errors": self.pool_sample_errors,

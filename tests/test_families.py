@@ -2,6 +2,7 @@
 their hub layouts, through the core: loading, sampling, the RM's prompt and weights, the renderer.
 Each test guards a defect that held only for our own tiny factory (issue 11)."""
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -74,6 +75,31 @@ def test_sampling_never_emits_special_or_vision_tokens(hub_models, family):
                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     new = out[0, enc["input_ids"].shape[1]:].tolist()
     assert not set(new) & banned
+
+
+def test_dpo_trains_on_the_sampled_token_ids(hub_models, family):
+    """The response a training batch scores is the sampled one token for token (not its decoded,
+    cleaned, re-tokenised text), and its log-prob is the same in a padded batch as alone."""
+    from caig_ray.models.policy import load_policy
+    from caig_ray.policy_ops import build_batch, generate_descriptions, left_padded, response_logps
+
+    model, processor = load_policy(hub_models[family])
+    gens = generate_descriptions(model, processor, _images(), INS, 2, 1.0, 3, 8)
+    sampled = [g["token_ids"][0] for g in gens] + [gens[0]["token_ids"][1]]
+    assert all(len(ids) >= 1 for ids in sampled) and len({len(x) for x in sampled}) >= 1
+    images, ins = _images() + _images()[:1], INS + INS[:1]
+    for padded_left in (False, True):
+        ctx = left_padded(processor) if padded_left else contextlib.nullcontext()
+        with ctx:
+            batch = build_batch(processor, images, ins, sampled)
+            alone = [build_batch(processor, [im], [i], [ids]) for im, i, ids in zip(images, ins, sampled)]
+        for row, ids in enumerate(sampled):
+            got = batch["input_ids"][row][batch["response_mask"][row].bool()].tolist()
+            assert got == ids  # token for token
+        with torch.no_grad():
+            together = response_logps(model, batch)
+            each = torch.cat([response_logps(model, b) for b in alone])
+        assert torch.allclose(together, each, atol=1e-4), (padded_left, together, each)
 
 
 def test_rm_two_images_prompt_keeps_labels_next_to_their_images(hub_models, family):

@@ -69,3 +69,19 @@ def test_accounting_finds_lost_and_duplicated_pairs():
                   "pairs_duplicated": 0}
     bad = account(["a", "b", "c"], trained=["a", "a", "x"], skipped=[])
     assert bad["pairs_lost"] == 2 and bad["pairs_duplicated"] == 2  # a twice; x never planned
+
+
+def test_ties_are_skipped_and_the_sampled_ids_travel_with_the_choice():
+    from caig_ray.pairs import preference_examples
+
+    ad, other_ad = b"\x89PNG same", b"\x89PNG other"
+    cands = [{"pair_id": f"r0-{i}", "image": b"", "instruction": "ins", "seed": 1, "desc_a": f"a{i}",
+              "desc_b": f"b{i}", "ids_a": [1, i], "ids_b": [2, i], "left_image": ad,
+              "right_image": ad if i == 0 else other_ad} for i in range(4)]
+    # 0: the two ads are identical pixel for pixel (RM says 0.9 anyway); 1: 0.505 is within the margin;
+    # 2: exactly 0.5 (the old rule handed it to the first sample); 3: a clear preference for b
+    ex, skipped = preference_examples(cands, [0.9, 0.505, 0.5, 0.2], tie_margin=0.01)
+    assert skipped == [{"pair_id": f"r0-{i}", "reason": "tie"} for i in range(3)]
+    assert len(ex) == 1 and ex[0]["chosen"] == "b3" and ex[0]["chosen_ids"] == [2, 3] and ex[0]["rejected_ids"] == [1, 3]
+    ex, skipped = preference_examples(cands[1:], [0.505, 0.51, 0.2], tie_margin=0.0)  # margin 0: only exact 0.5
+    assert [e["chosen"] for e in ex] == ["a1", "b3"] and skipped == [{"pair_id": "r0-2", "reason": "tie"}]
