@@ -40,7 +40,10 @@ def main() -> None:
     for name, faults in (("clean", {}), ("policy_rank_killed", {"marker_dir": str(work / "faults"),
                                                                  "policy_rank_die_at_step": 3})):
         # lr 1e-3 (the tests' value) so the policy visibly moves in 2 rounds; the rest is the quick preset
-        cfg = load_config("quick", overrides={"storage": storage, "online": {"faults": faults}, "policy": {"lr": 1e-3}})
+        # tie_margin None: the quick world's random PM mostly yields tied pairs (the same plain ad twice),
+        # which the default skips; this run is about recovery, so it trains them as CAIG's scripts do
+        cfg = load_config("quick", overrides={"storage": storage, "online": {"faults": faults, "tie_margin": None},
+                                              "policy": {"lr": 1e-3}})
         t = time.perf_counter()
         s = train(cfg, f"runs/{name}", str(world.policy), str(world.reward), str(world.catalog), progress=False)
         runs[name] = {k: s[k] for k in ("recoveries", "recoveries_by_kind", "pairs_planned", "pairs_trained",

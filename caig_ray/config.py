@@ -346,9 +346,10 @@ class OnlineConfig(_Strict):
     # scripts -- sample all, then render all, then score all (each a Ray Data run), then train (bench/pipeline.py).
     pipeline: Literal["streaming", "sequential"] = "streaming"
     debias_rm: bool = True  # score both orders and average (position-debiased preference)
-    # a pair whose RM preference is within this of 0.5 (or whose two ads are identical) is a tie: skipped
-    # and counted (pairs_skipped_tie), never trained as a preference
-    tie_margin: float = Field(0.01, ge=0.0, lt=0.5)
+    # A pair whose two ads are identical, or whose RM preference is within tie_margin of 0.5, is a tie:
+    # skipped and counted (pairs_skipped_tie), never trained as a preference. None = CAIG's scripts'
+    # rule (p >= 0.5 picks the first sample, ties included).
+    tie_margin: float | None = Field(0.0, ge=0.0, lt=0.5)
     scorer_batch_size: int = Field(16, ge=1)
     checkpoint_every: int = Field(1, ge=1)
     keep_checkpoints: int = Field(2, ge=1)

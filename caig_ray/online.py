@@ -58,8 +58,8 @@ def candidate_pairs(products: list, generations: list[dict], round_index: int, s
             "instruction": pm_instruction(p.title, p.attributes),
             "desc_a": clean_prompt(a), "desc_b": clean_prompt(b),
             # what the policy sampled, token for token: DPO trains on these (cleaning is for the renderer)
-            "ids_a": list(g["token_ids"][0]) if g.get("token_ids") else None,
-            "ids_b": list(g["token_ids"][1]) if g.get("token_ids") else None,
+            "ids_a": [int(t) for t in g["token_ids"][0]] if g.get("token_ids") is not None else None,
+            "ids_b": [int(t) for t in g["token_ids"][1]] if g.get("token_ids") is not None else None,
             "seed": render_seed(seed, p.id, round_index), "policy_version": policy_version,
         })
     return out

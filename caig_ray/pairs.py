@@ -73,7 +73,24 @@ def mine_rm_pairs(
     return out
 
 
-def preference_examples(candidates: list[dict], p_first: list[float], tie_margin: float = 0.0
+def redraw_order(pairs: list[dict], seed: int, epoch: int) -> list[dict]:
+    """The RM's pairs for one epoch with left/right drawn again (CAIG draws the order per example, not
+    once per pair): each pair is swapped with probability 1/2 from a generator seeded by (seed, epoch);
+    a swap exchanges rows, creatives and CTRs and flips ``label``. Epoch 0 keeps the mined order."""
+    if epoch == 0:
+        return list(pairs)
+    flips = np.random.default_rng([seed, 41, epoch]).random(len(pairs)) < 0.5
+    out = []
+    for p, flip in zip(pairs, flips):
+        if flip:
+            p = {**p, "left_row": p["right_row"], "right_row": p["left_row"], "left_creative": p["right_creative"],
+                 "right_creative": p["left_creative"], "ctr_left": p["ctr_right"], "ctr_right": p["ctr_left"],
+                 "label": 1 - p["label"]}
+        out.append(p)
+    return out
+
+
+def preference_examples(candidates: list[dict], p_first: list[float], tie_margin: float | None = 0.0
                         ) -> tuple[list[dict], list[dict]]:
     """The online loop's DPO examples from scored candidate pairs (CAIG: the RM picks chosen/rejected).
 
@@ -83,7 +100,8 @@ def preference_examples(candidates: list[dict], p_first: list[float], tie_margin
     is the RM's P(ad of ``desc_a`` gets more clicks). Returns (examples, skipped). Skipped, with the
     reason: "duplicate" (identical descriptions: the renderer paints the same ad twice) and "tie"
     (both ads identical pixel for pixel, or |p - 0.5| <= ``tie_margin``: the RM prefers neither, and
-    ``p >= 0.5`` would hand the win to the first sample). Every other pair becomes one example."""
+    ``p >= 0.5`` would hand the win to the first sample). ``tie_margin`` None is CAIG's scripts' rule:
+    no tie is skipped and ``p >= 0.5`` picks ``desc_a``. Every other pair becomes one example."""
     if len(candidates) != len(p_first):
         raise ValueError(f"{len(candidates)} candidate pairs but {len(p_first)} scores")
     examples, skipped = [], []
@@ -92,10 +110,10 @@ def preference_examples(candidates: list[dict], p_first: list[float], tie_margin
             skipped.append({"pair_id": cand["pair_id"], "reason": "duplicate"})
             continue
         same_ad = cand.get("left_image") is not None and cand.get("left_image") == cand.get("right_image")
-        if same_ad or abs(p - 0.5) <= tie_margin:
+        if tie_margin is not None and (same_ad or abs(p - 0.5) <= tie_margin):
             skipped.append({"pair_id": cand["pair_id"], "reason": "tie"})
             continue
-        a_wins = p > 0.5  # CAIG's decision rule: logit[0] > logit[1] -> left (equality is a tie, above)
+        a_wins = p >= 0.5  # CAIG's decision rule: logit[0] >= logit[1] -> left (ties were skipped above)
         win, lose = ("a", "b") if a_wins else ("b", "a")
         examples.append({
             "pair_id": cand["pair_id"], "image": cand["image"], "instruction": cand["instruction"],

@@ -173,10 +173,10 @@ def preference_rows(examples: list[dict], image_size: int | None, pcpo_weight: f
     images = [as_image(e["image"], image_size) for e in examples]
     ins = [e["instruction"] for e in examples]
     # the sampled token ids when the example has them (the online loop), else the text
-    chosen = [e["chosen_ids"] if e.get("chosen_ids") else e["chosen"] for e in examples]
+    chosen = [e["chosen"] if e.get("chosen_ids") is None else e["chosen_ids"] for e in examples]
     rows = []
     for i, e in enumerate(examples):
-        rejected = e["rejected_ids"] if e.get("rejected_ids") else e["rejected"]
+        rejected = e["rejected"] if e.get("rejected_ids") is None else e["rejected_ids"]
         row = {"image": images[i], "instruction": ins[i], "chosen": chosen[i], "rejected": rejected}
         if pcpo_weight > 0:
             row["negative"] = pcpo_negative(i, images, ins, chosen, np.random.default_rng(int(e["seed"])))

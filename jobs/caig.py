@@ -266,7 +266,10 @@ class OnlineLoop:
             for x in rows:
                 records[x["pair_id"]] = {
                     k: x.get(k) for k in ("pair_id", "round", "product_id", "title", "category", "seed", "desc_a",
-                                          "desc_b", "ids_a", "ids_b", "policy_version", "p_left", p_key)} | {
+                                          "desc_b", "policy_version", "p_left", p_key)} | {
+                    # sampled token ids (Ray Data hands them back as arrays): plain lists in the parquet
+                    **{f"ids_{s}": None if x.get(f"ids_{s}") is None else [int(t) for t in x[f"ids_{s}"]]
+                       for s in ("a", "b")},
                     "ad_a": x["left_image"], "ad_b": x["right_image"], "status": "pending", "trained_at_step": -1,
                     **self._verdicts(x)}
             for e in examples:

@@ -21,7 +21,7 @@ from caig_ray.config import CaigConfig
 from caig_ray.data import read_click_logs
 from caig_ray.ds import deepspeed_config, lr_scheduler
 from caig_ray.models.vlm import check_model_folder
-from caig_ray.pairs import mine_rm_pairs
+from caig_ray.pairs import mine_rm_pairs, redraw_order
 from caig_ray.storage import Output, resolve_output
 from caig_ray.world import WorldLayout
 from jobs._entry import add_config_args, run_job
@@ -92,10 +92,11 @@ def train_func(loop: dict) -> None:
     rng = torch.Generator().manual_seed(tc.seed + rank)
     for epoch in range(tc.epochs):
         order = torch.randperm(len(shard), generator=rng).tolist()
+        epoch_pairs = redraw_order(shard, tc.seed + rank, epoch)  # left/right drawn again every epoch
         sums: dict[str, float] = {}
         batches = range(0, len(order) - tc.batch_size + 1, tc.batch_size) if len(order) >= tc.batch_size else [0]
         for start in tqdm(batches, desc=f"rm epoch {epoch}", disable=rank != 0):
-            batch = [shard[i] for i in order[start:start + tc.batch_size]]
+            batch = [epoch_pairs[i] for i in order[start:start + tc.batch_size]]
             enc = rm_inputs(processor, [PairToScore(image(p["left_row"]), image(p["right_row"]),
                                                     titles[p["left_row"]] or "") for p in batch],
                             cfg.reward.pair_image_size, layout=cfg.reward.pair_layout).to(device)

@@ -83,5 +83,25 @@ def test_ties_are_skipped_and_the_sampled_ids_travel_with_the_choice():
     ex, skipped = preference_examples(cands, [0.9, 0.505, 0.5, 0.2], tie_margin=0.01)
     assert skipped == [{"pair_id": f"r0-{i}", "reason": "tie"} for i in range(3)]
     assert len(ex) == 1 and ex[0]["chosen"] == "b3" and ex[0]["chosen_ids"] == [2, 3] and ex[0]["rejected_ids"] == [1, 3]
-    ex, skipped = preference_examples(cands[1:], [0.505, 0.51, 0.2], tie_margin=0.0)  # margin 0: only exact 0.5
+    ex, skipped = preference_examples(cands[1:], [0.505, 0.5, 0.2], tie_margin=0.0)  # margin 0: only exact 0.5
     assert [e["chosen"] for e in ex] == ["a1", "b3"] and skipped == [{"pair_id": "r0-2", "reason": "tie"}]
+    ex, skipped = preference_examples(cands, [0.9, 0.505, 0.5, 0.2], tie_margin=None)  # CAIG scripts' rule
+    assert [e["chosen"] for e in ex] == ["a0", "a1", "a2", "b3"] and not skipped
+
+
+def test_rm_pairs_get_their_left_right_order_drawn_again_each_epoch():
+    from caig_ray.pairs import redraw_order
+
+    pairs = [{"left_row": 2 * i, "right_row": 2 * i + 1, "left_creative": f"c{2 * i}", "right_creative": f"c{2 * i + 1}",
+              "ctr_left": 0.02, "ctr_right": 0.01, "label": 0} for i in range(200)]
+    assert redraw_order(pairs, 0, 0) == pairs
+    e1, e2 = redraw_order(pairs, 0, 1), redraw_order(pairs, 0, 2)
+    assert e1 == redraw_order(pairs, 0, 1) and e1 != e2  # seeded, and different per epoch
+    swapped = [q for q in e1 if q["label"] == 1]
+    assert 60 < len(swapped) < 140  # about half
+    for p, q in zip(pairs, e1):
+        if q["label"] == 1:  # a swap keeps every field with its own side
+            assert (q["left_row"], q["right_row"], q["ctr_left"], q["ctr_right"], q["left_creative"]) == (
+                p["right_row"], p["left_row"], p["ctr_right"], p["ctr_left"], p["right_creative"])
+        else:
+            assert q == p
