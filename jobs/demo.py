@@ -118,7 +118,7 @@ def _train_models(cfg, lay: WorldLayout, out: Path, plots: Path) -> dict:
         **{k: online[k] for k in (
             "true_ctr_by_round", "match_rate_by_round", "rm_win_rate_by_round", "eval_after_rounds",
             "pairs_planned", "pairs_rendered", "pairs_scored", "pairs_trained", "pairs_skipped", "pairs_lost",
-            "pairs_duplicated", "renderer_pool_size_max", "steps")},
+            "pairs_duplicated", "pairs_skipped_tie", "pairs_skipped_duplicate", "renderer_pool_size_max", "steps")},
         "true_ctr_lift": online.get("true_ctr_lift"), "online_s": online_s, "online_dir": str(out / "online"),
         "tuned_policy_path": online["policy_path"],
     }

@@ -25,6 +25,7 @@ def test_demo_end_to_end_on_quick_preset(tmp_path):
     assert all(0 < c < 1 for c in summary["true_ctr_by_round"]) and len(summary["match_rate_by_round"]) == len(rounds)
     assert summary["pairs_lost"] == 0 and summary["pairs_duplicated"] == 0
     assert summary["pairs_trained"] + summary["pairs_skipped"] == summary["pairs_planned"] == 2 * 8
+    assert 0 <= summary["pairs_skipped_tie"] <= summary["pairs_skipped"]  # ties are counted, by name
     assert summary["renderer_pool_size_max"] >= 1 and summary["wall_s"] > 0
     assert (tmp_path / "online" / "report.html").exists()
     for png in ("market_ctr_heatmap.png", "history_ads.png", "renderers.png", "rm_accuracy.png"):
