@@ -54,12 +54,30 @@ def _files(root: Path) -> set[str]:
 def test_every_entrypoint_writes_only_under_storage(quick_world, tmp_path, monkeypatch):
     """make-world, train-rm, evaluate-rm, generate and train with --storage and relative --out: every
     file they write is under the storage folder, none in the working directory."""
-    from jobs import caig, evaluate_rm, generate, make_world, train_rm
+    import ray
 
     storage, cwd = tmp_path / "shared", tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     st = ["--storage", str(storage), "--preset", "quick"]
+    try:
+        _run_every_entrypoint(st, storage, quick_world)
+    finally:
+        ray.shutdown()  # the mains leave the local Ray they started up for the process (a CLI exits)
+    assert not _files(cwd), _files(cwd)
+    written = _files(storage)
+    for expected in ("world/catalog/catalog.json", "rm/config.json", "rm/train_metrics.json", "rm_eval.json",
+                     "ads/best.parquet", "runs/online/summary.json", "runs/online/metrics.jsonl",
+                     "runs/online/checkpoints/round_000/state.json", "runs/online/policy/config.json",
+                     "runs/online/pairs/round_000.parquet", "runs/online/report.html"):
+        assert expected in written, expected
+    assert any(f.startswith("rm_ray/") for f in written)  # Ray Train's own checkpoints: under storage too
+    assert any(f.startswith("rm_tensorboard/") for f in written)
+
+
+def _run_every_entrypoint(st: list[str], storage: Path, quick_world) -> None:
+    from jobs import caig, evaluate_rm, generate, make_world, train_rm
+
     assert make_world.main([*st, "--out", "world", "--no-models"]) == 0
     assert train_rm.main([*st, "--world", str(quick_world.root), "--out", "rm", "--epochs", "1",
                           "--max-pairs", "16"]) == 0
@@ -71,12 +89,3 @@ def test_every_entrypoint_writes_only_under_storage(quick_world, tmp_path, monke
                       "--rm", str(storage / "rm"), "--out", "runs/online", "--rounds", "1"]) == 0
     summary = json.loads((storage / "runs" / "online" / "summary.json").read_text())
     assert summary["storage"] == str(storage / "runs" / "online")
-    assert not _files(cwd), _files(cwd)
-    written = _files(storage)
-    for expected in ("world/catalog/catalog.json", "rm/config.json", "rm/train_metrics.json", "rm_eval.json",
-                     "ads/best.parquet", "runs/online/summary.json", "runs/online/metrics.jsonl",
-                     "runs/online/checkpoints/round_000/state.json", "runs/online/policy/config.json",
-                     "runs/online/pairs/round_000.parquet", "runs/online/report.html"):
-        assert expected in written, expected
-    assert any(f.startswith("rm_ray/") for f in written)  # Ray Train's own checkpoints: under storage too
-    assert any(f.startswith("rm_tensorboard/") for f in written)
