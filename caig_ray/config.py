@@ -199,6 +199,9 @@ class PolicyConfig(_Strict):
     tiny: TinyBackboneConfig = TinyBackboneConfig()
     # product image side fed to the PM; None = the checkpoint's native input (its processor resizes)
     image_size: int | None = Field(56, ge=28)
+    # CAIG's instruction variety: one of the first k PM templates (caig_ray/prompts.py) drawn per
+    # training product and round, seeded; 1 = always the first. Held-out evaluation always uses the first.
+    instruction_templates: int = Field(10, ge=1, le=10)
     max_new_tokens: int = Field(24, ge=1)
     temperature: float = Field(1.0, gt=0.0)
     generate_batch_size: int = Field(16, ge=1)  # products per generate call on a rank (bounds the KV cache)
@@ -233,6 +236,9 @@ class RewardConfig(_Strict):
     backbone_path: str | None = None  # CAIG: the pretrained PM's folder (pretrain-pm --out)
     tiny: TinyBackboneConfig = TinyBackboneConfig(seed=1)
     pair_image_size: int = Field(56, ge=28)  # each ad resized to this side before concatenation
+    # CAIG's question variety in RM training: one of the first k RM templates drawn per pair and epoch,
+    # seeded; 1 = always the first. Scoring (online, Serve, evaluate-rm) always asks the first.
+    question_templates: int = Field(12, ge=1, le=12)
     # composite: CAIG's one side-by-side image. two_images: the two ads as two images in one prompt
     # (the tiny Qwen2-VL cannot learn left-vs-right within one composite; README, reward model).
     pair_layout: Literal["composite", "two_images"] = "composite"
@@ -372,6 +378,20 @@ class ServeConfig(_Strict):
     target_ongoing_requests: float = Field(8.0, gt=0)
     max_image_bytes: int = Field(4_000_000, ge=1024)  # per decoded image
     max_image_side: int = Field(4096, ge=16)
+    # request limits (413 naming the limit): a 100k-character title once held a replica for 97 s
+    max_title_chars: int = Field(1000, ge=1)
+    max_attributes: int = Field(64, ge=0)  # key-value pairs per product
+    max_attribute_chars: int = Field(500, ge=1)  # per key and per value
+    # requests one replica holds at once (scoring, or waiting for a batch); one more is answered 503
+    # with Retry-After at once instead of queueing until it times out. Must let a batch fill.
+    max_queued_requests: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _batches_can_fill(self) -> "ServeConfig":
+        if self.max_queued_requests < self.max_batch_size:
+            raise ValueError(f"max_queued_requests ({self.max_queued_requests}) is below max_batch_size "
+                             f"({self.max_batch_size}): batches could never fill")
+        return self
 
 
 class CaigConfig(_Strict):

@@ -14,7 +14,7 @@ import numpy as np
 
 from caig_ray.config import MarketConfig
 from caig_ray.market.clicks import ClickModel, noise_key
-from caig_ray.prompts import clean_prompt, pm_instruction
+from caig_ray.prompts import clean_prompt, pm_instruction, template_index
 
 
 def split_eval_products(product_ids: list[str], n_eval: int, seed: int) -> tuple[list[str], list[str]]:
@@ -39,8 +39,13 @@ def render_seed(seed: int, product_id: str, round_index: int) -> int:
     return int(np.random.default_rng([seed, 47, round_index, *product_id.encode()]).integers(0, 2**31 - 1))
 
 
+def pm_template(seed: int, product_id: str, round_index: int, n_templates: int) -> int:
+    """The PM instruction template of (product, round): the same for sampling and for training on it."""
+    return template_index(seed, product_id, n_templates, round_index)
+
+
 def candidate_pairs(products: list, generations: list[dict], round_index: int, seed: int,
-                    policy_version: int, kind: str = "train") -> list[dict]:
+                    policy_version: int, kind: str = "train", n_templates: int = 1) -> list[dict]:
     """One candidate pair per product from its sampled descriptions (the first two samples).
 
     Each pair: ``pair_id`` (unique in a job), ``kind``, ``round``, ``product_id``, ``title``,
@@ -55,7 +60,7 @@ def candidate_pairs(products: list, generations: list[dict], round_index: int, s
         out.append({
             "pair_id": f"{kind}-r{round_index:03d}-{p.id}", "kind": kind, "round": round_index,
             "product_id": p.id, "title": p.title, "category": p.category or "",
-            "instruction": pm_instruction(p.title, p.attributes),
+            "instruction": pm_instruction(p.title, p.attributes, pm_template(seed, p.id, round_index, n_templates)),
             "desc_a": clean_prompt(a), "desc_b": clean_prompt(b),
             # what the policy sampled, token for token: DPO trains on these (cleaning is for the renderer)
             "ids_a": [int(t) for t in g["token_ids"][0]] if g.get("token_ids") is not None else None,

@@ -83,7 +83,7 @@ class PolicyEngine:
         if not products:  # PolicyGroup pads short shards: under ZeRO-3 every rank must run generate
             raise ValueError("PolicyWorker.generate got no products")
         images = [as_image(p["image"], self.cfg.image_size) for p in products]
-        ins = [pm_instruction(p["title"], p.get("attributes")) for p in products]
+        ins = [pm_instruction(p["title"], p.get("attributes"), p.get("template", 0)) for p in products]
         size, out = self.cfg.generate_batch_size, []
         # ZeRO-3: the whole model gathered once for this call (DESIGN.md 8.2), ranks decode independently;
         # products in chunks of generate_batch_size so the KV cache fits

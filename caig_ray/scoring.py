@@ -47,18 +47,20 @@ def chat_prompt(processor, content: list[dict]) -> str:
     return render([{"type": "text", "text": inline}])
 
 
-def rm_inputs(processor, pairs: list[PairToScore], size: int, template: int = 0, swap: bool = False,
+def rm_inputs(processor, pairs: list[PairToScore], size: int, template: int | list[int] = 0, swap: bool = False,
               layout: str = "composite") -> dict:
-    """Processor outputs for a batch of pairs (``swap`` puts the right ad on the left).
+    """Processor outputs for a batch of pairs (``swap`` puts the right ad on the left; ``template``: the
+    question template, one for all pairs or one per pair).
 
     ``layout="composite"`` is CAIG's: one image, the two ads side by side. ``"two_images"`` passes
     the ads as two images in one prompt ("Left ad: <image> Right ad: <image>"): with M-RoPE and no
     absolute position embedding, a tiny Qwen2-VL tells the halves of one composite apart only
     slowly, while two images sit at clearly different positions (see the README's RM section)."""
     images, prompts = [], []
-    for p in pairs:
+    templates = template if isinstance(template, list) else [template] * len(pairs)
+    for p, t in zip(pairs, templates):
         left, right = (p.right, p.left) if swap else (p.left, p.right)
-        question = {"type": "text", "text": rm_question(p.title, p.attributes, template)}
+        question = {"type": "text", "text": rm_question(p.title, p.attributes, t)}
         if layout == "composite":
             images.append(side_by_side(left, right, size))
             content = [{"type": "image"}, question]

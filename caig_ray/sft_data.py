@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from caig_ray.data import Product
-from caig_ray.prompts import format_attributes, pm_instruction
+from caig_ray.prompts import format_attributes, pm_instruction, template_index
 
 
 def _user(text: str) -> list[dict]:
@@ -25,9 +25,11 @@ def _assistant(text: str) -> list[dict]:
     return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
 
 
-def pretraining_examples(products: list[Product], logs, ad_image, product_image, seed: int = 0) -> list[dict]:
+def pretraining_examples(products: list[Product], logs, ad_image, product_image, seed: int = 0,
+                         n_templates: int = 1) -> list[dict]:
     """TRL prompt/completion examples with ``images``. ``ad_image(row)`` and ``product_image(product)``
-    return PIL images at the PM's input size. Needs a ``description`` column in the logs."""
+    return PIL images at the PM's input size. Needs a ``description`` column in the logs. The rewrite
+    task's instruction is one of the first ``n_templates`` PM templates, drawn per product (seeded)."""
     if "description" not in logs.column_names:
         raise ValueError("click logs have no 'description' column: the pretraining tasks need the "
                          "background descriptions of historical ads")
@@ -54,7 +56,8 @@ def pretraining_examples(products: list[Product], logs, ad_image, product_image,
         weaker = [x for x in rows if x != best]
         if weaker:
             w = int(rng.choice(weaker))
-            text = pm_instruction(product.title, product.attributes) + " Improve this one: " + cols["description"][w]
+            template = template_index(seed, product.id, n_templates)
+            text = pm_instruction(product.title, product.attributes, template) + " Improve this one: " + cols["description"][w]
             out.append({"task": "rewrite", "images": [img], "prompt": _user(text),
                         "completion": _assistant(cols["description"][best])})
     return out

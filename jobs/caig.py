@@ -41,7 +41,8 @@ from caig_ray.imaging import png_bytes
 from caig_ray.models.renderer import check_sd_folders
 from caig_ray.models.vlm import check_model_folder
 from caig_ray.online import (
-    MarketOracle, candidate_pairs, match_rate, paired_lift, render_seed, round_products, split_eval_products,
+    MarketOracle, candidate_pairs, match_rate, paired_lift, pm_template, render_seed, round_products,
+    split_eval_products,
 )
 from caig_ray.pairs import account, preference_examples
 from caig_ray.prompts import clean_prompt
@@ -193,10 +194,13 @@ class OnlineLoop:
             ids = round_products(self.train_ids, r, self.oc.products_per_round, self.oc.seed)
             prods = [self.products[i] for i in ids]
             t = time.perf_counter()
-            gens = self.group.generate([self._policy_input(p) for p in prods], n=self.oc.samples_per_product,
+            k = self.cfg.policy.instruction_templates  # each product's instruction for this round (CAIG's variety)
+            inputs = [{**self._policy_input(p), "template": pm_template(self.oc.seed, p.id, r, k)} for p in prods]
+            gens = self.group.generate(inputs, n=self.oc.samples_per_product,
                                        temperature=self.cfg.policy.temperature, seed=self.oc.seed * 7919 + r)
             self.gen_s[r] = time.perf_counter() - t
-            self.state["pending"][key] = candidate_pairs(prods, gens, r, self.oc.seed, self.state["step"])
+            self.state["pending"][key] = candidate_pairs(prods, gens, r, self.oc.seed, self.state["step"],
+                                                         n_templates=k)
         self._feed(self.state["pending"][key])
         self.fed_rounds.add(r)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from caig_ray.config import CaigConfig
+from caig_ray.config import CaigConfig, ConfigError
 from caig_ray.data import read_catalog
 from caig_ray.imaging import png_bytes
 from jobs._entry import add_config_args, run_job
@@ -117,6 +117,13 @@ def write_outputs(rows: list[dict], out: Path) -> dict:
     return {"products": len(best), "candidates": len(table)}
 
 
+def _at_least_one(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}: with no description there is nothing to render")
+    return n
+
+
 def generate(cfg: CaigConfig, catalog: str | Path, out: str | Path, policy: str, rm: str, n: int = 4,
              seed: int = 0) -> dict:
     import ray
@@ -125,6 +132,8 @@ def generate(cfg: CaigConfig, catalog: str | Path, out: str | Path, policy: str,
     from caig_ray.models.vlm import check_model_folder
 
     t0 = time.perf_counter()
+    if n < 1:
+        raise ConfigError(f"generate: n={n} descriptions per product; give at least 1")
     # every model folder is checked before anything is sampled or rendered
     check_model_folder(policy, "--policy", kind="policy")
     check_model_folder(rm, "--rm", kind="reward")
@@ -157,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--policy", required=True, help="prompt-model folder (pretrain-pm or a trained policy)")
     p.add_argument("--rm", required=True, help="reward-model folder (train-rm --out)")
-    p.add_argument("--n", type=int, default=4, help="descriptions per product")
+    p.add_argument("--n", type=_at_least_one, default=4, help="descriptions per product (>= 1)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     return run_job(args, lambda cfg, out: generate(cfg, args.catalog, out.local, args.policy, args.rm, args.n,

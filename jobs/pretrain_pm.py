@@ -56,7 +56,7 @@ def train_func(loop: dict) -> None:
     size = cfg.policy.image_size
     examples = pretraining_examples(
         train_products, logs, lambda r: as_image(load_log_image(logs, r, Path(loop["click_logs"]).parent), size),
-        lambda p: as_image(p.image, size), pc.seed)
+        lambda p: as_image(p.image, size), pc.seed, n_templates=cfg.policy.instruction_templates)
     if pc.max_examples:
         examples = examples[: pc.max_examples]
     dataset = Dataset.from_list([{k: v for k, v in e.items() if k != "task"} for e in examples])

@@ -6,7 +6,10 @@ uses; requests are batched with ``@serve.batch``; replicas autoscale from config
 API: ``POST /v1/score`` (a product and two base64 images -> P(first gets more clicks), the
 position-debiased P, the two predicted CTRs), ``POST /v1/rank`` (a product and 2-16 images -> best
 first), ``GET /healthz``; the OpenAPI schema is at ``/openapi.json``. Bad input is a 4xx naming the
-field, never a 500.
+field and, for a limit, the limit (413 too large, 422 invalid), never a 500; every error body is
+``{"detail": [{"loc": [...], "msg": ..., "type": ...}]}``, FastAPI's validation-error shape. A replica
+holding ``serve.max_queued_requests`` requests answers the next one 503 with ``Retry-After`` at once.
+The model's forward runs in a worker thread, off the replica's event loop (health checks stay live).
 """
 
 # no `from __future__ import annotations` here: FastAPI resolves the request models from real annotations
@@ -19,22 +22,69 @@ import os
 import sys
 import time
 
+import contextlib
+
 from fastapi import FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from ray import serve
 
 from caig_ray.config import ConfigError, ReplicaPlacement, ServeConfig, config_from_dict, load_config
+from caig_ray.data.catalog import to_8bit
 from caig_ray.models.vlm import ModelFolderError, check_model_folder
 from caig_ray.scoring import PairToScore
 
 app = FastAPI(title="caig-ray reward model", version="1")
 
 
+def _utf8(value):
+    """Text must be encodable: JSON can carry an unpaired surrogate escape that no tokenizer takes."""
+    for text in ([value] if isinstance(value, str) else list(value or {}) + list((value or {}).values())):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text with an unpaired surrogate (not valid Unicode)") from None
+    return value
+
+
 class Product(BaseModel):
-    title: str = Field(min_length=1, description="product title")
+    title: str = Field(min_length=1, description="product title (at most serve.max_title_chars characters)")
     category: str | None = None
-    attributes: dict[str, str] | None = None
+    attributes: dict[str, str] | None = Field(None, description="at most serve.max_attributes pairs")
+
+    _valid_text = field_validator("title", "category", "attributes")(_utf8)
+
+
+class ErrorItem(BaseModel):
+    loc: list[str | int] = Field(description="where: e.g. ['body', 'product', 'title']")
+    msg: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    """Every error the API answers (and FastAPI's own validation errors) has this shape."""
+
+    detail: list[ErrorItem]
+
+
+ERRORS = {413: {"model": ErrorBody, "description": "a field over a serve limit (the message names it)"},
+          422: {"model": ErrorBody, "description": "invalid input (the location names the field)"},
+          503: {"model": ErrorBody, "description": "the replica is full: retry after the Retry-After seconds"}}
+
+
+def http_error(status: int, loc: list, msg: str, kind: str, headers: dict | None = None) -> HTTPException:
+    return HTTPException(status, detail=[{"loc": loc, "msg": msg, "type": kind}], headers=headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422, as ``ErrorBody``: without the offending ``input`` echoed back (a 100k-character
+    title, or text that cannot even be encoded as UTF-8, would otherwise come back or fail as a 500)."""
+    items = [{"loc": list(e.get("loc", [])), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+             for e in exc.errors()]
+    return JSONResponse(status_code=422, content={"detail": items})
 
 
 class ScoreRequest(BaseModel):
@@ -66,23 +116,30 @@ class RankResponse(BaseModel):
 
 
 def decode_image(value: str, field: str, max_bytes: int, max_side: int) -> Image.Image:
-    """base64 -> RGB image; any failure is an HTTP 4xx naming ``field``."""
+    """base64 -> RGB image; any failure is an HTTP 4xx naming ``field`` (and the limit, for a limit)."""
+    loc = ["body", *field.replace("]", "").split("[")]
+    loc = [int(x) if x.isdigit() else x for x in loc]
     try:
         raw = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise HTTPException(422, f"field '{field}': not valid base64") from None
+        raise http_error(422, loc, f"field '{field}': not valid base64", "base64") from None
     if len(raw) > max_bytes:
-        raise HTTPException(413, f"field '{field}': image of {len(raw)} bytes is over the {max_bytes}-byte limit")
+        raise http_error(413, loc, f"field '{field}': image of {len(raw)} bytes is over the serve.max_image_bytes "
+                                   f"limit of {max_bytes}", "too_large")
     try:
         img = Image.open(io.BytesIO(raw))
         if img.format not in ("PNG", "JPEG"):
-            raise HTTPException(422, f"field '{field}': {img.format} image; send PNG or JPEG")
-        if max(img.size) > max_side:
-            raise HTTPException(413, f"field '{field}': image side {max(img.size)} px is over the {max_side} px limit")
+            raise http_error(422, loc, f"field '{field}': {img.format} image; send PNG or JPEG", "image_format")
+        if max(img.size) > max_side:  # checked on the header, before any pixel is decoded
+            raise http_error(413, loc, f"field '{field}': image side {max(img.size)} px is over the "
+                                       f"serve.max_image_side limit of {max_side} px", "too_large")
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError):
-        raise HTTPException(422, f"field '{field}': not a PNG/JPEG image") from None
-    return img.convert("RGB")
+    except Image.DecompressionBombError:  # a header claiming a gigantic size, refused by Pillow before decoding
+        raise http_error(413, loc, f"field '{field}': image size over the serve.max_image_side limit of {max_side} px",
+                         "too_large") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise http_error(422, loc, f"field '{field}': not a PNG/JPEG image", "image") from None
+    return to_8bit(img).convert("RGB")  # 16-bit grayscale scaled, not clipped to white
 
 
 @serve.deployment(name="RewardScorerService", health_check_period_s=10)
@@ -99,6 +156,8 @@ class RewardScorerService:
                                    dtype=where.dtype)
         self._score_batch.set_max_batch_size(self.cfg.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self.held = 0  # requests this replica holds now (admitted, not yet answered)
+        self.started_at = time.time()
 
     def check_health(self) -> None:
         if self.scorer is None:
@@ -106,25 +165,61 @@ class RewardScorerService:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _score_batch(self, pairs: list[PairToScore]) -> list[dict]:
-        res = self.scorer.score(pairs)
+        # the forward in a worker thread: the event loop keeps answering health checks and 503s meanwhile
+        res = await asyncio.get_running_loop().run_in_executor(None, self.scorer.score, pairs)
         return [{k: v[i] for k, v in res.items()} for i in range(len(pairs))]
 
     def _image(self, value: str, field: str) -> Image.Image:
         return decode_image(value, field, self.cfg.max_image_bytes, self.cfg.max_image_side)
 
+    def _check_product(self, product: Product) -> None:
+        """The serve limits on the product's text (413 naming the limit)."""
+        cfg = self.cfg
+        if len(product.title) > cfg.max_title_chars:
+            raise http_error(413, ["body", "product", "title"], f"title of {len(product.title)} characters is over "
+                             f"the serve.max_title_chars limit of {cfg.max_title_chars}", "too_large")
+        attrs = product.attributes or {}
+        if len(attrs) > cfg.max_attributes:
+            raise http_error(413, ["body", "product", "attributes"], f"{len(attrs)} attributes is over the "
+                             f"serve.max_attributes limit of {cfg.max_attributes}", "too_large")
+        for key, value in attrs.items():
+            if max(len(key), len(value)) > cfg.max_attribute_chars:
+                raise http_error(413, ["body", "product", "attributes", key], f"attribute {key[:40]!r} is over the "
+                                 f"serve.max_attribute_chars limit of {cfg.max_attribute_chars}", "too_large")
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self):
+        """Hold one of the replica's ``max_queued_requests`` places, or answer 503 + Retry-After now."""
+        if self.held >= self.cfg.max_queued_requests:
+            raise http_error(503, ["server"], f"this replica holds {self.held} requests (serve.max_queued_requests); "
+                             "retry later", "overloaded", headers={"Retry-After": "1"})
+        self.held += 1
+        try:
+            yield
+        finally:
+            self.held -= 1
+
     @app.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "model_path": self.cfg.model_path}
+        return {"status": "ok", "model_path": self.cfg.model_path, "started_at": self.started_at,
+                "requests_held": self.held}
 
-    @app.post("/v1/score", response_model=ScoreResponse)
+    @app.post("/v1/score", response_model=ScoreResponse, responses=ERRORS)
     async def score(self, req: ScoreRequest) -> ScoreResponse:
-        a, b = self._image(req.image_a, "image_a"), self._image(req.image_b, "image_b")
-        r = await self._score_batch(PairToScore(a, b, req.product.title, req.product.attributes))
+        async with self._admitted():
+            self._check_product(req.product)
+            a, b = self._image(req.image_a, "image_a"), self._image(req.image_b, "image_b")
+            r = await self._score_batch(PairToScore(a, b, req.product.title, req.product.attributes))
         return ScoreResponse(p_first_better=r["p_left"], p_first_better_debiased=r["p_left_debiased"],
                              ctr_first=r["ctr_left"], ctr_second=r["ctr_right"])
 
-    @app.post("/v1/rank", response_model=RankResponse)
+    @app.post("/v1/rank", response_model=RankResponse, responses=ERRORS)
     async def rank(self, req: RankRequest) -> RankResponse:
+        async with self._admitted():
+            return await self._rank(req)
+
+    async def _rank(self, req: RankRequest) -> RankResponse:
+        self._check_product(req.product)
         images = [self._image(v, f"images[{i}]") for i, v in enumerate(req.images)]
         n = len(images)
         idx = [(i, j) for i in range(n) for j in range(i + 1, n)]
@@ -148,6 +243,9 @@ def build_app(args: dict):
     full = config_from_dict(args, "serve application args")
     cfg, where = full.serve, full.resources.serve
     return RewardScorerService.options(
+        # a little above the replica's own bound, so the excess reaches it and gets its 503 at once
+        # rather than waiting in the proxy's queue
+        max_ongoing_requests=cfg.max_queued_requests + 8,
         autoscaling_config={"min_replicas": where.min_replicas, "max_replicas": where.max_replicas,
                             "target_ongoing_requests": cfg.target_ongoing_requests},
         ray_actor_options={"num_cpus": where.num_cpus, "num_gpus": where.num_gpus,

@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 from caig_ray.config import CaigConfig
-from caig_ray.data import read_click_logs
+from caig_ray.data import DataError, read_click_logs
 from caig_ray.ds import deepspeed_config, lr_scheduler
 from caig_ray.models.vlm import check_model_folder
 from caig_ray.pairs import mine_rm_pairs, redraw_order
+from caig_ray.prompts import template_index
 from caig_ray.storage import Output, resolve_output
 from caig_ray.world import WorldLayout
 from jobs._entry import add_config_args, run_job
@@ -97,9 +98,12 @@ def train_func(loop: dict) -> None:
         batches = range(0, len(order) - tc.batch_size + 1, tc.batch_size) if len(order) >= tc.batch_size else [0]
         for start in tqdm(batches, desc=f"rm epoch {epoch}", disable=rank != 0):
             batch = [epoch_pairs[i] for i in order[start:start + tc.batch_size]]
+            # CAIG's question variety: one template per pair and epoch (seeded)
+            questions = [template_index(tc.seed, f"{p['left_row']}-{p['right_row']}", cfg.reward.question_templates,
+                                        epoch) for p in batch]
             enc = rm_inputs(processor, [PairToScore(image(p["left_row"]), image(p["right_row"]),
                                                     titles[p["left_row"]] or "") for p in batch],
-                            cfg.reward.pair_image_size, layout=cfg.reward.pair_layout).to(device)
+                            cfg.reward.pair_image_size, template=questions, layout=cfg.reward.pair_layout).to(device)
             labels = torch.tensor([p["label"] for p in batch], device=device)
             ctr_t = torch.tensor([[p["ctr_left"], p["ctr_right"]] for p in batch], device=device)
             out = engine(**enc)
@@ -148,9 +152,16 @@ def train_rm(cfg: CaigConfig, world_dir: str | Path, out: str | Path | Output) -
     lay = WorldLayout(world_dir)
     click_logs = Path(cfg.data.click_logs or lay.click_logs).resolve()
     backbone = Path(cfg.reward.backbone_path or lay.reward).resolve()
-    read_click_logs(click_logs)  # refuse bad logs in the driver, before any worker starts
+    logs = read_click_logs(click_logs)  # refuse bad logs in the driver, before any worker starts
     out = store.local
     tc, placement = cfg.train_rm, cfg.resources.reward_training
+    band = tuple(tc.train_band or cfg.market.band)
+    n_train = sum(p["split"] == "train"
+                  for p in mine_rm_pairs(logs, cfg.market.min_impressions, band, tc.test_fraction, tc.seed))
+    if min(n_train, tc.max_pairs or n_train) < placement.num_workers:  # else Ray Train starts, fails, retries
+        raise DataError(f"{click_logs}: {n_train} training pair(s) for {placement.num_workers} worker(s): a pair is two "
+                        f"creatives of one product, each with > {cfg.market.min_impressions} impressions, whose CTR "
+                        f"ratio lies in {list(band)} (train_rm.train_band / market.band)")
     check_model_folder(backbone, "reward.backbone_path", kind="backbone")
     init_ray(None if placement.use_gpu else max(2, placement.num_workers))
     summary = fit_to_folder(
@@ -169,13 +180,23 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(p)
     p.add_argument("--world", required=True, help="world folder from make-world (or set data.click_logs)")
     p.add_argument("--out", required=True, help="folder the trained RM is written to")
+    p.add_argument("--init-from", default=None, metavar="PM_FOLDER",
+                   help="start the RM from this model folder (CAIG: the e-commerce-pretrained PM, pretrain-pm --out); "
+                        "sets reward.backbone_path")
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--max-pairs", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    return run_job(args, lambda cfg, out: train_rm(cfg, args.world, out), "train_rm",
+    return run_job(args, lambda cfg, out: train_rm(_init_from(cfg, args.init_from), args.world, out), "train_rm",
                    {"zero_stage": args.zero_stage, "epochs": args.epochs, "max_pairs": args.max_pairs, "lr": args.lr})
+
+
+def _init_from(cfg: CaigConfig, folder: str | None) -> CaigConfig:
+    """``--init-from PM_FOLDER``: the RM's backbone is that folder (reward.backbone_path)."""
+    if folder is None:
+        return cfg
+    return cfg.model_copy(update={"reward": cfg.reward.model_copy(update={"backbone_path": str(Path(folder).resolve())})})
 
 
 if __name__ == "__main__":

@@ -116,6 +116,20 @@ def test_rm_two_images_prompt_keeps_labels_next_to_their_images(hub_models, fami
     assert 0 <= left < first < right < last < question, text[:200]
 
 
+def test_rm_training_asks_each_pair_its_own_question(hub_models, family):
+    from caig_ray.models.vlm import load_processor
+    from caig_ray.prompts import RM_TEMPLATES
+    from caig_ray.scoring import PairToScore, rm_inputs
+
+    processor = load_processor(hub_models[family])
+    a, b = _images()
+    pairs = [PairToScore(a, b, "red sneakers"), PairToScore(b, a, "blue lamp")]
+    enc = rm_inputs(processor, pairs, 56, template=[0, 4], layout="two_images")
+    texts = [processor.tokenizer.decode(row) for row in enc["input_ids"]]
+    assert RM_TEMPLATES[0].format(title="red sneakers") in texts[0]
+    assert RM_TEMPLATES[4].format(title="blue lamp") in texts[1]
+
+
 def test_rm_backbone_is_the_checkpoints_weights(hub_models, family):
     """The RM built from a generation checkpoint keeps its backbone (hub weight names mapped)."""
     from caig_ray.models.policy import load_policy

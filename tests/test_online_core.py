@@ -92,3 +92,28 @@ def test_train_refuses_bad_paths_and_a_changed_config_before_starting_ray(quick_
     assert main(["--out", str(tmp_path / "c"), "--policy", str(quick_world.policy), "--catalog", str(bad),
                  "--rm", str(quick_world.reward)]) == 2
     assert "missing.png" in capsys.readouterr().err
+
+
+def test_instruction_templates_are_drawn_per_product_and_round_and_reproducible():
+    """CAIG's variety: training products get one of k PM templates per (product, round), seeded; the
+    instruction a pair trains on is the one its samples were generated with."""
+    from caig_ray.online import candidate_pairs, pm_template
+    from caig_ray.prompts import PM_TEMPLATES, RM_TEMPLATES, pm_instruction, template_index
+
+    assert len(PM_TEMPLATES) == 10 and len(RM_TEMPLATES) == 12
+    drawn = {pm_template(0, f"p{i}", r, 10) for i in range(40) for r in range(3)}
+    assert len(drawn) >= 8  # most templates are used
+    assert pm_template(0, "p1", 2, 10) == pm_template(0, "p1", 2, 10)  # a resumed job draws the same
+    assert {pm_template(0, f"p{i}", 0, 1) for i in range(20)} == {0}  # k = 1: always the first
+    assert len({template_index(0, f"{i}-{i + 1}", 12, 0) for i in range(60)}) >= 10
+
+    class P:
+        def __init__(self, i):
+            self.id, self.title, self.attributes, self.category = f"p{i}", f"item {i}", {"color": "red"}, "shoes"
+
+    prods = [P(i) for i in range(6)]
+    gens = [{"descriptions": ["a", "b"], "token_ids": [[1], [2]]} for _ in prods]
+    pairs = candidate_pairs(prods, gens, 1, 0, 0, n_templates=10)
+    for p, c in zip(prods, pairs):
+        assert c["instruction"] == pm_instruction(p.title, p.attributes, pm_template(0, p.id, 1, 10))
+        assert c["ids_a"] == [1] and c["ids_b"] == [2]

@@ -6,18 +6,36 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from caig_ray.imaging import png_bytes, rgba_from_white_background
 
 
+logger = logging.getLogger(__name__)
+MAX_TITLE_CHARS = 2000  # a product title longer than this is refused (a 100k-character one stalls the PM)
+
+
 class DataError(ValueError):
     """Input data that cannot be used; the message names the file, the row and the field."""
+
+
+def check_text(value: str, where: str, max_chars: int | None = None) -> str:
+    """Text a tokenizer can take: valid Unicode (JSON can carry an unpaired surrogate escape) and, with
+    ``max_chars``, not over that length."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: not valid Unicode text (an unpaired surrogate at character {e.start})") from None
+    if max_chars is not None and len(value) > max_chars:
+        raise DataError(f"{where}: {len(value)} characters, over the limit of {max_chars}")
+    return value
 
 
 @dataclass
@@ -38,6 +56,8 @@ def decode_image(value, base_dir: Path, where: str) -> Image.Image:
         src, label = io.BytesIO(value), f"{len(value)} bytes"
     elif isinstance(value, str):
         path = Path(value) if Path(value).is_absolute() else base_dir / value
+        if path.is_dir():
+            raise DataError(f"{where}: {path} is a directory, not an image file")
         if not path.is_file():
             raise DataError(f"{where}: image file not found: {path}")
         src, label = path, str(path)
@@ -46,21 +66,53 @@ def decode_image(value, base_dir: Path, where: str) -> Image.Image:
     try:
         img = Image.open(src)
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except Image.DecompressionBombError as e:  # a header claiming a gigantic size: refused before decoding
+        raise DataError(f"{where}: image too large to decode safely ({label}): {e}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{where}: cannot decode image ({label}): {e}") from None
+    return to_8bit(img)
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grayscale (PNG "I;16", "I") scaled to 8-bit "L": Pillow's plain conversion
+    clips them to white, which the white-background matting then turns fully transparent."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        return Image.fromarray(np.clip(arr * (255.0 if arr.max(initial=0) <= 1.0 else 1.0), 0, 255).astype(np.uint8), "L")
     return img
 
 
-def _as_rgba(img: Image.Image) -> Image.Image:
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        return img.convert("RGBA")
-    return rgba_from_white_background(img)
+def _as_rgba(img: Image.Image, where: str) -> Image.Image:
+    """The product with its alpha matte: its own alpha, or white background made transparent. A
+    fully transparent product is refused; one with no background to remove (an opaque photo) is
+    kept whole, with a warning: its product box is then the whole image."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+    else:
+        rgba = rgba_from_white_background(img)
+    alpha = np.asarray(rgba.getchannel("A"))
+    if not alpha.any():
+        raise DataError(f"{where}: the product image is fully transparent (no product pixels)")
+    if alpha.min() == 255:
+        logger.warning("%s: no alpha matte and no white background: the whole image is taken as the product", where)
+    return rgba
 
 
 def _rows_from_file(path: Path) -> list[dict]:
     if path.suffix == ".json":
+        raw = path.read_bytes()
         try:
-            rows = json.loads(path.read_text())
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise DataError(f"{path}: not UTF-8 text (byte {e.start}, line {line}): a legacy encoding? re-save the "
+                            "file as UTF-8") from None
+        try:
+            rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
         if not isinstance(rows, list):
@@ -80,6 +132,8 @@ def read_catalog(path: str | Path) -> list[Product]:
     if not path.is_file():
         raise DataError(f"catalog file not found: {path}")
     rows = _rows_from_file(path)
+    if not rows:
+        raise DataError(f"{path}: the catalog has no products")
     products, seen = [], {}
     for i, row in enumerate(rows):
         where = f"{path}, row {i}"
@@ -94,6 +148,7 @@ def read_catalog(path: str | Path) -> list[Product]:
         seen[pid] = i
         if not isinstance(row["new_caption"], str) or not row["new_caption"].strip():
             raise DataError(f"{where}, field 'new_caption': must be a non-empty string")
+        check_text(row["new_caption"], f"{where}, field 'new_caption'", MAX_TITLE_CHARS)
         attrs = row.get("attributes") or {}
         if isinstance(attrs, str):
             try:
@@ -102,7 +157,10 @@ def read_catalog(path: str | Path) -> list[Product]:
                 raise DataError(f"{where}, field 'attributes': not a JSON object") from None
         if not isinstance(attrs, dict):
             raise DataError(f"{where}, field 'attributes': must be an object, got {type(attrs).__name__}")
-        image = _as_rgba(decode_image(row["image"], path.parent, f"{where}, field 'image'"))
+        for k, v in attrs.items():
+            check_text(f"{k}{v}", f"{where}, field 'attributes' ({str(k)[:40]!r})", MAX_TITLE_CHARS)
+        image_where = f"{where}, field 'image'"
+        image = _as_rgba(decode_image(row["image"], path.parent, image_where), image_where)
         products.append(Product(pid, row["new_caption"], image, row.get("category"), attrs))
     return products
 

@@ -28,11 +28,22 @@ def read_click_logs(path: str | Path, check_images: bool = True) -> pa.Table:
     missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; required: {list(REQUIRED)}")
-    for col in ("impressions", "clicks"):
-        if not pa.types.is_integer(table.schema.field(col).type):
-            raise DataError(f"{path}, field '{col}': must be integer, got {table.schema.field(col).type}")
-    cols = {c: table.column(c).to_pylist() for c in ("product_id", "creative_id", "impressions", "clicks")}
+    if table.num_rows == 0:
+        raise DataError(f"{path}: the click log has no rows")
     errors: list[str] = []
+    for col in ("impressions", "clicks"):
+        kind = table.schema.field(col).type
+        if pa.types.is_floating(kind):  # counts stored as floats (a CSV export): whole numbers are fine
+            values = table.column(col).to_pylist()
+            bad = [i for i, v in enumerate(values) if v is not None and (v != v or v != int(v))]  # NaN or fractional
+            errors += [f"{path}, row {i}, field '{col}': not a whole count ({values[i]})" for i in bad[:MAX_REPORTED]]
+            if not bad:
+                table = table.set_column(table.column_names.index(col), col, table.column(col).cast(pa.int64()))
+        elif not pa.types.is_integer(kind):
+            raise DataError(f"{path}, field '{col}': must be integer counts, got {kind}")
+    if errors:
+        raise DataError(f"{path}: {len(errors)} bad row(s) in the click log:\n  " + "\n  ".join(errors))
+    cols = {c: table.column(c).to_pylist() for c in ("product_id", "creative_id", "impressions", "clicks")}
     seen: dict = {}
     for i in range(table.num_rows):
         imp, clk, cid = cols["impressions"][i], cols["clicks"][i], cols["creative_id"][i]
