@@ -85,7 +85,7 @@ def _train_models(cfg, lay: WorldLayout, out: Path, plots: Path) -> dict:
     from jobs._ray import init_ray
     from jobs.evaluate_rm import evaluate_rm
     from jobs.pretrain_pm import pretrain_pm
-    from jobs.train_rm import train_rm
+    from jobs.train_rm import _init_from, train_rm
 
     started = init_ray(max(2, cfg.resources.reward_training.num_workers, cfg.resources.pretraining.num_workers))
     try:
@@ -93,7 +93,7 @@ def _train_models(cfg, lay: WorldLayout, out: Path, plots: Path) -> dict:
         pm = pretrain_pm(cfg, lay.root, out / "pm")
         pm_s = time.perf_counter() - t
         t = time.perf_counter()
-        rm = train_rm(cfg, lay.root, out / "rm")
+        rm = train_rm(_init_from(cfg, out / "pm"), lay.root, out / "rm")  # CAIG: the RM starts from the pretrained PM
         rm_s = time.perf_counter() - t
     finally:
         if started:
