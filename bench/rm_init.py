@@ -4,8 +4,9 @@ world's random backbone? Same pairs, same held-out band pairs, side by side.
     python bench/rm_init.py --work runs/rm_init [--preset demo]
 
 Builds (or reuses, under ``--work``) the preset's world and its pretrained PM (``make-world``,
-``pretrain-pm``), then trains the RM twice -- ``train-rm`` from the world's backbone, and
-``train-rm --init-from PM`` -- and evaluates both with ``evaluate-rm`` (the CNN baseline and the
+``pretrain-pm``), then trains the RM three times -- ``train-rm`` from the world's backbone,
+``train-rm --init-from PM``, and the latter asking every pair one question
+(``reward.question_templates: 1``) -- and evaluates each with ``evaluate-rm`` (the CNN baseline and the
 Bayes ceiling come with it, on the same pairs). Writes bench/results/rm_init.json.
 """
 
@@ -39,9 +40,13 @@ def main() -> None:
     if not (pm / "config.json").exists():
         pretrain_pm(cfg, world.root, pm)
     rows = {}
-    for name, init in (("world_backbone", None), ("pretrained_pm", str(pm))):
+    # the third run asks every pair the first question only (reward.question_templates 1): what CAIG's
+    # question variety costs or gives the RM, from the same start
+    one_question = cfg.model_copy(update={"reward": cfg.reward.model_copy(update={"question_templates": 1})})
+    for name, base, init in (("world_backbone", cfg, None), ("pretrained_pm", cfg, str(pm)),
+                             ("pretrained_pm_one_question", one_question, str(pm))):
         t = time.perf_counter()
-        train_rm(_init_from(cfg, init), world.root, work / f"rm_{name}")
+        train_rm(_init_from(base, init), world.root, work / f"rm_{name}")
         ev = evaluate_rm(cfg, world.root, work / f"rm_{name}", work / f"rm_{name}_eval.json")
         rows[name] = {"rm_accuracy_logged": ev["rm_accuracy_logged"],
                       "rm_debiased_accuracy_logged": ev["rm_debiased_accuracy_logged"],
