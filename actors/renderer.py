@@ -7,7 +7,9 @@ the backlog. Two input shapes:
 - single ads: ``product_image`` (PNG bytes), ``description``, ``seed`` -> adds ``ad`` (PNG bytes);
 - candidate pairs (the online loop): ``product_image``, ``desc_a``, ``desc_b``, ``seed`` -> adds
   ``left_image`` / ``right_image`` (ad of a / ad of b, the same seed for both, as CAIG renders them)
-  and, when the renderer records what it painted (procedural), ``latent_a`` / ``latent_b`` (JSON).
+  and, when the renderer records what it painted (procedural), ``latent_a`` / ``latent_b`` (JSON);
+- ``generate``'s products (a pyarrow batch): ``image_path``/``image_bytes``, ``descriptions`` (N),
+  ``seed`` -> ``ads`` (N PNGs, one seed for all, as CAIG renders the candidates of a product).
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import os
 import time
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from caig_ray.config import RendererConfig
+from caig_ray.data.catalog import product_image
 from caig_ray.faults import BatchFault
 from caig_ray.imaging import png_bytes
 from caig_ray.models.renderer import make_renderer
@@ -28,7 +32,9 @@ from caig_ray.models.renderer import make_renderer
 
 class Renderer:
     def __init__(self, cfg: dict, fault: dict | None = None, device: str = "cpu", dtype: str = "float32"):
-        self.renderer = make_renderer(RendererConfig.model_validate(cfg), device, dtype)
+        rc = RendererConfig.model_validate(cfg)
+        self.renderer = make_renderer(rc, device, dtype)
+        self.latency_s = rc.simulated_latency_s
         fault = fault or {}
         self.fault = BatchFault(fault.get("marker_dir"), "renderer", fault.get("renderer_die_after_batches"))
 
@@ -38,7 +44,9 @@ class Renderer:
         latents = np.array([json.dumps(a.latent) if a.latent else "" for a in ads], dtype=object)
         return images, latents
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray] | pa.Table) -> dict[str, np.ndarray] | pa.Table:
+        if isinstance(batch, pa.Table):
+            return self._render_candidates(batch)
         t0 = time.perf_counter()
         products = [Image.open(io.BytesIO(bytes(b))) for b in batch["product_image"]]
         if "desc_a" in batch:
@@ -50,5 +58,30 @@ class Renderer:
         n = len(products)
         batch["render_s"] = np.array([time.perf_counter() - t0] + [0.0] * (n - 1))
         batch["renderer_pid"] = np.array([os.getpid()] * n)
+        self._simulated_latency(n * (2 if "desc_a" in batch else 1))
         self.fault.tick()
         return batch
+
+    def _simulated_latency(self, images: int) -> None:
+        if self.latency_s:  # renderer.simulated_latency_s: a remote GPU's render time (bench/pipeline.py)
+            time.sleep(self.latency_s * images)
+
+    def _render_candidates(self, batch: pa.Table) -> pa.Table:
+        """``generate``'s rows: one product (``image_path`` / ``image_bytes``, ``seed``) with its N
+        ``descriptions`` -> ``ads``, the N ads in one list, all painted with the product's seed."""
+        rows = batch.to_pylist()
+        products, descriptions, seeds, owner = [], [], [], []
+        for i, r in enumerate(rows):
+            image = product_image(r["image_path"], r["image_bytes"], f"product {r['id']!r}")
+            for d in r["descriptions"]:
+                products.append(image)
+                descriptions.append(d)
+                seeds.append(r["seed"])
+                owner.append(i)
+            r["ads"] = []
+        ads, _ = self._render(products, descriptions, seeds)
+        for i, ad in zip(owner, ads):
+            rows[i]["ads"].append(bytes(ad))
+        self._simulated_latency(len(products))
+        self.fault.tick()
+        return pa.Table.from_pylist(rows)

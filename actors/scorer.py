@@ -2,6 +2,7 @@
 
 Use it as a Ray Data ``map_batches`` callable class (columns ``left_image``, ``right_image`` as
 encoded image bytes, ``title``; adds ``p_left``, ``p_left_debiased``, ``ctr_left``, ``ctr_right``)
+or on ``generate``'s product rows (a pyarrow batch with ``ads``: the N candidates ranked in the row),
 or as a plain actor (``RewardScorer.as_actor(...)``, with restarts: ``__init__`` reloads from the
 path, so a restarted actor is the same scorer).
 """
@@ -9,14 +10,16 @@ path, so a restarted actor is the same scorer).
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
+import pyarrow as pa
 import ray
 from PIL import Image
 
 from caig_ray.faults import BatchFault
 from caig_ray.models.reward import load_reward_model
-from caig_ray.scoring import PairScorer, PairToScore
+from caig_ray.scoring import PairScorer, PairToScore, rank_round_robin, round_robin
 
 
 def _image(value) -> Image.Image:
@@ -35,13 +38,35 @@ class RewardScorer:
     def score(self, pairs: list[PairToScore]) -> dict[str, list[float]]:
         return self.scorer.score(pairs, debias=self.debias)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray] | pa.Table) -> dict[str, np.ndarray] | pa.Table:
+        if isinstance(batch, pa.Table):
+            return self._rank_candidates(batch)
         pairs = [PairToScore(_image(left), _image(right), str(title))
                  for left, right, title in zip(batch["left_image"], batch["right_image"], batch["title"])]
         for key, values in self.score(pairs).items():
             batch[key] = np.asarray(values, dtype=np.float32)
         self.fault.tick()
         return batch
+
+    def _rank_candidates(self, batch: pa.Table) -> pa.Table:
+        """``generate``'s rows: the N ``ads`` of one product ranked inside the row (every pair of them
+        scored, both orders) -> ``win_rate``, ``ctr``, ``rank`` (0 = best) per candidate."""
+        rows = batch.to_pylist()
+        pairs, starts = [], []
+        for r in rows:
+            images = [_image(a) for a in r["ads"]]
+            attributes = json.loads(r["attributes"] or "{}")
+            starts.append(len(pairs))
+            pairs += [PairToScore(images[i], images[j], r["title"], attributes) for i, j in round_robin(len(images))]
+        res = self.scorer.score(pairs, debias=True) if pairs else {}
+        for r, start in zip(rows, starts):
+            k = len(round_robin(len(r["ads"])))
+            win_rate, ctr, order = rank_round_robin(len(r["ads"]), *(res.get(key, [])[start:start + k] for key in
+                                                                      ("p_left_debiased", "ctr_left", "ctr_right")))
+            r["win_rate"], r["ctr"] = win_rate, ctr
+            r["rank"] = [order.index(c) for c in range(len(order))]
+        self.fault.tick()
+        return pa.Table.from_pylist(rows)
 
     @classmethod
     def as_actor(cls, *args, num_cpus: float = 1, num_gpus: float = 0, **kwargs):

@@ -94,7 +94,7 @@ def map_renderers(ds, renderer: RendererConfig, pool: ActorPoolConfig, batch_siz
     the dataset's blocks as the batches."""
     return ds.map_batches(Renderer, fn_constructor_args=(renderer.model_dump(mode="json"), fault,
                                                          pool.device, pool.dtype),
-                          batch_size=batch_size, **_pool_args(pool))
+                          batch_size=batch_size, **pool_args(pool))
 
 
 def map_scorers(ds, cfg: CaigConfig, rm_path: str, batch_size: int | None):
@@ -102,10 +102,10 @@ def map_scorers(ds, cfg: CaigConfig, rm_path: str, batch_size: int | None):
     oc, pool = cfg.online, cfg.resources.scorers
     kwargs = {"model_path": rm_path, "batch_size": oc.scorer_batch_size, "dtype": pool.dtype,
               "device": pool.device, "debias": oc.debias_rm, "fault": oc.faults.model_dump(mode="json")}
-    return ds.map_batches(RewardScorer, fn_constructor_kwargs=kwargs, batch_size=batch_size, **_pool_args(pool))
+    return ds.map_batches(RewardScorer, fn_constructor_kwargs=kwargs, batch_size=batch_size, **pool_args(pool))
 
 
-def _pool_args(pool: ActorPoolConfig) -> dict:
+def pool_args(pool: ActorPoolConfig) -> dict:
     extra = {"resources": pool.resources} if pool.resources else {}
     return {"compute": ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
             "num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, **extra}

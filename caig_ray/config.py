@@ -176,9 +176,9 @@ class ResourcesConfig(_Strict):
     pretraining: WorkerGroupPlacement = WorkerGroupPlacement()  # `pretrain-pm` Ray Train workers
     renderers: ActorPoolConfig = ActorPoolConfig(max_size=2)  # grows with the backlog (`train`, `generate`)
     scorers: ActorPoolConfig = ActorPoolConfig(max_size=1)  # frozen RM scorers (`train`, `generate`)
+    generators: ActorPoolConfig = ActorPoolConfig(max_size=1)  # policy actors writing descriptions (`generate`)
     serve: ReplicaPlacement = ReplicaPlacement()  # `serve` replicas
-    # what `generate` (its policy), `evaluate-rm` and pretraining's before/after probe load in the
-    # driver process: on a cluster submit those jobs with `--entrypoint-num-gpus` to match
+    # what `evaluate-rm` and pretraining's before/after probe load in the driver process: on a cluster submit those jobs with `--entrypoint-num-gpus` to match
     driver_models: Placement = Placement()
 
 
@@ -264,6 +264,10 @@ class RendererConfig(_Strict):
     scheduler: Literal["euler_ancestral", "euler", "ddim", "pndm", "dpm_solver", "folder"] = "euler_ancestral"
     variant: str | None = None  # weight files variant, e.g. "fp16" for folders holding only *.fp16.safetensors
     tiny_sd_size: int = Field(64, ge=32)  # image side used with the tiny SD (multiple of 8)
+    # A benchmark stand-in, not a model setting: each renderer actor waits this long per image it
+    # renders, as a remote GPU's render time would (DESIGN.md §8.5). On 2 CPU cores rendering is
+    # CPU-bound, so only a latency-bound renderer shows what widening the pool buys. 0 = off.
+    simulated_latency_s: float = Field(0.0, ge=0.0)
 
     @model_validator(mode="after")
     def _check_paths(self) -> "RendererConfig":

@@ -105,3 +105,26 @@ class PairScorer:
             p_swapped, _ = self._forward(pairs, swap=True)
             out["p_left_debiased"] = ((p + 1 - p_swapped) / 2).tolist()
         return out
+
+
+def round_robin(n: int) -> list[tuple[int, int]]:
+    """Every unordered pair (i, j), i < j, of ``n`` candidates: what one ranking scores."""
+    return [(i, j) for i in range(n) for j in range(i + 1, n)]
+
+
+def rank_round_robin(n: int, p_left_debiased: list[float], ctr_left: list[float],
+                     ctr_right: list[float]) -> tuple[list[float], list[float], list[int]]:
+    """Rank ``n`` candidates from their ``round_robin(n)`` pair scores (CAIG ranks by pairwise wins):
+    ``win_rate[k]`` = mean debiased P(k beats each other candidate); ``ctr[k]`` = mean point-level CTR
+    of k over its pairs; ``order`` = candidate indices best first (ties by index). Shared by
+    ``generate`` and Serve's ``/v1/rank``. With one candidate: win rate 1, rank 0."""
+    wins, ctr = [0.0] * n, [0.0] * n
+    for (i, j), p, cl, cr in zip(round_robin(n), p_left_debiased, ctr_left, ctr_right):
+        wins[i] += p
+        wins[j] += 1 - p
+        ctr[i] += cl
+        ctr[j] += cr
+    if n == 1:
+        return [1.0], [float("nan")], [0]
+    win_rate, mean_ctr = [w / (n - 1) for w in wins], [c / (n - 1) for c in ctr]
+    return win_rate, mean_ctr, sorted(range(n), key=lambda k: -win_rate[k])

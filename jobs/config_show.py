@@ -16,7 +16,7 @@ JOB_ROLES = {
     "train-rm": ("reward_training",),
     "evaluate-rm": ("driver_models",),
     "train": ("policy", "renderers", "scorers"),
-    "generate": ("driver_models", "renderers"),
+    "generate": ("generators", "renderers", "scorers"),
     "serve": ("serve",),
 }
 

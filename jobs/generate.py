@@ -1,10 +1,18 @@
 """Batch ad generation for a catalog: ``python -m jobs.generate`` / ``caig-ray generate``.
 
-For each product the policy writes N descriptions, a Ray Data renderer pool (autoscaling actor
-pool) renders them -- the same seed for every candidate of a product -- and the RM ranks them
-(round robin of position-debiased pairwise scores). Writes ``candidates.parquet`` (every
-candidate with its description, seed, scores and rank), ``best.parquet``, ``ads/*.png`` and
-``gallery.html``.
+One streaming Ray Data pipeline (DESIGN.md §8.4); the driver holds ids and counts, never the catalog,
+an image or a model:
+
+    catalog (actors/catalog.py: read lazily, validated in parallel; bad rows stop the job or go to
+    rejects/)  --> Describer pool (resources.generators: the policy writes N descriptions a product)
+    --> Renderer pool (resources.renderers: the N ads, one seed a product)
+    --> RewardScorer pool (resources.scorers: the N candidates ranked inside their row, every pair
+    scored in both orders; the ranking code is Serve's /v1/rank's)
+    --> write_generated: ads/*.png and one parquet part per batch in candidates/ and best/, as it goes.
+
+``--resume`` skips the products already written (a part is written whole or not at all, named by
+its products, so a retried task rewrites the same part: each product is written exactly once).
+``gallery.html`` shows the first products written.
 """
 
 from __future__ import annotations
@@ -12,94 +20,72 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import logging
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from caig_ray.config import CaigConfig, ConfigError
-from caig_ray.data import read_catalog
-from caig_ray.imaging import png_bytes
 from jobs._entry import add_config_args, run_job
 from jobs._ray import init_ray
 
-
-def write_descriptions(cfg: CaigConfig, policy_path: str, products, n: int, seed: int) -> list[dict]:
-    """One row per candidate: the policy's N samples per product (duplicates kept and marked)."""
-    from caig_ray.models.policy import load_policy
-    from caig_ray.policy_ops import as_image, generate_descriptions
-    from caig_ray.prompts import pm_instruction
-
-    driver = cfg.resources.driver_models
-    model, processor = load_policy(policy_path, driver.dtype, driver.device)
-    model.eval()
-    rows, bs = [], 16
-    for start in range(0, len(products), bs):
-        chunk = products[start:start + bs]
-        gen = generate_descriptions(model, processor, [as_image(p.image, cfg.policy.image_size) for p in chunk],
-                                    [pm_instruction(p.title, p.attributes) for p in chunk], n,
-                                    cfg.policy.temperature, seed + start, cfg.policy.max_new_tokens,
-                                    device=driver.device)
-        for i, (p, g) in enumerate(zip(chunk, gen)):
-            for k, (d, dup) in enumerate(zip(g["descriptions"], g["duplicate"])):
-                rows.append({"product_id": p.id, "title": p.title, "candidate": k, "description": d,
-                             "duplicate": dup, "seed": seed + start + i, "product_image": png_bytes(p.image)})
-    return rows
+logger = logging.getLogger(__name__)
 
 
-def render_candidates(cfg: CaigConfig, rows: list[dict]) -> list[dict]:
-    """Render every candidate on the ``resources.renderers`` pool."""
-    import ray
+def write_generated(batch: pa.Table, out: str) -> pa.Table:
+    """Ray Data map (a task): write a batch's ads as PNGs, then its rows as one parquet part in
+    ``best/`` and then ``candidates/`` (the part that marks the products done), and return counts."""
+    import hashlib
 
-    from actors.stream import map_renderers
+    from actors.catalog import _write_part, safe_name
 
-    return map_renderers(ray.data.from_items(rows), cfg.renderer, cfg.resources.renderers,
-                         cfg.renderer.batch_size).take_all()
-
-
-def rank_candidates(cfg: CaigConfig, rm_path: str, rows: list[dict]) -> list[dict]:
-    """Per product: win_rate = mean debiased P(beats each other candidate); rank 0 = best."""
-    import io
-
-    from PIL import Image
-
-    from actors.scorer import RewardScorer
-    from caig_ray.scoring import PairToScore
-
-    driver = cfg.resources.driver_models
-    scorer = RewardScorer(rm_path, device=driver.device, dtype=driver.dtype)
-    by_product: dict[str, list[dict]] = defaultdict(list)
+    out_dir, candidates, best = Path(out), [], []
+    (out_dir / "ads").mkdir(parents=True, exist_ok=True)
+    rows = batch.to_pylist()
     for r in rows:
-        by_product[r["product_id"]].append(r)
-    for cands in by_product.values():
-        cands.sort(key=lambda r: r["candidate"])
-        imgs = [Image.open(io.BytesIO(r["ad"])).convert("RGB") for r in cands]
-        idx = [(i, j) for i in range(len(cands)) for j in range(i + 1, len(cands))]
-        wins = [0.0] * len(cands)
-        if idx:
-            res = scorer.score([PairToScore(imgs[i], imgs[j], cands[0]["title"]) for i, j in idx])
-            for (i, j), p in zip(idx, res["p_left_debiased"]):
-                wins[i] += p
-                wins[j] += 1 - p
-        for r, w in zip(cands, wins):
-            r["win_rate"] = w / max(1, len(cands) - 1)
-        for rank, r in enumerate(sorted(cands, key=lambda r: -r["win_rate"])):
-            r["rank"] = rank
-    return [r for cands in by_product.values() for r in cands]
+        for k, (description, duplicate, ad, win_rate, ctr, rank) in enumerate(zip(
+                r["descriptions"], r["duplicate"], r["ads"], r["win_rate"], r["ctr"], r["rank"])):
+            ad_path = f"ads/{safe_name(r['id'])}_{k}.png"
+            (out_dir / ad_path).write_bytes(ad)
+            row = {"product_id": r["id"], "catalog_row": r["row"], "title": r["title"], "candidate": k,
+                   "description": description, "duplicate": duplicate, "seed": r["seed"], "win_rate": win_rate,
+                   "ctr": ctr, "rank": rank, "ad_path": ad_path}
+            candidates.append(row)
+            if rank == 0:
+                best.append(row)
+    name = "part-" + hashlib.sha1("\n".join(sorted(r["id"] for r in rows)).encode()).hexdigest()[:20] + ".parquet"
+    _write_part(pa.Table.from_pylist(best), out_dir / "best", name)
+    _write_part(pa.Table.from_pylist(candidates), out_dir / "candidates", name)
+    return pa.table({"products": [len(rows)], "candidates": [len(candidates)]})
 
 
-def write_outputs(rows: list[dict], out: Path) -> dict:
-    (out / "ads").mkdir(parents=True, exist_ok=True)
-    for r in rows:
-        r["ad_path"] = f"ads/{r['product_id']}_{r['candidate']}.png"
-        (out / r["ad_path"]).write_bytes(r["ad"])
-    table = [{k: v for k, v in r.items() if k not in ("product_image", "ad")} for r in rows]
-    pq.write_table(pa.Table.from_pylist(table), out / "candidates.parquet")
-    best = [r for r in table if r["rank"] == 0]
-    pq.write_table(pa.Table.from_pylist(best), out / "best.parquet")
+def written_ids(out: Path) -> list[str]:
+    """Product ids already written (resume); drops a ``best/`` part whose ``candidates/`` part was
+    never written (the job stopped between the two)."""
+    import pyarrow.dataset as pads
+
+    cands = out / "candidates"
+    for part in (out / "best").glob("*.parquet") if (out / "best").is_dir() else []:
+        if not (cands / part.name).is_file():
+            part.unlink()
+    if not cands.is_dir() or not any(cands.glob("*.parquet")):
+        return []
+    ids = pads.dataset(str(cands), format="parquet").to_table(columns=["product_id"])["product_id"]
+    return pc.unique(ids).to_pylist()
+
+
+def write_gallery(out: Path, max_products: int = 200) -> None:
+    """gallery.html: the first ``max_products`` products written, each with its candidates best first."""
+    import pyarrow.dataset as pads
+
+    best = pads.dataset(str(out / "best"), format="parquet").head(max_products).to_pylist()
+    ids = pa.array([b["product_id"] for b in best], pa.string())
+    table = pads.dataset(str(out / "candidates"), format="parquet").to_table(
+        filter=pc.field("product_id").isin(ids)).to_pylist()
     cards = []
     for b in best:
         cands = sorted((r for r in table if r["product_id"] == b["product_id"]), key=lambda r: r["rank"])
@@ -108,13 +94,17 @@ def write_outputs(rows: list[dict], out: Path) -> dict:
             f'alt="{html.escape(r["description"])}"><figcaption>#{r["rank"] + 1} · win {r["win_rate"]:.2f}'
             f'{" · duplicate" if r["duplicate"] else ""}<br>{html.escape(r["description"])}</figcaption></figure>'
             for r in cands)
-        cards.append(f'<section><h2>{html.escape(b["title"])} <small>{b["product_id"]}</small></h2>{figs}</section>')
+        cards.append(f'<section><h2>{html.escape(b["title"])} <small>{html.escape(b["product_id"])}</small></h2>'
+                     f'{figs}</section>')
     (out / "gallery.html").write_text(
         "<!doctype html><meta charset=utf-8><title>caig-ray generated ads</title><style>"
         "body{font-family:sans-serif;margin:1em}section{margin-bottom:1.5em}figure{display:inline-block;"
         "width:170px;margin:4px;vertical-align:top;font-size:12px}img{width:160px;height:160px}"
         ".best img{outline:4px solid #2a2}</style><h1>Generated ads, best first</h1>" + "".join(cards))
-    return {"products": len(best), "candidates": len(table)}
+
+
+def _parts_rows(folder: Path) -> int:
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in folder.glob("*.parquet")) if folder.is_dir() else 0
 
 
 def _at_least_one(value: str) -> int:
@@ -125,36 +115,76 @@ def _at_least_one(value: str) -> int:
 
 
 def generate(cfg: CaigConfig, catalog: str | Path, out: str | Path, policy: str, rm: str, n: int = 4,
-             seed: int = 0) -> dict:
+             seed: int = 0, resume: bool = False, on_bad_rows: str = "stop", image_root: str | None = None) -> dict:
     import ray
 
+    from actors.catalog import ValidCatalogSource, validate_catalog
+    from actors.describer import Describer
+    from actors.renderer import Renderer
+    from actors.scorer import RewardScorer
+    from actors.stream import pool_args
     from caig_ray.models.renderer import check_sd_folders
     from caig_ray.models.vlm import check_model_folder
 
     t0 = time.perf_counter()
     if n < 1:
         raise ConfigError(f"generate: n={n} descriptions per product; give at least 1")
-    # every model folder is checked before anything is sampled or rendered
+    # every model folder is checked before anything is read, sampled or rendered
     check_model_folder(policy, "--policy", kind="policy")
     check_model_folder(rm, "--rm", kind="reward")
     if cfg.renderer.kind == "diffusers":
         check_sd_folders(cfg.renderer)
-    products = read_catalog(catalog)
     out = Path(out)
+    if not resume and _parts_rows(out / "candidates"):
+        raise ConfigError(f"{out} already holds generated ads: pass --resume to add the products not written "
+                          "yet, or give an empty --out")
     out.mkdir(parents=True, exist_ok=True)
-    rows = write_descriptions(cfg, policy, products, n, seed)
+    res = cfg.resources
     started = init_ray()
     try:
-        rendered = render_candidates(cfg, rows)
+        ray.data.DataContext.get_current().enable_progress_bars = False  # progress: the log lines below
+        # a block (a row group of 4 policy batches) is the unit that streams from stage to stage: every
+        # map below takes whole blocks (batch_size None; each actor batches inside: policy.generate_batch_size,
+        # renderer.batch_size, online.scorer_batch_size), so no stage waits to fill a larger batch
+        check = validate_catalog(catalog, out / "catalog", on_bad_rows, image_root,
+                                 rows_per_group=4 * cfg.policy.generate_batch_size)
+        done = written_ids(out) if resume else []
+        todo = check.valid_rows - len(done)
+        logger.info("generate: %d valid products (%d rejected), %d already written, %d to go", check.valid_rows,
+                    check.rejected_rows, len(done), todo)
+        skip = ray.put(pa.array(done, pa.string())) if done else None
+        ds = ray.data.read_datasource(ValidCatalogSource(check.valid, skip), num_cpus=0.25)
+        ds = ds.map_batches(Describer, fn_constructor_args=(policy, cfg.policy.model_dump(mode="json"), n, seed,
+                                                            res.generators.device, res.generators.dtype),
+                            batch_format="pyarrow", batch_size=None,
+                            **pool_args(res.generators))
+        ds = ds.map_batches(Renderer, fn_constructor_args=(cfg.renderer.model_dump(mode="json"), None,
+                                                           res.renderers.device, res.renderers.dtype),
+                            batch_format="pyarrow", batch_size=None,
+                            **pool_args(res.renderers))
+        ds = ds.map_batches(RewardScorer, fn_constructor_kwargs={
+            "model_path": rm, "batch_size": cfg.online.scorer_batch_size, "dtype": res.scorers.dtype,
+            "device": res.scorers.device}, batch_format="pyarrow",
+            batch_size=None, **pool_args(res.scorers))
+        ds = ds.map_batches(write_generated, fn_kwargs={"out": str(out)}, batch_format="pyarrow", batch_size=None,
+                            num_cpus=0.25)
+        written = 0
+        last = time.perf_counter()
+        for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            written += sum(b["products"].to_pylist())
+            if time.perf_counter() - last > 10 or written == todo:
+                last = time.perf_counter()
+                logger.info("generate: %d/%d products written (%.1f products/s)", written, todo,
+                            written / (last - t0))
     finally:
         if started:
             ray.shutdown()
-    if len(rendered) != len(rows):
-        raise RuntimeError(f"rendered {len(rendered)} candidates of {len(rows)}: some were lost")
-    ranked = rank_candidates(cfg, rm, rendered)
-    summary = write_outputs(ranked, out)
-    summary.update(wall_s=time.perf_counter() - t0, n_per_product=n,
-                   duplicates=sum(r["duplicate"] for r in ranked))
+    write_gallery(out)
+    summary = {"products": _parts_rows(out / "best"), "candidates": _parts_rows(out / "candidates"),
+               "written_this_run": written, "already_written": len(done), "catalog_rows": check.rows,
+               "rejected_rows": check.rejected_rows, "rejects": str(check.rejects) if check.rejected_rows else None,
+               "n_per_product": n, "wall_s": time.perf_counter() - t0,
+               "products_per_s": written / (time.perf_counter() - t0)}
     (out / "generate_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -162,15 +192,28 @@ def generate(cfg: CaigConfig, catalog: str | Path, out: str | Path, policy: str,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="caig-ray generate", description=__doc__)
     add_config_args(p)
-    p.add_argument("--catalog", required=True, help="CAIG JSON or parquet catalog")
+    p.add_argument("--catalog", required=True, help="CAIG JSON, parquet, or a folder of images")
+    p.add_argument("--image-root", default=None, help="where relative image paths are looked up (default: the "
+                   "catalog's folder, then its parent)")
+    p.add_argument("--on-bad-rows", choices=("stop", "reject"), default="stop",
+                   help="stop: a bad row stops the job before anything is generated; reject: go on without it. "
+                        "Either way every bad row is listed, with its reason, in OUT/catalog/rejects/")
+    p.add_argument("--resume", action="store_true", help="add the products --out does not hold yet")
     p.add_argument("--out", required=True)
     p.add_argument("--policy", required=True, help="prompt-model folder (pretrain-pm or a trained policy)")
     p.add_argument("--rm", required=True, help="reward-model folder (train-rm --out)")
     p.add_argument("--n", type=_at_least_one, default=4, help="descriptions per product (>= 1)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    return run_job(args, lambda cfg, out: generate(cfg, args.catalog, out.local, args.policy, args.rm, args.n,
-                                                   args.seed))
+
+    def job(cfg: CaigConfig, out) -> dict:
+        if args.resume and out.staged:  # what an earlier run uploaded tells which products are written
+            out.child("candidates").download()
+            out.child("best").download()
+        return generate(cfg, args.catalog, out.local, args.policy, args.rm, args.n, args.seed, args.resume,
+                        args.on_bad_rows, args.image_root)
+
+    return run_job(args, job)
 
 
 if __name__ == "__main__":

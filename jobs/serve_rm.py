@@ -34,7 +34,7 @@ from ray import serve
 from caig_ray.config import ConfigError, ReplicaPlacement, ServeConfig, config_from_dict, load_config
 from caig_ray.data.catalog import to_8bit
 from caig_ray.models.vlm import ModelFolderError, check_model_folder
-from caig_ray.scoring import PairToScore
+from caig_ray.scoring import PairToScore, rank_round_robin, round_robin
 
 app = FastAPI(title="caig-ray reward model", version="1")
 
@@ -222,18 +222,11 @@ class RewardScorerService:
         self._check_product(req.product)
         images = [self._image(v, f"images[{i}]") for i, v in enumerate(req.images)]
         n = len(images)
-        idx = [(i, j) for i in range(n) for j in range(i + 1, n)]
         res = await asyncio.gather(*[self._score_batch(PairToScore(images[i], images[j], req.product.title,
-                                                                   req.product.attributes)) for i, j in idx])
-        wins, ctr = [0.0] * n, [0.0] * n
-        for (i, j), r in zip(idx, res):
-            wins[i] += r["p_left_debiased"]
-            wins[j] += 1 - r["p_left_debiased"]
-            ctr[i] += r["ctr_left"]
-            ctr[j] += r["ctr_right"]
-        ranked = sorted(range(n), key=lambda k: -wins[k])
-        return RankResponse(ranking=[RankedImage(index=k, win_rate=wins[k] / (n - 1), ctr=ctr[k] / (n - 1))
-                                     for k in ranked])
+                                                                   req.product.attributes)) for i, j in round_robin(n)])
+        win_rate, ctr, order = rank_round_robin(n, [r["p_left_debiased"] for r in res], [r["ctr_left"] for r in res],
+                                                [r["ctr_right"] for r in res])
+        return RankResponse(ranking=[RankedImage(index=k, win_rate=win_rate[k], ctr=ctr[k]) for k in order])
 
 
 def build_app(args: dict):

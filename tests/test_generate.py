@@ -1,42 +1,184 @@
-"""caig-ray generate on a CAIG-format JSON catalog of RGBA PNGs: ads, ranks and the gallery."""
+"""caig-ray generate: one streaming pipeline from a CAIG-format catalog to ranked ads, bad rows never
+lost, and a killed run resumed writing every product exactly once."""
 
+import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from caig_ray.config import load_config
-from caig_ray.data import read_catalog, write_catalog
+from caig_ray.config import load_config, save_config
+from caig_ray.data import DataError, read_catalog, write_catalog
 from caig_ray.imaging import place_product
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _caig_tiny_dataset(products, root: Path, extra_rows=()) -> Path:
+    """CAIG's own layout: ``tiny_dataset/tiny.json`` naming ``tiny_dataset/images/<id>.png`` (relative
+    to the JSON's parent folder, not to the JSON's own folder)."""
+    folder = root / "tiny_dataset"
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for p in products:
+        p.image.save(folder / "images" / f"{p.id}.png")
+        rows.append({"id": p.id, "image": f"tiny_dataset/images/{p.id}.png", "new_caption": p.title})
+    (folder / "tiny.json").write_text(json.dumps(rows + list(extra_rows), ensure_ascii=False))
+    return folder / "tiny.json"
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_generate_writes_ranked_ads_and_gallery(quick_world, tmp_path):
+def test_generate_writes_ranked_ads_and_gallery_from_any_working_directory(quick_world, tmp_path, monkeypatch):
     from jobs.generate import generate
 
     products = read_catalog(quick_world.catalog)[:6]
-    catalog = write_catalog(products, tmp_path / "shop" / "catalog.json")
+    catalog = _caig_tiny_dataset(products, tmp_path / "shop")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     cfg = load_config("quick")
     summary = generate(cfg, catalog, tmp_path / "out", str(quick_world.policy), str(quick_world.reward), n=3)
-    assert summary["products"] == 6 and summary["candidates"] == 18
-    cands = pq.read_table(tmp_path / "out" / "candidates.parquet").to_pylist()
+    assert summary["products"] == 6 and summary["candidates"] == 18 and summary["rejected_rows"] == 0
+    cands = pq.read_table(tmp_path / "out" / "candidates").to_pylist()
     assert len(cands) == 18 and len({(c["product_id"], c["candidate"]) for c in cands}) == 18
     for pid in {c["product_id"] for c in cands}:
         mine = [c for c in cands if c["product_id"] == pid]
         assert sorted(c["rank"] for c in mine) == [0, 1, 2]
         assert len({c["seed"] for c in mine}) == 1  # the same seed for every candidate of a product
+        best_first = sorted(mine, key=lambda c: c["rank"])
+        assert best_first[0]["win_rate"] >= best_first[-1]["win_rate"]
     by_id = {p.id: p for p in products}
     size, fill = cfg.renderer.image_size, cfg.renderer.product_fill
     for c in cands:
         ad = np.asarray(Image.open(tmp_path / "out" / c["ad_path"]).convert("RGB"))
         placed = place_product(by_id[c["product_id"]].image, size, fill)
         solid = np.asarray(placed.getchannel("A")) == 255
-        assert np.array_equal(ad[solid], np.asarray(placed.convert("RGB"))[solid])
-    best = pq.read_table(tmp_path / "out" / "best.parquet").to_pylist()
+        assert np.array_equal(ad[solid], np.asarray(placed.convert("RGB"))[solid])  # product pixels kept
+    best = pq.read_table(tmp_path / "out" / "best").to_pylist()
     assert len(best) == 6 and all(b["rank"] == 0 for b in best)
     page = (tmp_path / "out" / "gallery.html").read_text()
     srcs = re.findall(r'src="([^"]+)"', page)
     assert len(srcs) == 18 and all((tmp_path / "out" / s).is_file() for s in srcs)
+
+
+def test_generate_ranking_is_serves_ranking():
+    """generate's RewardScorer and Serve's /v1/rank rank from the same function."""
+    from caig_ray.scoring import rank_round_robin, round_robin
+
+    # 3 candidates: 0 beats 1 (0.8), 0 loses to 2 (0.3), 1 loses to 2 (0.1)
+    win_rate, ctr, order = rank_round_robin(3, [0.8, 0.3, 0.1], [0.01, 0.02, 0.03], [0.04, 0.05, 0.06])
+    assert round_robin(3) == [(0, 1), (0, 2), (1, 2)]
+    assert order == [2, 0, 1] and np.allclose(win_rate, [0.55, 0.15, 0.8]) and np.allclose(ctr, [0.015, 0.035, 0.055])
+    import jobs.serve_rm as serve
+
+    assert serve.rank_round_robin is rank_round_robin
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_bad_rows_stop_the_job_or_go_to_rejects_never_lost(quick_world, tmp_path):
+    from jobs.generate import generate
+
+    products = read_catalog(quick_world.catalog)[:4]
+    transparent = tmp_path / "shop" / "transparent.png"
+    transparent.parent.mkdir(parents=True)
+    Image.new("RGBA", (32, 32), (0, 0, 0, 0)).save(transparent)
+    bad = [{"id": "gone", "image": "tiny_dataset/images/not_there.png", "new_caption": "a lamp"},
+           {"id": "clear", "image": str(transparent), "new_caption": "a cup"},
+           {"id": "untitled", "image": f"tiny_dataset/images/{products[0].id}.png", "new_caption": ""}]
+    catalog = _caig_tiny_dataset(products, tmp_path / "shop", bad)
+    cfg = load_config("quick")
+    args = (str(quick_world.policy), str(quick_world.reward))
+
+    with pytest.raises(DataError) as err:
+        generate(cfg, catalog, tmp_path / "stopped", *args, n=2)
+    msg = str(err.value)
+    assert "3 bad row(s) of 7" in msg and "row 4, field 'image': image file not found" in msg
+    assert "parent" in msg  # the lookup rule is said
+    assert "row 5, field 'image': the product image is fully transparent" in msg
+    assert "row 6, field 'new_caption'" in msg
+    assert not (tmp_path / "stopped" / "candidates").exists()  # nothing generated
+    assert pq.read_table(tmp_path / "stopped" / "catalog" / "rejects").num_rows == 3
+
+    summary = generate(cfg, catalog, tmp_path / "rejected", *args, n=2, on_bad_rows="reject")
+    rejects = pq.read_table(tmp_path / "rejected" / "catalog" / "rejects").to_pylist()
+    assert summary["products"] == 4 and summary["rejected_rows"] == 3 and summary["catalog_rows"] == 7
+    assert sorted(r["row"] for r in rejects) == [4, 5, 6]  # 4 written + 3 rejected = 7 read: none lost
+    assert {json.loads(r["raw"])["id"] for r in rejects} == {"gone", "clear", "untitled"}
+    assert all(f"row {r['row']}," in r["error"] for r in rejects)
+
+
+def test_duplicate_ids_and_file_level_errors_stop_before_anything_runs(quick_world, tmp_path):
+    import ray
+
+    from actors.catalog import validate_catalog
+
+    products = read_catalog(quick_world.catalog)[:3]
+    products[2].id = products[0].id
+    catalog = write_catalog(products, tmp_path / "dups" / "catalog.parquet")
+    (tmp_path / "latin1.json").write_bytes('[{"id": "1", "new_caption": "Café"}]'.encode("latin-1"))
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        with pytest.raises(DataError, match=rf"field 'id': duplicate id\(s\) '{products[0].id}' \(2 rows\)"):
+            validate_catalog(catalog, tmp_path / "out_dups")
+        with pytest.raises(DataError, match=r"latin1.json: not UTF-8 text \(byte 32, line 1\)"):
+            validate_catalog(tmp_path / "latin1.json", tmp_path / "out_latin1")
+        folder = tmp_path / "folder"
+        folder.mkdir()
+        for p in products[:2]:
+            p.image.save(folder / f"{p.id}.png")
+        (folder / f"{products[0].id}.txt").write_text("红色运动鞋", encoding="utf-8")
+        check = validate_catalog(folder, tmp_path / "out_folder")
+        rows = pq.read_table(check.valid).to_pylist()
+        assert check.valid_rows == 2 and {r["title"] for r in rows} >= {"红色运动鞋"}
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_generate_resumed_after_a_kill_writes_each_product_exactly_once(quick_world, tmp_path):
+    """The job is SIGKILLed once some products are written (renderers given a simulated latency so
+    that it is mid-run); --resume writes the rest: every (product, candidate) once, in candidates/
+    and best/, and the ads on disk are the ones the parquet names."""
+    products = read_catalog(quick_world.catalog)[:24]
+    catalog = write_catalog(products, tmp_path / "shop" / "catalog.json")
+    cfg = load_config("quick", overrides={"renderer": {"simulated_latency_s": 0.3, "batch_size": 4},
+                                          "policy": {"generate_batch_size": 4}, "online": {"scorer_batch_size": 2}})
+    save_config(cfg, tmp_path / "slow.yaml")
+    cmd = [sys.executable, "-m", "jobs.generate", "--config", str(tmp_path / "slow.yaml"), "--catalog", str(catalog),
+           "--out", str(tmp_path / "out"), "--policy", str(quick_world.policy), "--rm", str(quick_world.reward),
+           "--n", "2"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    cands = tmp_path / "out" / "candidates"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (cands.is_dir() and any(cands.glob("*.parquet"))):
+            assert proc.poll() is None, "generate ended before the kill"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started (its own session)
+    finally:
+        proc.wait(timeout=60)
+    written_before = pq.read_table(cands).num_rows // 2
+    assert 0 < written_before < 24, written_before
+    done = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "generate_summary.json").read_text())
+    assert summary["already_written"] == written_before and summary["written_this_run"] == 24 - written_before
+    rows = pq.read_table(cands).to_pylist()
+    keys = [(r["product_id"], r["candidate"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 48 and {k[0] for k in keys} == {p.id for p in products}
+    best = pq.read_table(tmp_path / "out" / "best").to_pylist()
+    assert sorted(b["product_id"] for b in best) == sorted(p.id for p in products)
+    assert all((tmp_path / "out" / r["ad_path"]).is_file() for r in rows)

@@ -76,7 +76,7 @@ def test_train_and_generate_jobs_succeed_on_a_real_head(ray_head, quick_world, t
     _submit(address, env, ["-m", "jobs.generate", "--catalog", str(quick_world.catalog), "--out",
                            str(tmp_path / "ads"), "--policy", str(quick_world.policy), "--rm", str(tmp_path / "rm"),
                            "--n", "2"])
-    best = pq.read_table(tmp_path / "ads" / "best.parquet")
+    best = pq.read_table(tmp_path / "ads" / "best")
     assert best.num_rows == 40 and (tmp_path / "ads" / "gallery.html").is_file()
 
 

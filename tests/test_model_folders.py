@@ -38,23 +38,25 @@ def test_generate_refuses_a_bad_rm_before_sampling(quick_world, hub_models, tmp_
     assert "--rm: " in capsys.readouterr().err and not (tmp_path / "g").exists()
 
 
-def test_driver_side_loads_use_resources_driver_models(quick_world, monkeypatch):
-    """generate's policy (and evaluate-rm / the pretraining probe) load in the driver on the device
-    and dtype of resources.driver_models -- not float32 on CPU whatever the preset says."""
-    import caig_ray.models.policy as policy_mod
+def test_generate_policy_actors_load_with_resources_generators(quick_world):
+    """generate's policy runs in Describer actors on resources.generators' device and dtype -- not in
+    the driver, and not float32 on CPU whatever the preset says."""
+    import json
+
+    import pyarrow as pa
+    import torch
+
+    from actors.describer import Describer
     from caig_ray.config import load_config
     from caig_ray.data import read_catalog
-    from jobs.generate import write_descriptions
+    from caig_ray.imaging import png_bytes
 
-    seen = []
-    real = policy_mod.load_policy
-
-    def recording(path, dtype="float32", device="cpu"):
-        model, processor = real(path, dtype, device)
-        seen.append((next(model.parameters()).dtype, next(model.parameters()).device.type))
-        return model, processor
-
-    monkeypatch.setattr(policy_mod, "load_policy", recording)
-    cfg = load_config("quick", overrides={"resources": {"driver_models": {"dtype": "bfloat16"}}})
-    rows = write_descriptions(cfg, str(quick_world.policy), read_catalog(quick_world.catalog)[:2], 2, 0)
-    assert len(rows) == 4 and seen == [(__import__("torch").bfloat16, "cpu")]
+    cfg = load_config("quick", overrides={"resources": {"generators": {"dtype": "bfloat16"}}})
+    where = cfg.resources.generators
+    describer = Describer(str(quick_world.policy), cfg.policy.model_dump(mode="json"), 2, 7, where.device, where.dtype)
+    assert next(describer.model.parameters()).dtype == torch.bfloat16
+    products = read_catalog(quick_world.catalog)[:2]
+    out = describer(pa.Table.from_pylist([
+        {"row": 10 + i, "id": p.id, "title": p.title, "attributes": json.dumps(p.attributes), "image_path": None,
+         "image_bytes": png_bytes(p.image)} for i, p in enumerate(products)])).to_pylist()
+    assert [len(r["descriptions"]) for r in out] == [2, 2] and [r["seed"] for r in out] == [17, 18]

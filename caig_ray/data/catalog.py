@@ -47,19 +47,35 @@ class Product:
     attributes: dict = field(default_factory=dict)
 
 
-def decode_image(value, base_dir: Path, where: str) -> Image.Image:
-    """Open an image given as a path (relative to ``base_dir``) or as encoded bytes.
-    ``where`` ("file, row N, field 'image'") is put in front of every error."""
+def image_roots(catalog: Path, image_root: str | Path | None = None) -> list[Path]:
+    """Where a relative image path is looked up: ``--image-root`` if given, else the catalog's folder
+    and then its parent (CAIG's ``tiny_dataset/tiny.json`` names ``tiny_dataset/images/...``)."""
+    return [Path(image_root)] if image_root is not None else [catalog.parent, catalog.parent.parent]
+
+
+def find_image(value: str, roots: list[Path], where: str) -> Path:
+    """The file a catalog's image path names (absolute, or relative to the first of ``roots`` that has it)."""
+    candidates = [Path(value)] if Path(value).is_absolute() else [r / value for r in roots]
+    for path in candidates:
+        if path.is_dir():
+            raise DataError(f"{where}: {path} is a directory, not an image file")
+        if path.is_file():
+            return path
+    rule = ("" if Path(value).is_absolute() else
+            " (a relative path is looked up under --image-root if given, else the catalog's folder, then its "
+            "parent; tried " + ", ".join(str(c) for c in candidates) + ")")
+    raise DataError(f"{where}: image file not found: {value}{rule}")
+
+
+def decode_image(value, base_dir: Path | list[Path], where: str) -> Image.Image:
+    """Open an image given as a path (relative to ``base_dir``, or the first of a list of roots that
+    has it) or as encoded bytes. ``where`` ("file, row N, field 'image'") is put in front of every error."""
     if value is None or (isinstance(value, str) and not value.strip()):
         raise DataError(f"{where}: image is missing")
     if isinstance(value, (bytes, bytearray)):
         src, label = io.BytesIO(value), f"{len(value)} bytes"
     elif isinstance(value, str):
-        path = Path(value) if Path(value).is_absolute() else base_dir / value
-        if path.is_dir():
-            raise DataError(f"{where}: {path} is a directory, not an image file")
-        if not path.is_file():
-            raise DataError(f"{where}: image file not found: {path}")
+        path = find_image(value, base_dir if isinstance(base_dir, list) else [base_dir], where)
         src, label = path, str(path)
     else:
         raise DataError(f"{where}: expected a path or image bytes, got {type(value).__name__}")
@@ -102,6 +118,12 @@ def _as_rgba(img: Image.Image, where: str) -> Image.Image:
     return rgba
 
 
+def product_image(image_path: str | None, image_bytes: bytes | None, where: str = "product image") -> Image.Image:
+    """The RGBA product of a validated catalog row (actors/catalog.py keeps a path or the bytes, not
+    the pixels): decoded and matted where it is used."""
+    return _as_rgba(decode_image(image_bytes if image_bytes is not None else image_path, [], where), where)
+
+
 def _rows_from_file(path: Path) -> list[dict]:
     if path.suffix == ".json":
         raw = path.read_bytes()
@@ -126,42 +148,52 @@ def _rows_from_file(path: Path) -> list[dict]:
     raise DataError(f"{path}: unknown catalog format {path.suffix!r} (use .json or .parquet)")
 
 
-def read_catalog(path: str | Path) -> list[Product]:
-    """Read and validate every product; the first bad row stops the read with its location."""
+def product_from_row(row, where: str, roots: list[Path]) -> Product:
+    """One catalog row checked and turned into a ``Product`` (its image decoded and matted); a bad row
+    raises ``DataError`` naming ``where`` (file and row) and the field."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+    for key in ("id", "image", "new_caption"):
+        if row.get(key) is None:
+            raise DataError(f"{where}, field '{key}': missing")
+    if not isinstance(row["new_caption"], str) or not row["new_caption"].strip():
+        raise DataError(f"{where}, field 'new_caption': must be a non-empty string")
+    check_text(row["new_caption"], f"{where}, field 'new_caption'", MAX_TITLE_CHARS)
+    check_text(str(row["id"]), f"{where}, field 'id'", MAX_TITLE_CHARS)
+    attrs = row.get("attributes") or {}
+    if isinstance(attrs, str):
+        try:
+            attrs = json.loads(attrs)
+        except json.JSONDecodeError:
+            raise DataError(f"{where}, field 'attributes': not a JSON object") from None
+    if not isinstance(attrs, dict):
+        raise DataError(f"{where}, field 'attributes': must be an object, got {type(attrs).__name__}")
+    for k, v in attrs.items():
+        check_text(f"{k}{v}", f"{where}, field 'attributes' ({str(k)[:40]!r})", MAX_TITLE_CHARS)
+    image_where = f"{where}, field 'image'"
+    image = _as_rgba(decode_image(row["image"], roots, image_where), image_where)
+    category = row.get("category")
+    return Product(str(row["id"]), row["new_caption"], image, None if category is None else str(category), attrs)
+
+
+def read_catalog(path: str | Path, image_root: str | Path | None = None) -> list[Product]:
+    """Read and validate every product into memory (worlds and tests; ``generate`` streams instead:
+    actors/catalog.py); the first bad row stops the read with its location."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"catalog file not found: {path}")
     rows = _rows_from_file(path)
     if not rows:
         raise DataError(f"{path}: the catalog has no products")
+    roots = image_roots(path, image_root)
     products, seen = [], {}
     for i, row in enumerate(rows):
         where = f"{path}, row {i}"
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected an object, got {type(row).__name__}")
-        for key in ("id", "image", "new_caption"):
-            if row.get(key) is None:
-                raise DataError(f"{where}, field '{key}': missing")
-        pid = str(row["id"])
-        if pid in seen:
-            raise DataError(f"{where}, field 'id': duplicate id {pid!r} (first at row {seen[pid]})")
-        seen[pid] = i
-        if not isinstance(row["new_caption"], str) or not row["new_caption"].strip():
-            raise DataError(f"{where}, field 'new_caption': must be a non-empty string")
-        check_text(row["new_caption"], f"{where}, field 'new_caption'", MAX_TITLE_CHARS)
-        attrs = row.get("attributes") or {}
-        if isinstance(attrs, str):
-            try:
-                attrs = json.loads(attrs)
-            except json.JSONDecodeError:
-                raise DataError(f"{where}, field 'attributes': not a JSON object") from None
-        if not isinstance(attrs, dict):
-            raise DataError(f"{where}, field 'attributes': must be an object, got {type(attrs).__name__}")
-        for k, v in attrs.items():
-            check_text(f"{k}{v}", f"{where}, field 'attributes' ({str(k)[:40]!r})", MAX_TITLE_CHARS)
-        image_where = f"{where}, field 'image'"
-        image = _as_rgba(decode_image(row["image"], path.parent, image_where), image_where)
-        products.append(Product(pid, row["new_caption"], image, row.get("category"), attrs))
+        product = product_from_row(row, where, roots)
+        if product.id in seen:
+            raise DataError(f"{where}, field 'id': duplicate id {product.id!r} (first at row {seen[product.id]})")
+        seen[product.id] = i
+        products.append(product)
     return products
 
 
