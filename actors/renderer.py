@@ -54,11 +54,12 @@ class Renderer:
             batch["right_image"], batch["latent_b"] = self._render(products, batch["desc_b"], batch["seed"])
         else:
             batch["ad"], _ = self._render(products, batch["description"], batch["seed"])
-        # for the busy-fraction measurement (bench/pipeline.py): this batch's render time, once per batch
         n = len(products)
+        self._simulated_latency(n * (2 if "desc_a" in batch else 1))
+        # for the busy-fraction measurement (bench/pipeline.py): this batch's render time (a simulated
+        # latency included), once per batch
         batch["render_s"] = np.array([time.perf_counter() - t0] + [0.0] * (n - 1))
         batch["renderer_pid"] = np.array([os.getpid()] * n)
-        self._simulated_latency(n * (2 if "desc_a" in batch else 1))
         self.fault.tick()
         return batch
 

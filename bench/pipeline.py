@@ -1,6 +1,6 @@
-"""Streaming vs sequential: the same online work run CAIG's way and caig-ray's way, side by side.
+"""Streaming vs sequential, and what the renderer pool buys: the online loop measured side by side.
 
-    python bench/pipeline.py --demo runs/demo [--rounds 3] [--products 160] [--repeats 1]
+    python bench/pipeline.py --demo runs/demo [--rounds 3] [--products 160] [--repeats 3] [--latency 0.25]
 
 ``--demo`` is a ``caig-ray demo`` output folder (world, pretrained PM, RM). Every variant runs the
 same products, rounds, models and seeds through ``caig-ray train`` (jobs/caig.py):
@@ -10,11 +10,22 @@ same products, rounds, models and seeds through ``caig-ray train`` (jobs/caig.py
 - streaming lag 0: one job-long pipeline, training on the first scored blocks (strict rounds);
 - streaming lag 1: the next round is sampled and rendered while this one trains.
 
-Variants are interleaved (repeat 1: seq, s0, s1; repeat 2: ...) so machine noise hits all alike.
-Then the scaling curve: streaming with a fixed renderer pool of 1, 2 and 4 actors (fractional
-CPUs here) vs pairs/s. Reported per run: wall time of the job and of its rounds, pairs/s,
-renderer busy fraction (render seconds / renderer actor-seconds alive), the time the trainer
-waited for scored pairs, and the pool-size trace. Writes bench/results/pipeline.json.
+Variants are interleaved (repeat 1: seq, s0, s1; repeat 2: ...) so machine noise hits all alike;
+the ratios are of the medians over repeats.
+
+Then the pool: on 2 CPU cores the procedural renderer is CPU-bound, so more renderer actors only
+share the same cores (measured: 35 / 33 / 27 pairs/s at 1 / 2 / 4). A GPU renderer is
+latency-bound instead (DESIGN.md §8.5), so here each renderer actor also waits
+``renderer.simulated_latency_s`` (``--latency``) per image -- a stand-in for a remote GPU's render
+time, said wherever the numbers appear. With it:
+- scaling: a fixed pool of 1, 2, 4 and 8 actors, pairs/s over the rounds (lag 1, small blocks so
+  every actor has work); ``scaling_efficiency_at_4`` = pairs/s at 4 / (4 x pairs/s at 1);
+- backlog step: an autoscaling pool (1..8), strict rounds: each round's blocks are fed at once, the
+  pool grows, and shrinks while the policy trains; the pool-size trace is plotted
+  (bench/results/pipeline_pool_trace.png).
+Reported per run: wall time of the job and of its rounds, pairs/s, renderer busy fraction (render
+seconds / renderer actor-seconds alive), the time the trainer waited for scored pairs, and the
+pool-size trace. Writes bench/results/pipeline.json.
 """
 
 from __future__ import annotations
@@ -52,12 +63,39 @@ def run_one(demo: Path, work: Path, name: str, overrides: dict) -> dict:
     }
 
 
+def _plot_trace(run: dict, folder: Path, png: Path) -> None:
+    """Renderer pool size over time in the backlog run, with when each round started being fed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trace = run["pool_trace"]
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    ax.step([t for t, _, _ in trace], [r for _, r, _ in trace], where="post", label="renderer actors alive")
+    records = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    for k, x in enumerate(x for x in records if x["kind"] == "round"):
+        ax.axvspan(x["t_start_s"], x["t_end_s"], color="tab:orange", alpha=0.12, lw=0,
+                   label="a round: sampled, fed at once, rendered, trained" if k == 0 else None)
+    ax.set_xlabel("seconds since the pipeline started")
+    ax.set_ylabel("renderers")
+    ax.set_title(f"Backlog step: a round's blocks fed at once, pool 1..8 "
+                 f"(simulated render latency, stands for a remote GPU)", fontsize=9)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", required=True)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--products", type=int, default=160)
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--latency", type=float, default=0.25,
+                   help="renderer.simulated_latency_s for the pool runs: seconds per image, a remote GPU's render time")
+    p.add_argument("--pool-products", type=int, default=64, help="products per round in the pool runs")
     p.add_argument("--work", default="/tmp/caig_pipeline_bench")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "pipeline.json"))
     args = p.parse_args()
@@ -85,18 +123,35 @@ def main() -> None:
         "sequential_over_streaming_lag0_wall": med["sequential"]["wall_s"] / med["streaming_lag0"]["wall_s"],
         "sequential_over_streaming_lag1_wall": med["sequential"]["wall_s"] / med["streaming_lag1"]["wall_s"],
     }
+    # the pool, with a latency-bound renderer (renderer.simulated_latency_s: a remote GPU's render time)
+    latency = {"renderer": {"simulated_latency_s": args.latency}}
+    small = {"rounds": 2, "products_per_round": args.pool_products, "eval_products": 16, "eval_every": 2,
+             "pairs_per_batch": 4, "seed": 0}
     scaling = []
-    for k in (1, 2, 4):
-        r = run_one(demo, work, f"pool{k}", {"online": base, "resources": {"renderers": {"min_size": k, "max_size": k, "num_cpus": 0.1}}})
+    for k in (1, 2, 4, 8):
+        r = run_one(demo, work, f"pool{k}", {**latency, "online": {**small, "max_policy_lag": 1},
+                                             "resources": {"renderers": {"min_size": k, "max_size": k, "num_cpus": 0.1}}})
         scaling.append({"renderers": k, **{m: r[m] for m in ("pairs_per_s_rounds", "rounds_s", "renderer_busy_fraction",
                                                               "trainer_wait_s", "renderer_pool_size_max")}})
-        print(f"pool {k}: {r['pairs_per_s_rounds']:5.1f} pairs/s, renderer busy {r['renderer_busy_fraction'] or 0:.2f}",
+        print(f"pool {k}: {r['pairs_per_s_rounds']:5.2f} pairs/s, renderer busy {r['renderer_busy_fraction'] or 0:.2f}",
               flush=True)
+    one = scaling[0]["pairs_per_s_rounds"]
+    efficiency = {f"scaling_efficiency_at_{s['renderers']}": s["pairs_per_s_rounds"] / (s["renderers"] * one)
+                  for s in scaling}
+    backlog = run_one(demo, work, "backlog", {**latency, "online": {**small, "rounds": 3, "eval_every": 3,
+                                                                    "max_policy_lag": 0},
+                                              "resources": {"renderers": {"min_size": 1, "max_size": 8, "num_cpus": 0.1}}})
+    plot = Path(args.out).with_name("pipeline_pool_trace.png")
+    _plot_trace(backlog, work / "backlog", plot)
     result = {"rounds": args.rounds, "products_per_round": args.products, "repeats": args.repeats,
-              "median": med, "ratios": ratios, "runs": runs, "scaling": scaling}
+              "median": med, "ratios": ratios, "runs": runs,
+              "simulated_latency_s_per_image": args.latency, "pool_products_per_round": args.pool_products,
+              "scaling": scaling, **efficiency,
+              "backlog": {k: backlog[k] for k in ("pool_trace", "renderer_pool_size_max", "rounds_s")},
+              "pool_trace_plot": plot.name}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    for k, v in ratios.items():
+    for k, v in {**ratios, **efficiency}.items():
         print(f"{k}: {v:.2f}x")
     print(f"wrote {args.out}")
 

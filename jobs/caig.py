@@ -422,6 +422,9 @@ class OnlineLoop:
             info = self._train_round(r)
             info["round_s"] = time.perf_counter() - self.round_t0
             info["wait_s"] = self.stream.wait_s - wait_before  # driver blocked on the pipeline
+            # on the pool trace's clock (seconds since this pipeline started): bench/pipeline.py's plot
+            info["t_start_s"] = self.round_t0 - self.stream.t0
+            info["t_end_s"] = time.perf_counter() - self.stream.t0
             self.state["rounds"].append(info)
             self.log.write("round", r, info)
             if self._eval_after(r):
