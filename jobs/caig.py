@@ -190,18 +190,25 @@ class OnlineLoop:
     def _sample_round(self, r: int) -> None:
         """Sample round ``r`` with the current weights (or take the samples a checkpoint kept) and feed it."""
         key = str(r)
-        if key not in self.state["pending"]:
+        if key in self.state["pending"]:  # sampled before a checkpoint: fed as kept
+            self._feed(self.state["pending"][key])
+        else:
             ids = round_products(self.train_ids, r, self.oc.products_per_round, self.oc.seed)
             prods = [self.products[i] for i in ids]
-            t = time.perf_counter()
             k = self.cfg.policy.instruction_templates  # each product's instruction for this round (CAIG's variety)
-            inputs = [{**self._policy_input(p), "template": pm_template(self.oc.seed, p.id, r, k)} for p in prods]
-            gens = self.group.generate(inputs, n=self.oc.samples_per_product,
-                                       temperature=self.cfg.policy.temperature, seed=self.oc.seed * 7919 + r)
+            block, pairs, t = self.oc.pairs_per_batch, [], time.perf_counter()
+            # one block at a time, fed as soon as it is sampled: renderers start on the round's first block
+            # while the policy samples the next (DESIGN.md §8.4)
+            for c in range(0, len(prods), block):
+                inputs = [{**self._policy_input(p), "template": pm_template(self.oc.seed, p.id, r, k)}
+                          for p in prods[c:c + block]]
+                gens = self.group.generate(inputs, n=self.oc.samples_per_product, temperature=self.cfg.policy.temperature,
+                                           seed=self.oc.seed * 7919 + r + 104729 * (c // block))
+                rows = candidate_pairs(prods[c:c + block], gens, r, self.oc.seed, self.state["step"], n_templates=k)
+                self._feed(rows)
+                pairs += rows
             self.gen_s[r] = time.perf_counter() - t
-            self.state["pending"][key] = candidate_pairs(prods, gens, r, self.oc.seed, self.state["step"],
-                                                         n_templates=k)
-        self._feed(self.state["pending"][key])
+            self.state["pending"][key] = pairs
         self.fed_rounds.add(r)
 
     def _policy_input(self, p) -> dict:
