@@ -1,5 +1,5 @@
 """The online loop's pure parts: which products each round samples, the candidate pairs with their
-ids and seeds, the market oracle's verdict on a rendered ad, and the lift with its interval.
+ids and seeds, the market oracle's verdict on a rendered ad, the lift with its interval, and the run's state.
 
 Everything here is a function of (seed, round) so an interrupted job that resumes sees the very
 data order an uninterrupted one sees. ``jobs/caig.py`` wires these to the Ray actors.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -99,3 +100,28 @@ class MarketOracle:
         lat = json.loads(latent) if isinstance(latent, str) else latent
         return {"true_ctr": self.model.true_ctr(category, lat, noise_key(description, seed)), "scene": lat["scene"],
                 "match": self.model.match(category, lat["scene"]), "has_scene": lat["scene"] != "plain"}
+
+
+@dataclass
+class RunState:
+    """What an online run's checkpoint holds besides the weights (``state.json``, written last).
+
+    ``next_round``: the first round not yet trained; ``step``: optimizer steps taken; ``pending``:
+    round (as text, a JSON key) -> the candidate pairs sampled for it and not yet trained (rounds
+    sampled ahead under ``max_policy_lag`` keep their samples across a resume); ``eval_base``: the
+    pretrained PM's held-out descriptions, kept for every evaluation; ``rounds`` / ``evals``: the
+    per-round and per-evaluation records so far (summary.json's history)."""
+
+    next_round: int = 0
+    step: int = 0
+    pending: dict[str, list[dict]] = field(default_factory=dict)
+    eval_base: list[str] | None = None
+    rounds: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunState":
+        return cls(**json.loads(text))

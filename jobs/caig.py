@@ -41,7 +41,7 @@ from caig_ray.imaging import png_bytes
 from caig_ray.models.renderer import check_sd_folders
 from caig_ray.models.vlm import check_model_folder
 from caig_ray.online import (
-    MarketOracle, candidate_pairs, match_rate, paired_lift, pm_template, render_seed, round_products,
+    MarketOracle, RunState, candidate_pairs, match_rate, paired_lift, pm_template, render_seed, round_products,
     split_eval_products,
 )
 from caig_ray.pairs import account, preference_examples
@@ -123,10 +123,6 @@ def _latest_checkpoint(store: Output) -> str | None:
     return max(done) if done else None
 
 
-def _fresh_state() -> dict:
-    return {"next_round": 0, "step": 0, "pending": {}, "eval_base": None, "rounds": [], "evals": []}
-
-
 def _blocks(n_rows: int, size: int) -> int:
     return -(-n_rows // size)
 
@@ -166,19 +162,19 @@ class OnlineLoop:
         self.recoveries = {"policy": 0, "feed": 0}
         save_config(cfg, self.out / "config.yaml")
 
-    def _restored_state(self) -> dict:
+    def _restored_state(self) -> RunState:
         """The loop's state at the last checkpoint (a fresh one before the first)."""
-        return json.loads((self.ckpt.local / "state.json").read_text()) if self.ckpt else _fresh_state()
+        return RunState.from_json((self.ckpt.local / "state.json").read_text()) if self.ckpt else RunState()
 
     # ---- plan ---------------------------------------------------------------------------------
     def _eval_after(self, r: int) -> bool:
         return (r + 1) % self.oc.eval_every == 0 or r == self.oc.rounds - 1
 
     def _n_blocks(self) -> int:
-        start, oc = self.state["next_round"], self.oc
+        start, oc = self.state.next_round, self.oc
         per_round = _blocks(min(oc.products_per_round, len(self.train_ids)), oc.pairs_per_batch)
         per_eval = _blocks(len(self.eval_ids), oc.pairs_per_batch)
-        evals = sum(self._eval_after(r) for r in range(start, oc.rounds)) + (self.state["eval_base"] is None)
+        evals = sum(self._eval_after(r) for r in range(start, oc.rounds)) + (self.state.eval_base is None)
         return per_round * (oc.rounds - start) + per_eval * evals
 
     # ---- feeding --------------------------------------------------------------------------------
@@ -190,8 +186,8 @@ class OnlineLoop:
     def _sample_round(self, r: int) -> None:
         """Sample round ``r`` with the current weights (or take the samples a checkpoint kept) and feed it."""
         key = str(r)
-        if key in self.state["pending"]:  # sampled before a checkpoint: fed as kept
-            self._feed(self.state["pending"][key])
+        if key in self.state.pending:  # sampled before a checkpoint: fed as kept
+            self._feed(self.state.pending[key])
         else:
             ids = round_products(self.train_ids, r, self.oc.products_per_round, self.oc.seed)
             prods = [self.products[i] for i in ids]
@@ -204,11 +200,11 @@ class OnlineLoop:
                           for p in prods[c:c + block]]
                 gens = self.group.generate(inputs, n=self.oc.samples_per_product, temperature=self.cfg.policy.temperature,
                                            seed=self.oc.seed * 7919 + r + 104729 * (c // block))
-                rows = candidate_pairs(prods[c:c + block], gens, r, self.oc.seed, self.state["step"], n_templates=k)
+                rows = candidate_pairs(prods[c:c + block], gens, r, self.oc.seed, self.state.step, n_templates=k)
                 self._feed(rows)
                 pairs += rows
             self.gen_s[r] = time.perf_counter() - t
-            self.state["pending"][key] = pairs
+            self.state.pending[key] = pairs
         self.fed_rounds.add(r)
 
     def _policy_input(self, p) -> dict:
@@ -245,8 +241,8 @@ class OnlineLoop:
     def _step(self, examples: list[dict], r: int, trained: list[str], records: dict) -> None:
         t = time.perf_counter()
         metrics = self.group.train_step(examples)
-        self.state["step"] += 1
-        step = self.state["step"]
+        self.state.step += 1
+        step = self.state.step
         lags = [step - 1 - records[e["pair_id"]]["policy_version"] for e in examples]
         for e in examples:
             records[e["pair_id"]].update(status="trained", trained_at_step=step)
@@ -261,7 +257,7 @@ class OnlineLoop:
 
     def _train_round(self, r: int) -> dict:
         oc, n_workers = self.oc, self.cfg.resources.policy.num_workers
-        planned = [c["pair_id"] for c in self.state["pending"][str(r)]]
+        planned = [c["pair_id"] for c in self.state.pending[str(r)]]
         B = max(oc.train_batch_size, n_workers)
         buf, trained, skipped, records = [], [], [], {}
         rendered = scored = 0
@@ -311,7 +307,7 @@ class OnlineLoop:
         pq.write_table(pa.Table.from_pylist(rows), self.out / "pairs" / f"round_{r:03d}.parquet")
         info = {"round": r, **acc, "train_s": self.round_train_s, "render_busy_s": render_s,
                 "first_step_after_s": self.round_first_step_s,
-                "gen_s": self.gen_s.get(r), "steps": self.state["step"]}
+                "gen_s": self.gen_s.get(r), "steps": self.state.step}
         if rows and "true_ctr_a" in rows[0]:
             chosen = [x for x in rows if x.get("chosen") in ("a", "b")]
             info["chosen_true_ctr_wins"] = float(np.mean([
@@ -324,20 +320,20 @@ class OnlineLoop:
         gens = self.group.generate([self._policy_input(p) for p in prods], n=1,
                                    temperature=self.cfg.policy.temperature, seed=self.oc.seed * 7919 + 99991)
         mine = [g["descriptions"][0] for g in gens]
-        if self.state["eval_base"] is None:  # the pretrained PM's descriptions, kept for every evaluation
-            self.state["eval_base"] = mine
+        if self.state.eval_base is None:  # the pretrained PM's descriptions, kept for every evaluation
+            self.state.eval_base = mine
         rows = []
-        for p, a, b in zip(prods, mine, self.state["eval_base"]):
+        for p, a, b in zip(prods, mine, self.state.eval_base):
             rows.append({"pair_id": f"eval-e{after_rounds:03d}-{p.id}", "kind": "eval", "round": after_rounds,
                          "product_id": p.id, "title": p.title, "category": p.category or "",
                          "instruction": "", "desc_a": clean_prompt(a), "desc_b": clean_prompt(b),
-                         "seed": render_seed(self.oc.seed, p.id, EVAL_SEED_ROUND), "policy_version": self.state["step"]})
+                         "seed": render_seed(self.oc.seed, p.id, EVAL_SEED_ROUND), "policy_version": self.state.step})
         self._feed(rows)
 
     def _collect_eval(self, after_rounds: int) -> dict:
         rows = [x for block in self._take("eval", after_rounds, len(self.eval_ids)) for x in block]
         p_key = "p_left_debiased" if self.oc.debias_rm else "p_left"
-        ev = {"after_rounds": after_rounds, "step": self.state["step"],
+        ev = {"after_rounds": after_rounds, "step": self.state.step,
               "rm_win_rate": float(np.mean([x[p_key] for x in rows]))}
         verdicts = [self._verdicts(x) for x in rows]
         if verdicts and verdicts[0]:
@@ -361,10 +357,10 @@ class OnlineLoop:
         ckpt.delete()
         self.group.save(d, ckpt.uri)  # every rank's part; uploaded node by node with object-store storage
         # trained rounds leave the pending set; rounds sampled ahead (max_policy_lag) stay with their samples
-        self.state["pending"] = {k: v for k, v in self.state["pending"].items() if int(k) > r}
+        self.state.pending = {k: v for k, v in self.state.pending.items() if int(k) > r}
         self.store.upload(exclude=("checkpoints", "policy"))  # metrics, pairs, config: as far as this checkpoint
         tmp = d / "state.json.tmp"
-        tmp.write_text(json.dumps(self.state))
+        tmp.write_text(self.state.to_json())
         tmp.rename(d / "state.json")  # written last: a checkpoint without it is incomplete and ignored
         ckpt.child("state.json").upload()
         self.ckpt = ckpt
@@ -407,17 +403,17 @@ class OnlineLoop:
         logger.warning("recovery %d (%s): %s; restarting from %s", sum(self.recoveries.values()), kind, error, where)
         self._stop()
         self.state = self._restored_state()
-        self.log.write("recovery", self.state["step"], {"lost": kind, "from_round": self.state["next_round"]})
+        self.log.write("recovery", self.state.step, {"lost": kind, "from_round": self.state.next_round})
         self._start()
 
     def _rounds(self) -> None:
         oc = self.oc
-        if self.state["eval_base"] is None:
+        if self.state.eval_base is None:
             self._sample_eval(0)
             ev = self._collect_eval(0)
-            self.state["evals"].append(ev)
+            self.state.evals.append(ev)
             self.log.write("eval", 0, ev)
-        start = self.state["next_round"]
+        start = self.state.next_round
         bar = tqdm(range(start, oc.rounds), desc="online rounds", disable=not self.progress,
                    initial=start, total=oc.rounds)
         for r in bar:
@@ -432,15 +428,15 @@ class OnlineLoop:
             # on the pool trace's clock (seconds since this pipeline started): bench/pipeline.py's plot
             info["t_start_s"] = self.round_t0 - self.stream.t0
             info["t_end_s"] = time.perf_counter() - self.stream.t0
-            self.state["rounds"].append(info)
+            self.state.rounds.append(info)
             self.log.write("round", r, info)
             if self._eval_after(r):
                 self._sample_eval(r + 1)
                 ev = self._collect_eval(r + 1)
-                self.state["evals"].append(ev)
+                self.state.evals.append(ev)
                 self.log.write("eval", r + 1, ev)
                 bar.set_postfix(true_ctr=ev.get("true_ctr"), rm_win=round(ev["rm_win_rate"], 3))
-            self.state["next_round"] = r + 1
+            self.state.next_round = r + 1
             if (r + 1) % oc.checkpoint_every == 0 or r == oc.rounds - 1:
                 self._checkpoint(r)
                 if oc.faults.driver_kill_after_round == r and should_fire(oc.faults.marker_dir, "driver"):
@@ -489,10 +485,10 @@ class OnlineLoop:
     def _summary(self, wall_s: float, pool_trace, wait_s: float, pool_max: int) -> dict:
         from caig_ray.report import online_plots, write_run_report
 
-        rounds, evals = self.state["rounds"], self.state["evals"]
+        rounds, evals = self.state.rounds, self.state.evals
         tot = lambda k: sum(r[k] for r in rounds)  # noqa: E731
         summary = {
-            "rounds": len(rounds), "steps": self.state["step"],
+            "rounds": len(rounds), "steps": self.state.step,
             "true_ctr_by_round": [e.get("true_ctr") for e in evals],
             "match_rate_by_round": [e.get("match_rate") for e in evals],
             "rm_win_rate_by_round": [e["rm_win_rate"] for e in evals],

@@ -10,6 +10,7 @@ endpoint load it by path.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import sys
@@ -69,12 +70,9 @@ def train_func(loop: dict) -> None:
         raise ValueError(f"only {len(pairs)} training pairs for {world} workers")
     shard = pairs[rank * per_rank:(rank + 1) * per_rank]
     titles = logs.column("title").to_pylist() if "title" in logs.column_names else [""] * logs.num_rows
-    images: dict[int, object] = {}
-
+    @functools.lru_cache(maxsize=4096)  # bounded: a shard of a large log does not fit decoded in memory
     def image(row: int):
-        if row not in images:
-            images[row] = load_log_image(logs, row, base)
-        return images[row]
+        return load_log_image(logs, row, base)
 
     model, processor = load_reward_model(loop["backbone"], from_backbone=True, dtype=placement.dtype)
     model.train()
@@ -152,7 +150,9 @@ def train_rm(cfg: CaigConfig, world_dir: str | Path, out: str | Path | Output) -
     lay = WorldLayout(world_dir)
     click_logs = Path(cfg.data.click_logs or lay.click_logs).resolve()
     backbone = Path(cfg.reward.backbone_path or lay.reward).resolve()
-    logs = read_click_logs(click_logs)  # refuse bad logs in the driver, before any worker starts
+    # bad logs are refused before any training worker starts: counts checked here (the image column is
+    # not read into the driver), every ad image decoded on the cluster by Ray Data
+    logs = read_click_logs(click_logs, check_images=False, with_images=False)
     out = store.local
     tc, placement = cfg.train_rm, cfg.resources.reward_training
     band = tuple(tc.train_band or cfg.market.band)
@@ -164,6 +164,9 @@ def train_rm(cfg: CaigConfig, world_dir: str | Path, out: str | Path | Output) -
                         f"ratio lies in {list(band)} (train_rm.train_band / market.band)")
     check_model_folder(backbone, "reward.backbone_path", kind="backbone")
     init_ray(None if placement.use_gpu else max(2, placement.num_workers))
+    from actors.catalog import check_click_log_images
+
+    check_click_log_images(click_logs)
     summary = fit_to_folder(
         train_func,
         {"cfg": cfg.model_dump(mode="json"), "click_logs": str(click_logs), "backbone": str(backbone),

@@ -139,6 +139,18 @@ def test_duplicate_ids_and_file_level_errors_stop_before_anything_runs(quick_wor
         check = validate_catalog(folder, tmp_path / "out_folder")
         rows = pq.read_table(check.valid).to_pylist()
         assert check.valid_rows == 2 and {r["title"] for r in rows} >= {"红色运动鞋"}
+        # click-log images are decoded on the cluster, in parallel tasks; every bad row is named
+        from actors.catalog import check_click_log_images
+        from caig_ray.data import write_click_logs
+        from caig_ray.imaging import png_bytes
+
+        good = png_bytes(products[0].image)
+        log = write_click_logs([{"product_id": "p", "creative_id": f"c{i}", "impressions": 10, "clicks": 1,
+                                 "image": b"not an image" if i in (3, 7) else good} for i in range(9)],
+                               tmp_path / "log.parquet")
+        with pytest.raises(DataError, match=r"2 bad row\(s\) in the click log:\n  .*row 3, field 'image': cannot "
+                                            r"decode image[\s\S]*row 7, field 'image'"):
+            check_click_log_images(log, rows_per_task=4)
     finally:
         ray.shutdown()
 

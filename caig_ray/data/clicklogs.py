@@ -15,17 +15,20 @@ REQUIRED = ("product_id", "creative_id", "image", "impressions", "clicks")
 MAX_REPORTED = 20
 
 
-def read_click_logs(path: str | Path, check_images: bool = True) -> pa.Table:
+def read_click_logs(path: str | Path, check_images: bool = True, with_images: bool = True) -> pa.Table:
     """Read and validate a click log. Every bad row is reported (up to 20 listed, with the total);
-    nothing is dropped: either the whole table is good or the read fails."""
+    nothing is dropped: either the whole table is good or the read fails. ``with_images=False``
+    leaves the image column out (a driver that only counts; ``check_images`` is then False too --
+    ``actors.catalog.check_click_log_images`` checks them on the cluster)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"click log file not found: {path}")
     try:
-        table = pq.read_table(path)
+        names = pq.read_schema(path).names
+        table = pq.read_table(path, columns=None if with_images else [c for c in names if c != "image"])
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"{path}: not a readable parquet file: {e}") from None
-    missing = [c for c in REQUIRED if c not in table.column_names]
+    missing = [c for c in REQUIRED if c not in names]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; required: {list(REQUIRED)}")
     if table.num_rows == 0:
@@ -62,7 +65,7 @@ def read_click_logs(path: str | Path, check_images: bool = True) -> pa.Table:
                 errors.append(f"{where}, field 'creative_id': duplicate {cid!r} (first at row {seen[cid]})")
             else:
                 seen[cid] = i
-    if check_images:
+    if check_images and with_images:
         images = table.column("image")
         for i in range(table.num_rows):
             try:
