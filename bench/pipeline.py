@@ -13,6 +13,8 @@ same products, rounds, models and seeds through ``caig-ray train`` (jobs/caig.py
 Variants are interleaved (repeat 1: seq, s0, s1; repeat 2: ...) so machine noise hits all alike;
 the ratios are of the medians over repeats.
 
+``--reuse`` reads back the runs an interrupted invocation already finished in ``--work``.
+
 Then the pool: on 2 CPU cores the procedural renderer is CPU-bound, so more renderer actors only
 share the same cores (measured: 35 / 33 / 27 pairs/s at 1 / 2 / 4). A GPU renderer is
 latency-bound instead (DESIGN.md §8.5), so here each renderer actor also waits
@@ -44,12 +46,18 @@ def _actor_seconds(trace: list, col: int = 1) -> float:
     return sum(trace[i][col] * (trace[i + 1][0] - trace[i][0]) for i in range(len(trace) - 1))
 
 
-def run_one(demo: Path, work: Path, name: str, overrides: dict) -> dict:
+def run_one(demo: Path, work: Path, name: str, overrides: dict, reuse: bool = False) -> dict:
+    """One ``caig-ray train`` run; with ``reuse``, a run folder this bench already finished (its
+    summary.json) is read back instead of run again (an interrupted invocation continued)."""
     from jobs.caig import train
 
     cfg = load_config("demo", overrides=overrides)
-    s = train(cfg, work / name, str(demo / "pm"), str(demo / "rm"), str(WorldLayout(demo / "world").catalog),
-              progress=False)
+    done = work / name / "summary.json"
+    if reuse and done.is_file():
+        s = json.loads(done.read_text())
+    else:
+        s = train(cfg, work / name, str(demo / "pm"), str(demo / "rm"), str(WorldLayout(demo / "world").catalog),
+                  progress=False)
     lines = [json.loads(x) for x in (work / name / "metrics.jsonl").read_text().splitlines()]
     rounds_s = sum(x["round_s"] for x in lines if x["kind"] == "round")
     alive = _actor_seconds(s["renderer_pool_trace"])
@@ -96,6 +104,8 @@ def main() -> None:
     p.add_argument("--latency", type=float, default=0.25,
                    help="renderer.simulated_latency_s for the pool runs: seconds per image, a remote GPU's render time")
     p.add_argument("--pool-products", type=int, default=64, help="products per round in the pool runs")
+    p.add_argument("--reuse", action="store_true",
+                   help="read back runs already finished in --work (continue an interrupted invocation)")
     p.add_argument("--work", default="/tmp/caig_pipeline_bench")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "pipeline.json"))
     args = p.parse_args()
@@ -110,7 +120,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {k: [] for k in variants}
     for rep in range(args.repeats):
         for name, over in variants.items():
-            r = run_one(demo, work, f"{name}_{rep}", over)
+            r = run_one(demo, work, f"{name}_{rep}", over, args.reuse)
             runs[name].append(r)
             print(f"{name:15s} wall {r['wall_s']:6.1f} s  rounds {r['rounds_s']:6.1f} s  {r['pairs_per_s_rounds']:5.1f} pairs/s"
                   f"  trainer waited {r['trainer_wait_s']:5.1f} s  renderer busy {r['renderer_busy_fraction'] or 0:.2f}"
@@ -129,8 +139,11 @@ def main() -> None:
              "pairs_per_batch": 4, "seed": 0}
     scaling = []
     for k in (1, 2, 4, 8):
+        # 0.05 CPU each: 8 renderers + 2 policy ranks (0.5) + the scorer (0.25) fit 2 CPUs; a pool whose
+        # min_size cannot all start would wait forever (measured: 8 x 0.1 did)
         r = run_one(demo, work, f"pool{k}", {**latency, "online": {**small, "max_policy_lag": 1},
-                                             "resources": {"renderers": {"min_size": k, "max_size": k, "num_cpus": 0.1}}})
+                                             "resources": {"renderers": {"min_size": k, "max_size": k, "num_cpus": 0.05}}},
+                    args.reuse)
         scaling.append({"renderers": k, **{m: r[m] for m in ("pairs_per_s_rounds", "rounds_s", "renderer_busy_fraction",
                                                               "trainer_wait_s", "renderer_pool_size_max")}})
         print(f"pool {k}: {r['pairs_per_s_rounds']:5.2f} pairs/s, renderer busy {r['renderer_busy_fraction'] or 0:.2f}",
@@ -140,7 +153,8 @@ def main() -> None:
                   for s in scaling}
     backlog = run_one(demo, work, "backlog", {**latency, "online": {**small, "rounds": 3, "eval_every": 3,
                                                                     "max_policy_lag": 0},
-                                              "resources": {"renderers": {"min_size": 1, "max_size": 8, "num_cpus": 0.1}}})
+                                              "resources": {"renderers": {"min_size": 1, "max_size": 8, "num_cpus": 0.05}}},
+                      args.reuse)
     plot = Path(args.out).with_name("pipeline_pool_trace.png")
     _plot_trace(backlog, work / "backlog", plot)
     result = {"rounds": args.rounds, "products_per_round": args.products, "repeats": args.repeats,
