@@ -130,18 +130,26 @@ def main() -> None:
         from caig_ray.world import make_world
 
         make_world(load_config("quick"), world, progress=False)
-    validate = [measure("validate", n, world, work) for n in args.validate]
-    generate = [measure("generate", n, world, work) for n in args.generate]
+    validate, generate = [], []
 
     def ratio(runs):
         return runs[-1]["driver_peak_rss_mb"] / runs[0]["driver_peak_rss_mb"] if len(runs) > 1 else None
 
-    result = {"machine": f"{os.cpu_count()} CPU cores, no GPU", "images_reused": N_IMAGES, "n_per_product": 2,
-              "validate": validate, "generate": generate,
-              "driver_rss_ratio_largest_over_smallest": ratio(generate),
-              "validate_driver_rss_ratio_largest_over_smallest": ratio(validate)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    def write() -> dict:  # after every measurement: an interrupted bench keeps what it measured
+        result = {"machine": f"{os.cpu_count()} CPU cores, no GPU", "images_reused": N_IMAGES, "n_per_product": 2,
+                  "validate": validate, "generate": generate,
+                  "driver_rss_ratio_largest_over_smallest": ratio(generate),
+                  "validate_driver_rss_ratio_largest_over_smallest": ratio(validate)}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        return result
+
+    for n in args.validate:
+        validate.append(measure("validate", n, world, work))
+        write()
+    for n in args.generate:
+        generate.append(measure("generate", n, world, work))
+        result = write()
     print(f"driver RSS largest/smallest: generate {result['driver_rss_ratio_largest_over_smallest']}, "
           f"validate {result['validate_driver_rss_ratio_largest_over_smallest']}")
     print(f"wrote {args.out}")
