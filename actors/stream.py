@@ -160,8 +160,10 @@ class PairStream(_PoolTrace):
         self.n_blocks, self.fed, self.consumed = n_blocks, 0, 0
         self.feed = PairFeed.remote(oc.faults.model_dump(mode="json"))
         super().__init__(sample_every_s)
+        # read tasks waiting on the feed at once: the blocks the renderer pool's autoscaler can see queued
+        # (2 hid a round's backlog from a pool of 8: it grew to 3)
         ds = ray.data.read_datasource(FeedDatasource(self.feed, n_blocks), override_num_blocks=n_blocks,
-                                      concurrency=2, num_cpus=0)
+                                      concurrency=max(2, cfg.resources.renderers.max_size), num_cpus=0)
         ds = map_renderers(ds, cfg.renderer, cfg.resources.renderers, None, oc.faults.model_dump(mode="json"))
         ds = map_scorers(ds, cfg, rm_path, None)
         self._it = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
