@@ -67,10 +67,13 @@ def test_every_entrypoint_writes_only_under_storage(quick_world, tmp_path, monke
     assert not _files(cwd), _files(cwd)
     written = _files(storage)
     for expected in ("world/catalog/catalog.json", "rm/config.json", "rm/train_metrics.json", "rm_eval.json",
-                     "ads/best.parquet", "runs/online/summary.json", "runs/online/metrics.jsonl",
+                     "ads/generate_summary.json", "ads/gallery.html", "runs/online/summary.json",
+                     "runs/online/metrics.jsonl",
                      "runs/online/checkpoints/round_000/state.json", "runs/online/policy/config.json",
                      "runs/online/pairs/round_000.parquet", "runs/online/report.html"):
         assert expected in written, expected
+    assert any(f.startswith("ads/best/part-") for f in written)  # generate's parts, as it went
+    assert any(f.startswith("ads/catalog/valid/") for f in written)  # and its validated catalog
     assert any(f.startswith("rm_ray/") for f in written)  # Ray Train's own checkpoints: under storage too
     assert any(f.startswith("rm_tensorboard/") for f in written)
 
