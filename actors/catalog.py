@@ -28,7 +28,7 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from caig_ray.data.catalog import DataError, image_roots, product_from_row
+from caig_ray.data.catalog import DataError, find_image, image_roots, product_from_row
 
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -116,7 +116,7 @@ def _json_blocks(path: Path, step: int):
         yield _raw_table(i, rows[i:i + step])
 
 
-def _write_part(table: pa.Table, folder: Path, name: str, row_group_size: int | None = None) -> None:
+def write_part(table: pa.Table, folder: Path, name: str, row_group_size: int | None = None) -> None:
     """Written under a temporary name and renamed: a part is there whole or not at all."""
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{name}.tmp"
@@ -127,7 +127,7 @@ def _write_part(table: pa.Table, folder: Path, name: str, row_group_size: int | 
 def validate_rows(batch: pa.Table, source: str, roots: list[str], out: str, rows_per_group: int) -> pa.Table:
     """Ray Data map: check each row (``product_from_row``), write the batch's valid rows and rejects as
     parquet parts named by its first row (a retried task rewrites the same part), return counts."""
-    valid, rejects = [], []
+    valid, rejects, dirs = [], [], [Path(p) for p in roots]
     if batch["row"][0].as_py() == -1:
         return pa.table({"first_row": [-1], "rows": [0], "valid": [0], "rejected": [0],
                          "errors": [[batch["raw"][0].as_py()]]})
@@ -137,30 +137,26 @@ def validate_rows(batch: pa.Table, source: str, roots: list[str], out: str, rows
             row = json.loads(r["raw"])
             if isinstance(row, dict) and r["image_bytes"] is not None:
                 row["image"] = r["image_bytes"]
-            product = product_from_row(row, where, [Path(p) for p in roots])
+            elif isinstance(row, dict) and isinstance(row.get("image"), str) and row["image"].strip():
+                # looked up once, here: the valid catalog keeps the absolute path its users open
+                row["image"] = str(find_image(row["image"], dirs, f"{where}, field 'image'").resolve())
+            product = product_from_row(row, where, dirs)
         except DataError as e:
             rejects.append({"row": r["row"], "error": str(e), "raw": r["raw"], "image_bytes": r["image_bytes"]})
             continue
         image = row["image"]
         valid.append({"row": r["row"], "id": product.id, "title": product.title, "category": product.category,
                       "attributes": json.dumps(product.attributes, ensure_ascii=False),
-                      "image_path": None if isinstance(image, bytes) else
-                      _resolved(image, [Path(p) for p in roots]),
+                      "image_path": None if isinstance(image, bytes) else image,
                       "image_bytes": image if isinstance(image, bytes) else None})
     first = batch["row"][0].as_py()
     if valid:
-        _write_part(pa.Table.from_pylist(valid, VALID_SCHEMA), Path(out) / "valid", f"part-{first:012d}.parquet",
+        write_part(pa.Table.from_pylist(valid, VALID_SCHEMA), Path(out) / "valid", f"part-{first:012d}.parquet",
                     rows_per_group)
     if rejects:
-        _write_part(pa.Table.from_pylist(rejects, REJECT_SCHEMA), Path(out) / "rejects", f"part-{first:012d}.parquet")
+        write_part(pa.Table.from_pylist(rejects, REJECT_SCHEMA), Path(out) / "rejects", f"part-{first:012d}.parquet")
     return pa.table({"first_row": [first], "rows": [batch.num_rows], "valid": [len(valid)],
                      "rejected": [len(rejects)], "errors": [[x["error"] for x in rejects[:3]]]})
-
-
-def _resolved(value: str, roots: list[Path]) -> str:
-    from caig_ray.data.catalog import find_image
-
-    return str(find_image(value, roots, "").resolve())
 
 
 @dataclass
@@ -275,20 +271,21 @@ def _refuse_duplicate_ids(path: Path, valid: Path) -> None:
 
 
 def _check_log_images(batch: pa.Table, path: str) -> pa.Table:
-    """Ray Data map: decode the images of click-log rows [start, end) of ``path``; their errors."""
+    """Ray Data map: decode the images of click-log rows [start, end) of ``path``; (row, error) of each bad one."""
     import pyarrow.dataset as pads
 
     from caig_ray.data.catalog import decode_image
 
-    errors = []
+    rows, errors = [], []
     for start, end in zip(batch["start"].to_pylist(), batch["end"].to_pylist()):
         images = pads.dataset(path, format="parquet").take(pa.array(range(start, end)), columns=["image"])["image"]
         for i, value in enumerate(images.to_pylist()):
             try:
                 decode_image(value, Path(path).parent, f"{path}, row {start + i}, field 'image'")
             except DataError as e:
+                rows.append(start + i)
                 errors.append(str(e))
-    return pa.table({"errors": [errors]})
+    return pa.table({"row": pa.array(rows, pa.int64()), "error": pa.array(errors, pa.string())})
 
 
 def check_click_log_images(path: str | Path, rows_per_task: int = 2000) -> None:
@@ -302,13 +299,12 @@ def check_click_log_images(path: str | Path, rows_per_task: int = 2000) -> None:
     ds = ray.data.from_items(spans, override_num_blocks=max(1, len(spans)))
     ds = ds.map_batches(_check_log_images, fn_kwargs={"path": str(path)}, batch_format="pyarrow", batch_size=1,
                         num_cpus=0.5)
-    errors = [e for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")
-              for errs in b["errors"].to_pylist() for e in errs]
-    if errors:
-        errors.sort(key=lambda e: int(re.search(r", row (\d+),", e).group(1)) if re.search(r", row (\d+),", e) else 0)
-        more = f"\n  ... and {len(errors) - MAX_REPORTED} more" if len(errors) > MAX_REPORTED else ""
-        raise DataError(f"{path}: {len(errors)} bad row(s) in the click log:\n  " + "\n  ".join(errors[:MAX_REPORTED])
-                        + more)
+    bad = sorted((r["row"], r["error"]) for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")
+                 for r in b.to_pylist())
+    if bad:
+        more = f"\n  ... and {len(bad) - MAX_REPORTED} more" if len(bad) > MAX_REPORTED else ""
+        raise DataError(f"{path}: {len(bad)} bad row(s) in the click log:\n  "
+                        + "\n  ".join(e for _, e in bad[:MAX_REPORTED]) + more)
 
 
 def safe_name(product_id: str) -> str:

@@ -41,7 +41,7 @@ def write_generated(batch: pa.Table, out: str) -> pa.Table:
     ``best/`` and then ``candidates/`` (the part that marks the products done), and return counts."""
     import hashlib
 
-    from actors.catalog import _write_part, safe_name
+    from actors.catalog import safe_name, write_part
 
     out_dir, candidates, best = Path(out), [], []
     (out_dir / "ads").mkdir(parents=True, exist_ok=True)
@@ -58,8 +58,8 @@ def write_generated(batch: pa.Table, out: str) -> pa.Table:
             if rank == 0:
                 best.append(row)
     name = "part-" + hashlib.sha1("\n".join(sorted(r["id"] for r in rows)).encode()).hexdigest()[:20] + ".parquet"
-    _write_part(pa.Table.from_pylist(best), out_dir / "best", name)
-    _write_part(pa.Table.from_pylist(candidates), out_dir / "candidates", name)
+    write_part(pa.Table.from_pylist(best), out_dir / "best", name)
+    write_part(pa.Table.from_pylist(candidates), out_dir / "candidates", name)
     return pa.table({"products": [len(rows)], "candidates": [len(candidates)]})
 
 
