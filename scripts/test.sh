@@ -24,7 +24,7 @@ export RAY_TMPDIR="$(mktemp -d /tmp/caig-tests-ray.XXXXXX)"
 cleanup() { .venv/bin/python tests/ray_cleanup.py "$RAY_TMPDIR" || true; rm -rf "$RAY_TMPDIR"; }
 trap cleanup EXIT
 start=$(date +%s)
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 "$@"
 rc=$?
 echo "tests: pytest exited $rc after $(( $(date +%s) - start )) s"
 # pytest exits 5 when it collected no test (e.g. a -m/-k filter matched nothing): not a failure.
