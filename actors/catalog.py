@@ -28,7 +28,7 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from caig_ray.data.catalog import DataError, find_image, image_roots, product_from_row
+from caig_ray.data.catalog import DataError, ProductRecord, find_image, image_ref, image_roots, product_from_row
 
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -216,6 +216,19 @@ def validate_catalog(catalog: str | Path, out: str | Path, on_bad_rows: str = "s
     else:
         raise DataError(f"{path}: none of its {rows} rows is usable (reasons in {check.rejects})")
     return check
+
+
+def catalog_records(valid: Path) -> list[ProductRecord]:
+    """The valid catalog as the online loop's driver keeps it: every column but the image bytes, and
+    an ``image_ref`` for each product (its path, or its row of a valid part) -- tens of bytes a
+    product, ordered as the catalog is."""
+    records = []
+    for part in sorted(Path(valid).glob("*.parquet")):
+        table = pq.read_table(part, columns=["row", "id", "title", "category", "attributes", "image_path"])
+        for i, r in enumerate(table.to_pylist()):
+            records.append(ProductRecord(r["id"], r["title"], r["category"], json.loads(r["attributes"] or "{}"),
+                                         image_ref(r["image_path"], part.resolve(), i)))
+    return records
 
 
 class ValidCatalogSource(Datasource):

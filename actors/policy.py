@@ -19,6 +19,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from caig_ray.config import PolicyConfig, WorkerGroupPlacement
+from caig_ray.data.catalog import load_product_image
 from caig_ray.faults import BatchFault
 from caig_ray.storage import Output
 
@@ -31,6 +32,13 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def with_images(items: list[dict]) -> list[dict]:
+    """Products or examples that say where their image is (``image_ref``: the online loop's driver never
+    holds an image) get it here, on the rank that uses it."""
+    return [{**x, "image": load_product_image(x["image_ref"])} if x.get("image") is None and x.get("image_ref")
+            else x for x in items]
 
 
 class PolicyWorker:
@@ -67,17 +75,17 @@ class PolicyWorker:
         self.policy = PolicyEngine(self.model_path, self.cfg, self.placement, self.rank, self.total_steps)
 
     def generate(self, products: list[dict], n: int, temperature: float, seed: int) -> list[dict]:
-        return self.policy.generate(products, n, temperature, seed)
+        return self.policy.generate(with_images(products), n, temperature, seed)
 
     def train_step(self, examples: list[dict], n_micro: int | None = None) -> dict:
         self.fault.tick()
-        return self.policy.train_step(examples, n_micro)
+        return self.policy.train_step(with_images(examples), n_micro)
 
     def eval_loss(self, examples: list[dict], n_micro: int | None = None) -> dict:
-        return self.policy.eval_loss(examples, n_micro)
+        return self.policy.eval_loss(with_images(examples), n_micro)
 
     def logps(self, examples: list[dict]) -> list[float]:
-        return self.policy.logps(examples)
+        return self.policy.logps(with_images(examples))
 
     def trainable_parameter_names(self) -> list[str]:
         return self.policy.trainable_parameter_names()

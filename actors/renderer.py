@@ -5,7 +5,7 @@ it); run it with ``compute=ActorPoolStrategy(min_size=..., max_size=...)`` so th
 the backlog. Two input shapes:
 
 - single ads: ``product_image`` (PNG bytes), ``description``, ``seed`` -> adds ``ad`` (PNG bytes);
-- candidate pairs (the online loop): ``product_image``, ``desc_a``, ``desc_b``, ``seed`` -> adds
+- candidate pairs (the online loop): ``image_ref`` (or ``product_image``), ``desc_a``, ``desc_b``, ``seed`` -> adds
   ``left_image`` / ``right_image`` (ad of a / ad of b, the same seed for both, as CAIG renders them)
   and, when the renderer records what it painted (procedural), ``latent_a`` / ``latent_b`` (JSON);
 - ``generate``'s products (a pyarrow batch): ``image_path``/``image_bytes``, ``descriptions`` (N),
@@ -24,7 +24,7 @@ import pyarrow as pa
 from PIL import Image
 
 from caig_ray.config import RendererConfig
-from caig_ray.data.catalog import product_image
+from caig_ray.data.catalog import load_product_image, product_image
 from caig_ray.faults import BatchFault
 from caig_ray.imaging import png_bytes
 from caig_ray.models.renderer import make_renderer
@@ -48,7 +48,9 @@ class Renderer:
         if isinstance(batch, pa.Table):
             return self._render_candidates(batch)
         t0 = time.perf_counter()
-        products = [Image.open(io.BytesIO(bytes(b))) for b in batch["product_image"]]
+        # the online loop's rows say where the product image is (the driver never holds it)
+        products = ([load_product_image(str(ref)) for ref in batch["image_ref"]] if "image_ref" in batch
+                    else [Image.open(io.BytesIO(bytes(b))) for b in batch["product_image"]])
         if "desc_a" in batch:
             batch["left_image"], batch["latent_a"] = self._render(products, batch["desc_a"], batch["seed"])
             batch["right_image"], batch["latent_b"] = self._render(products, batch["desc_b"], batch["seed"])

@@ -94,7 +94,8 @@ def preference_examples(candidates: list[dict], p_first: list[float], tie_margin
                         ) -> tuple[list[dict], list[dict]]:
     """The online loop's DPO examples from scored candidate pairs (CAIG: the RM picks chosen/rejected).
 
-    ``candidates[i]`` has ``pair_id``, ``image`` (the product), ``instruction``, ``desc_a``, ``desc_b``,
+    ``candidates[i]`` has ``pair_id``, ``image`` (the product) or ``image_ref`` (where it is:
+    ``caig_ray.data.catalog.image_ref``), ``instruction``, ``desc_a``, ``desc_b``,
     ``seed``, and optionally ``ids_a``/``ids_b`` (the sampled token ids, carried to the example as
     ``chosen_ids``/``rejected_ids``) and the rendered ads ``left_image``/``right_image``; ``p_first[i]``
     is the RM's P(ad of ``desc_a`` gets more clicks). Returns (examples, skipped). Skipped, with the
@@ -116,7 +117,8 @@ def preference_examples(candidates: list[dict], p_first: list[float], tie_margin
         a_wins = p >= 0.5  # CAIG's decision rule: logit[0] >= logit[1] -> left (ties were skipped above)
         win, lose = ("a", "b") if a_wins else ("b", "a")
         examples.append({
-            "pair_id": cand["pair_id"], "image": cand["image"], "instruction": cand["instruction"],
+            "pair_id": cand["pair_id"], "image": cand.get("image"), "image_ref": cand.get("image_ref"),
+            "instruction": cand["instruction"],
             "chosen": cand[f"desc_{win}"], "rejected": cand[f"desc_{lose}"],
             "chosen_ids": cand.get(f"ids_{win}"), "rejected_ids": cand.get(f"ids_{lose}"),
             "seed": cand["seed"], "p_chosen": p if a_wins else 1 - p,

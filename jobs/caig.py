@@ -13,7 +13,11 @@ render seed) and scored by the RM (win rate); on the simulated market the oracle
 and match. Checkpoints (policy, optimizer, round, data position, pending samples) every
 ``online.checkpoint_every`` rounds; ``--resume`` continues from the last one.
 
-Run folder: config.yaml, metrics.jsonl, summary.json, checkpoints/, tensorboard/, pairs/
+The driver is the control plane: the catalog is validated on the cluster (``catalog/valid`` and
+``catalog/rejects`` parts, actors/catalog.py) and the driver keeps ids, titles and an image reference
+per product; product images are opened by the renderers and the policy ranks from that reference.
+
+Run folder: config.yaml, metrics.jsonl, summary.json, checkpoints/, tensorboard/, catalog/, pairs/
 (round_XXX.parquet, eval_XXX.parquet), plots/, report.html.
 """
 
@@ -35,9 +39,8 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from caig_ray.config import CaigConfig, ConfigError, load_config, save_config
-from caig_ray.data import DataError, read_catalog
+from caig_ray.data import DataError
 from caig_ray.faults import should_fire
-from caig_ray.imaging import png_bytes
 from caig_ray.models.renderer import check_sd_folders
 from caig_ray.models.vlm import check_model_folder
 from caig_ray.online import (
@@ -129,10 +132,10 @@ def _blocks(n_rows: int, size: int) -> int:
 
 class OnlineLoop:
     def __init__(self, cfg: CaigConfig, out: Output, policy: str, rm: str, catalog: str, resume: bool,
-                 progress: bool = True):
+                 progress: bool = True, image_root: str | None = None):
         self.cfg, self.oc, self.store, self.out, self.policy_path, self.rm_path = (
             cfg, cfg.online, out, out.local, policy, rm)
-        self.progress = progress
+        self.catalog, self.image_root, self.progress = catalog, image_root, progress
         if resume and out.staged:  # --resume reads only from storage: the local staging copy is rebuilt from it
             shutil.rmtree(self.out, ignore_errors=True)
             out.download(exclude=("checkpoints", "policy"))
@@ -144,10 +147,6 @@ class OnlineLoop:
             check_sd_folders(cfg.renderer)
         if resume and (self.out / "config.yaml").exists():
             _check_same_run(load_config(self.out / "config.yaml"), cfg, self.store.child("config.yaml"))
-        products = read_catalog(catalog)
-        self.products = {p.id: p for p in products}
-        self.images = {p.id: png_bytes(p.image) for p in products}
-        self.train_ids, self.eval_ids = split_eval_products(list(self.products), self.oc.eval_products, self.oc.seed)
         self.oracle = MarketOracle(cfg.market) if cfg.renderer.kind == "procedural" else None
         name = _latest_checkpoint(self.store) if resume else None
         if resume and name is None:
@@ -161,6 +160,15 @@ class OnlineLoop:
         self.state = self._restored_state()
         self.recoveries = {"policy": 0, "feed": 0}
         save_config(cfg, self.out / "config.yaml")
+
+    def _read_catalog(self) -> None:
+        """The catalog, validated on the cluster (a bad row stops the job, named, before any model loads);
+        the driver keeps each product's text and where its image is, never the image."""
+        from actors.catalog import catalog_records, validate_catalog
+
+        check = validate_catalog(self.catalog, self.out / "catalog", "stop", self.image_root)
+        self.products = {p.id: p for p in catalog_records(check.valid)}
+        self.train_ids, self.eval_ids = split_eval_products(list(self.products), self.oc.eval_products, self.oc.seed)
 
     def _restored_state(self) -> RunState:
         """The loop's state at the last checkpoint (a fresh one before the first)."""
@@ -181,7 +189,7 @@ class OnlineLoop:
     def _feed(self, rows: list[dict]) -> None:
         for k in range(0, len(rows), self.oc.pairs_per_batch):
             chunk = rows[k:k + self.oc.pairs_per_batch]
-            self.stream.put([{**r, "product_image": self.images[r["product_id"]]} for r in chunk])
+            self.stream.put([{**r, "image_ref": self.products[r["product_id"]].image_ref} for r in chunk])
 
     def _sample_round(self, r: int) -> None:
         """Sample round ``r`` with the current weights (or take the samples a checkpoint kept) and feed it."""
@@ -208,7 +216,7 @@ class OnlineLoop:
         self.fed_rounds.add(r)
 
     def _policy_input(self, p) -> dict:
-        return {"image": self.images[p.id], "title": p.title, "attributes": p.attributes}
+        return {"image_ref": p.image_ref, "title": p.title, "attributes": p.attributes}
 
     def _take(self, kind: str, index: int, n_rows: int):
         """Yield the rows of segment (kind, index) as they arrive; rows of other segments are kept."""
@@ -268,8 +276,7 @@ class OnlineLoop:
             render_s += sum(x.get("render_s") or 0.0 for x in rows)
             p_key = "p_left_debiased" if oc.debias_rm else "p_left"
             scored += sum(1 for x in rows if x.get(p_key) is not None)
-            cands = [{**x, "image": x["product_image"]} for x in rows]
-            examples, skips = preference_examples(cands, [float(x[p_key]) for x in rows], oc.tie_margin)
+            examples, skips = preference_examples(rows, [float(x[p_key]) for x in rows], oc.tie_margin)
             for x in rows:
                 records[x["pair_id"]] = {
                     k: x.get(k) for k in ("pair_id", "round", "product_id", "title", "category", "seed", "desc_a",
@@ -343,7 +350,7 @@ class OnlineLoop:
             ev.update(true_ctr=float(np.mean(tuned)), base_true_ctr=float(np.mean(base)),
                       lift=paired_lift(tuned, base), match_rate=match_rate(a), base_match_rate=match_rate(b),
                       scene_rate=float(np.mean([v["has_scene_a"] for v in verdicts])))
-        table = [{k: v for k, v in x.items() if k not in ("product_image", "latent_a", "latent_b")} | verd
+        table = [{k: v for k, v in x.items() if k not in ("latent_a", "latent_b")} | verd
                  for x, verd in zip(rows, verdicts)]
         pq.write_table(pa.Table.from_pylist(table), self.out / "pairs" / f"eval_{after_rounds:03d}.parquet")
         return ev
@@ -453,6 +460,7 @@ class OnlineLoop:
         self.gen_s, self.max_lag_steps, self.streams = {}, 0, []
         started = init_ray()
         try:
+            self._read_catalog()
             self._start()
             try:
                 while True:
@@ -517,10 +525,10 @@ class OnlineLoop:
 
 
 def train(cfg: CaigConfig, out: str | Path | Output, policy: str, rm: str, catalog: str, resume: bool = False,
-          progress: bool = True) -> dict:
+          progress: bool = True, image_root: str | None = None) -> dict:
     """Run the loop; ``out`` is the run folder (relative to ``cfg.storage`` when that is set)."""
     out = out if isinstance(out, Output) else resolve_output(cfg.storage, out)
-    return OnlineLoop(cfg, out, policy, rm, catalog, resume, progress).run()
+    return OnlineLoop(cfg, out, policy, rm, catalog, resume, progress, image_root).run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -531,7 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(p)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--world", help="a make-world folder (its catalog)")
-    p.add_argument("--catalog", help="catalog (CAIG JSON or parquet); default: the world's")
+    p.add_argument("--catalog", help="catalog (CAIG JSON, parquet or a folder of images); default: the world's")
+    p.add_argument("--image-root", help="where relative image paths are looked up (default: the catalog's "
+                                        "folder, then its parent)")
     p.add_argument("--policy", required=True, help="the pretrained PM folder (pretrain-pm --out): start and reference")
     p.add_argument("--rm", required=True, help="the reward-model folder (train-rm --out)")
     p.add_argument("--rounds", type=int, help="override online.rounds")
@@ -540,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     catalog = args.catalog or (str(WorldLayout(args.world).catalog) if args.world else None)
     if catalog is None:
         p.error("give --catalog or --world")
-    return run_job(args, lambda cfg, out: train(cfg, out, args.policy, args.rm, catalog, args.resume),
+    return run_job(args, lambda cfg, out: train(cfg, out, args.policy, args.rm, catalog, args.resume,
+                                                    image_root=args.image_root),
                    section="online", overrides={"rounds": args.rounds}, upload=False)  # the loop uploads itself
 
 

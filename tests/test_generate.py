@@ -131,6 +131,21 @@ def test_duplicate_ids_and_file_level_errors_stop_before_anything_runs(quick_wor
         check = validate_catalog(folder, tmp_path / "out_folder")
         rows = pq.read_table(check.valid).to_pylist()
         assert check.valid_rows == 2 and {r["title"] for r in rows} >= {"红色运动鞋"}
+        # the online loop's driver keeps a reference per product, and the image behind it is the one
+        # read_catalog gives, pixel for pixel: by path (a folder) and by a valid part's row (bytes in parquet)
+        from actors.catalog import catalog_records
+        from caig_ray.data.catalog import load_product_image
+
+        by_bytes = catalog_records(validate_catalog(write_catalog(products[:2], tmp_path / "ok.parquet"),
+                                                    tmp_path / "out_ok").valid)
+        by_path = catalog_records(check.valid)
+        assert all(re.search(r"/valid/part-\d+\.parquet#\d+$", r.image_ref) for r in by_bytes)
+        assert all(Path(r.image_ref).is_file() for r in by_path)
+        for records in (by_bytes, by_path):
+            assert sorted(r.id for r in records) == sorted(p.id for p in products[:2])
+            for r in records:
+                want = next(p for p in products if p.id == r.id).image
+                assert np.array_equal(np.asarray(load_product_image(r.image_ref)), np.asarray(want))
         # click-log images are decoded on the cluster, in parallel tasks; every bad row is named
         from actors.catalog import check_click_log_images
         from caig_ray.data import write_click_logs

@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,6 +124,52 @@ def product_image(image_path: str | None, image_bytes: bytes | None, where: str 
     """The RGBA product of a validated catalog row (actors/catalog.py keeps a path or the bytes, not
     the pixels): decoded and matted where it is used."""
     return _as_rgba(decode_image(image_bytes if image_bytes is not None else image_path, [], where), where)
+
+
+@dataclass
+class ProductRecord:
+    """What the online loop's driver keeps of a product: text and where its image is, never the pixels
+    (DESIGN.md 8.4: the driver is the control plane). ``image_ref``: see ``image_ref``."""
+
+    id: str
+    title: str
+    category: str | None
+    attributes: dict
+    image_ref: str
+
+
+_PART_ROW = re.compile(r"^(?P<part>.+\.parquet)#(?P<row>\d+)$")
+
+
+def image_ref(image_path: str | None, part: str | Path, row: int) -> str:
+    """Where a validated product's image is: its file (the catalog named one), or ``PART.parquet#ROW``
+    -- row ``row`` of a validated-catalog part that carries the image's bytes."""
+    return image_path if image_path else f"{part}#{row}"
+
+
+@functools.lru_cache(maxsize=64)
+def _part_row_starts(part: str) -> tuple[int, ...]:
+    md = pq.ParquetFile(part).metadata
+    return tuple(np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)]).tolist())
+
+
+@functools.lru_cache(maxsize=8)
+def _part_group_images(part: str, group: int) -> list:
+    """One row group's image bytes (a renderer batch mostly draws from one or two groups)."""
+    return pq.ParquetFile(part).read_row_group(group, columns=["image_bytes"]).column(0).to_pylist()
+
+
+def load_product_image(ref: str) -> Image.Image:
+    """The RGBA product an ``image_ref`` points to, decoded and matted where it is used (a renderer, a
+    policy rank), as ``read_catalog`` would have given it."""
+    m = _PART_ROW.match(ref)
+    if m is None:
+        return product_image(ref, None, ref)
+    row, starts = int(m["row"]), _part_row_starts(m["part"])
+    group = int(np.searchsorted(starts, row, side="right")) - 1
+    if not 0 <= row < starts[-1]:
+        raise DataError(f"{ref}: row {row} is not in {m['part']} ({starts[-1]} rows)")
+    return product_image(None, _part_group_images(m["part"], group)[row - starts[group]], ref)
 
 
 def _rows_from_file(path: Path) -> list[dict]:
