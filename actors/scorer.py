@@ -1,7 +1,8 @@
 """``RewardScorer``: the frozen RM, batched and in eval mode, for Ray.
 
 Use it as a Ray Data ``map_batches`` callable class (columns ``left_image``, ``right_image`` as
-encoded image bytes, ``title``; adds ``p_left``, ``p_left_debiased``, ``ctr_left``, ``ctr_right``)
+encoded image bytes, ``title``; adds ``p_left``, ``p_left_debiased``, ``ctr_left``, ``ctr_right``;
+with ``ads``, the online loop's storage, the ads are written there and replaced by ``ads_part``)
 or on ``generate``'s product rows (a pyarrow batch with ``ads``: the N candidates ranked in the row),
 or as a plain actor (``RewardScorer.as_actor(...)``, with restarts: ``__init__`` reloads from the
 path, so a restarted actor is the same scorer).
@@ -20,18 +21,42 @@ from PIL import Image
 from caig_ray.faults import BatchFault
 from caig_ray.models.reward import load_reward_model
 from caig_ray.scoring import PairScorer, PairToScore, rank_round_robin, round_robin
+from caig_ray.storage import Output
 
 
 def _image(value) -> Image.Image:
     return value if isinstance(value, Image.Image) else Image.open(io.BytesIO(bytes(value))).convert("RGB")
 
 
+def write_ads(batch: dict[str, np.ndarray], ads: Output) -> dict[str, np.ndarray]:
+    """A scored block's ads written to the run's storage as one parquet part (``pair_id``, ``ad_a``,
+    ``ad_b``) named by a hash of its pair ids (a retried batch rewrites the same part); the block goes
+    on with ``ads_part`` (the part's file name, under ``pairs/ads/``) and ``same_ad`` (both ads
+    identical: a tie) instead of the image bytes -- the online loop's driver never receives an image."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    fs, folder = ads.filesystem()
+    ids = [str(i) for i in batch["pair_id"]]
+    left, right = [bytes(x) for x in batch.pop("left_image")], [bytes(x) for x in batch.pop("right_image")]
+    name = "part-" + hashlib.sha1("\n".join(ids).encode()).hexdigest()[:20] + ".parquet"
+    fs.create_dir(folder, recursive=True)
+    with fs.open_output_stream(f"{folder}/.{name}.tmp") as stream:
+        pq.write_table(pa.table({"pair_id": ids, "ad_a": left, "ad_b": right}), stream)
+    fs.move(f"{folder}/.{name}.tmp", f"{folder}/{name}")  # whole or not at all
+    batch["ads_part"] = np.array([name] * len(ids), dtype=object)
+    batch["same_ad"] = np.array([a == b for a, b in zip(left, right)])
+    return batch
+
+
 class RewardScorer:
     def __init__(self, model_path: str, pair_image_size: int | None = None, batch_size: int = 16,
-                 device: str = "cpu", dtype: str = "float32", debias: bool = True, fault: dict | None = None):
+                 device: str = "cpu", dtype: str = "float32", debias: bool = True, fault: dict | None = None,
+                 ads: Output | None = None):
         model, processor = load_reward_model(model_path, dtype=dtype, device=device)
         self.scorer = PairScorer(model, processor, pair_image_size, batch_size, device)
-        self.debias = debias
+        self.debias, self.ads = debias, ads
         fault = fault or {}
         self.fault = BatchFault(fault.get("marker_dir"), "scorer", fault.get("scorer_die_after_batches"))
 
@@ -46,7 +71,7 @@ class RewardScorer:
         for key, values in self.score(pairs).items():
             batch[key] = np.asarray(values, dtype=np.float32)
         self.fault.tick()
-        return batch
+        return write_ads(batch, self.ads) if self.ads is not None else batch
 
     def _rank_candidates(self, batch: pa.Table) -> pa.Table:
         """``generate``'s rows: the N ``ads`` of one product ranked inside the row (every pair of them

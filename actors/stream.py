@@ -1,7 +1,8 @@
 """``PairStream``: one long-lived Ray Data pipeline for the whole online job.
 
     driver --put(block)--> PairFeed (actor) --FeedDatasource--> map_batches(Renderer, actor pool)
-           --> map_batches(RewardScorer, actor pool) --iter_batches--> driver (trainer)
+           --> map_batches(RewardScorer, actor pool: scores, then writes the block's ads to storage)
+           --iter_batches--> driver (trainer): ids, descriptions, RM probabilities, no image
 
 A Ray Data execution starts and tears down its actor pools, so one execution per round would
 reload the renderer and RM every round. Instead the dataset's source is ``FeedDatasource``: its
@@ -31,6 +32,7 @@ from actors.renderer import Renderer
 from actors.scorer import RewardScorer
 from caig_ray.config import ActorPoolConfig, CaigConfig, RendererConfig
 from caig_ray.faults import BatchFault
+from caig_ray.storage import Output
 
 
 class PipelineLost(RuntimeError):
@@ -97,11 +99,13 @@ def map_renderers(ds, renderer: RendererConfig, pool: ActorPoolConfig, batch_siz
                           batch_size=batch_size, **pool_args(pool))
 
 
-def map_scorers(ds, cfg: CaigConfig, rm_path: str, batch_size: int | None):
-    """``ds.map_batches(RewardScorer)`` on the ``resources.scorers`` actor pool."""
+def map_scorers(ds, cfg: CaigConfig, rm_path: str, batch_size: int | None, ads: Output | None = None):
+    """``ds.map_batches(RewardScorer)`` on the ``resources.scorers`` actor pool; with ``ads`` the scorer
+    writes each block's ads there once scored and passes the rows on without them."""
     oc, pool = cfg.online, cfg.resources.scorers
     kwargs = {"model_path": rm_path, "batch_size": oc.scorer_batch_size, "dtype": pool.dtype,
-              "device": pool.device, "debias": oc.debias_rm, "fault": oc.faults.model_dump(mode="json")}
+              "device": pool.device, "debias": oc.debias_rm, "fault": oc.faults.model_dump(mode="json"),
+              "ads": ads}
     return ds.map_batches(RewardScorer, fn_constructor_kwargs=kwargs, batch_size=batch_size, **pool_args(pool))
 
 
@@ -155,7 +159,7 @@ class _PoolTrace:
 class PairStream(_PoolTrace):
     """The job-long render-and-score pipeline (see the module docstring)."""
 
-    def __init__(self, cfg: CaigConfig, rm_path: str, n_blocks: int, sample_every_s: float = 0.25):
+    def __init__(self, cfg: CaigConfig, rm_path: str, n_blocks: int, ads: Output, sample_every_s: float = 0.25):
         oc = cfg.online
         self.n_blocks, self.fed, self.consumed = n_blocks, 0, 0
         self.feed = PairFeed.remote(oc.faults.model_dump(mode="json"))
@@ -165,7 +169,7 @@ class PairStream(_PoolTrace):
         ds = ray.data.read_datasource(FeedDatasource(self.feed, n_blocks), override_num_blocks=n_blocks,
                                       concurrency=max(2, cfg.resources.renderers.max_size), num_cpus=0)
         ds = map_renderers(ds, cfg.renderer, cfg.resources.renderers, None, oc.faults.model_dump(mode="json"))
-        ds = map_scorers(ds, cfg, rm_path, None)
+        ds = map_scorers(ds, cfg, rm_path, None, ads)
         self._it = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
 
     def put(self, rows: list[dict]) -> int:
@@ -222,8 +226,8 @@ class StagedPipeline(_PoolTrace):
     rendered in one Ray Data run, then scored in another, before the first block comes back. Same
     blocks, same order, same actors and models as ``PairStream``; only the overlap differs."""
 
-    def __init__(self, cfg: CaigConfig, rm_path: str, n_blocks: int, sample_every_s: float = 0.25):
-        self.cfg, self.rm_path, self.n_blocks = cfg, rm_path, n_blocks
+    def __init__(self, cfg: CaigConfig, rm_path: str, n_blocks: int, ads: Output, sample_every_s: float = 0.25):
+        self.cfg, self.rm_path, self.n_blocks, self.ads = cfg, rm_path, n_blocks, ads
         self.pending: list[list[dict]] = []
         self.ready: list[list[dict]] = []
         self.fed = self.consumed = 0
@@ -241,7 +245,7 @@ class StagedPipeline(_PoolTrace):
         rendered = map_renderers(ds, self.cfg.renderer, self.cfg.resources.renderers, oc.pairs_per_batch,
                                  oc.faults.model_dump(mode="json")).take_all()
         scored = map_scorers(ray.data.from_items(rendered, override_num_blocks=len(self.pending)), self.cfg,
-                             self.rm_path, oc.pairs_per_batch).take_all()
+                             self.rm_path, oc.pairs_per_batch, self.ads).take_all()
         if len(scored) != sum(sizes):
             raise RuntimeError(f"sequential pipeline: {sum(sizes)} pairs in, {len(scored)} out")
         start = 0

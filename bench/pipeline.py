@@ -87,8 +87,8 @@ def _plot_trace(run: dict, folder: Path, png: Path) -> None:
                    label="a round: sampled, fed at once, rendered, trained" if k == 0 else None)
     ax.set_xlabel("seconds since the pipeline started")
     ax.set_ylabel("renderers")
-    ax.set_title(f"Backlog step: a round's blocks fed at once, pool 1..8 "
-                 f"(simulated render latency, stands for a remote GPU)", fontsize=9)
+    ax.set_title("Backlog step: a round's blocks fed at once, pool 1..8 "
+                 "(simulated render latency, stands for a remote GPU)", fontsize=9)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)

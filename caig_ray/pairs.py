@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections import defaultdict
 
 import numpy as np
@@ -73,21 +74,25 @@ def mine_rm_pairs(
     return out
 
 
+def redraw_pair(p: dict, seed: int, epoch: int) -> dict:
+    """One RM pair for one epoch with left/right drawn again (CAIG draws the order per example, not once
+    per pair): swapped with probability 1/2, a function of (seed, epoch, the pair's mined rows) -- the
+    same wherever and in whatever order a trainer's shard meets it. A swap exchanges rows, images,
+    creatives and CTRs and flips ``label``. Epoch 0 keeps the mined order."""
+    if epoch == 0 or zlib.crc32(f"{seed}|{epoch}|{min(p['left_row'], p['right_row'])}|"
+                                f"{max(p['left_row'], p['right_row'])}".encode()) % 2 == 0:
+        return p
+    swapped = {**p, "label": 1 - p["label"]}
+    for a, b in (("left_row", "right_row"), ("left_creative", "right_creative"), ("ctr_left", "ctr_right"),
+                 ("left_image", "right_image")):
+        if a in p:
+            swapped[a], swapped[b] = p[b], p[a]
+    return swapped
+
+
 def redraw_order(pairs: list[dict], seed: int, epoch: int) -> list[dict]:
-    """The RM's pairs for one epoch with left/right drawn again (CAIG draws the order per example, not
-    once per pair): each pair is swapped with probability 1/2 from a generator seeded by (seed, epoch);
-    a swap exchanges rows, creatives and CTRs and flips ``label``. Epoch 0 keeps the mined order."""
-    if epoch == 0:
-        return list(pairs)
-    flips = np.random.default_rng([seed, 41, epoch]).random(len(pairs)) < 0.5
-    out = []
-    for p, flip in zip(pairs, flips):
-        if flip:
-            p = {**p, "left_row": p["right_row"], "right_row": p["left_row"], "left_creative": p["right_creative"],
-                 "right_creative": p["left_creative"], "ctr_left": p["ctr_right"], "ctr_right": p["ctr_left"],
-                 "label": 1 - p["label"]}
-        out.append(p)
-    return out
+    """``redraw_pair`` over a list."""
+    return [redraw_pair(p, seed, epoch) for p in pairs]
 
 
 def preference_examples(candidates: list[dict], p_first: list[float], tie_margin: float | None = 0.0
@@ -97,7 +102,8 @@ def preference_examples(candidates: list[dict], p_first: list[float], tie_margin
     ``candidates[i]`` has ``pair_id``, ``image`` (the product) or ``image_ref`` (where it is:
     ``caig_ray.data.catalog.image_ref``), ``instruction``, ``desc_a``, ``desc_b``,
     ``seed``, and optionally ``ids_a``/``ids_b`` (the sampled token ids, carried to the example as
-    ``chosen_ids``/``rejected_ids``) and the rendered ads ``left_image``/``right_image``; ``p_first[i]``
+    ``chosen_ids``/``rejected_ids``) and either the rendered ads ``left_image``/``right_image`` or
+    ``same_ad`` (the pipeline wrote the ads and says whether they are identical); ``p_first[i]``
     is the RM's P(ad of ``desc_a`` gets more clicks). Returns (examples, skipped). Skipped, with the
     reason: "duplicate" (identical descriptions: the renderer paints the same ad twice) and "tie"
     (both ads identical pixel for pixel, or |p - 0.5| <= ``tie_margin``: the RM prefers neither, and
@@ -110,7 +116,8 @@ def preference_examples(candidates: list[dict], p_first: list[float], tie_margin
         if cand["desc_a"].strip() == cand["desc_b"].strip():
             skipped.append({"pair_id": cand["pair_id"], "reason": "duplicate"})
             continue
-        same_ad = cand.get("left_image") is not None and cand.get("left_image") == cand.get("right_image")
+        same_ad = bool(cand.get("same_ad")) or (cand.get("left_image") is not None
+                                                and cand.get("left_image") == cand.get("right_image"))
         if tie_margin is not None and (same_ad or abs(p - 0.5) <= tie_margin):
             skipped.append({"pair_id": cand["pair_id"], "reason": "tie"})
             continue

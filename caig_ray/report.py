@@ -135,6 +135,18 @@ def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
+def _with_ads(run_dir: Path, rows: list[dict]) -> list[dict]:
+    """Rows whose ads the pipeline wrote to ``pairs/ads/<ads_part>`` get ``ad_a``/``ad_b`` from there
+    (each part read once); rows that carry the bytes themselves are kept as they are."""
+    import pyarrow.parquet as pq
+
+    ads: dict[str, tuple] = {}
+    for part in sorted({r["ads_part"] for r in rows if r.get("ads_part") and "ad_a" not in r}):
+        for a in pq.read_table(run_dir / "pairs" / "ads" / part).to_pylist():
+            ads[a["pair_id"]] = (a["ad_a"], a["ad_b"])
+    return [r if "ad_a" in r else {**r, "ad_a": ads[r["pair_id"]][0], "ad_b": ads[r["pair_id"]][1]} for r in rows]
+
+
 def write_run_report(run_dir: str | Path, per_round: int = 12) -> Path:
     """``report.html`` for an online run folder, self-contained (images inlined): the summary, the
     curves (plots/*.png) and, per round, up to ``per_round`` products with their chosen and
@@ -168,7 +180,7 @@ def write_run_report(run_dir: str | Path, per_round: int = 12) -> Path:
     parts.append("</section><section id='rounds'><h2>Rounds: chosen (green) and rejected (red) ads</h2>")
     for f in sorted((run_dir / "pairs").glob("round_*.parquet")):
         rows = pq.read_table(f).to_pylist()
-        shown = [r for r in rows if r.get("chosen") in ("a", "b")][:per_round]
+        shown = _with_ads(run_dir, [r for r in rows if r.get("chosen") in ("a", "b")][:per_round])
         parts.append(f"<h3 id='{f.stem}'>Round {int(f.stem.split('_')[1])}: {len(rows)} pairs, "
                      f"{sum(r['status'] == 'trained' for r in rows)} trained</h3>")
         for r in shown:

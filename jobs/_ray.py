@@ -21,7 +21,7 @@ def init_ray(num_cpus: int | None = None) -> bool:
 
 
 def fit_to_folder(train_func, loop_config: dict, *, name: str, placement, max_failures: int, storage,
-                  out) -> dict:
+                  out, datasets: dict | None = None) -> dict:
     """Run a Ray Train ``TorchTrainer`` (gloo on CPU, NCCL on GPU) and copy its final checkpoint to
     ``out`` (replacing it); returns the last reported metrics plus ``wall_s``. ``storage`` (a
     ``caig_ray.storage.Output``) is Ray Train's ``storage_path``: a folder, or the object store itself
@@ -36,7 +36,7 @@ def fit_to_folder(train_func, loop_config: dict, *, name: str, placement, max_fa
     fs, fs_path = storage.filesystem() if storage.staged else (None, str(storage.local))
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     trainer = TorchTrainer(
-        train_func, train_loop_config=loop_config,
+        train_func, train_loop_config=loop_config, datasets=datasets,  # each worker: get_dataset_shard
         # one worker per rank, each with the role's placement (resources.reward_training / .pretraining)
         scaling_config=ScalingConfig(num_workers=placement.num_workers, use_gpu=placement.use_gpu,
                                      resources_per_worker={"CPU": placement.num_cpus,

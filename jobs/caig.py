@@ -18,7 +18,8 @@ The driver is the control plane: the catalog is validated on the cluster (``cata
 per product; product images are opened by the renderers and the policy ranks from that reference.
 
 Run folder: config.yaml, metrics.jsonl, summary.json, checkpoints/, tensorboard/, catalog/, pairs/
-(round_XXX.parquet, eval_XXX.parquet), plots/, report.html.
+(round_XXX.parquet, eval_XXX.parquet: one row per pair, its ads in the ads/ part it names),
+plots/, report.html.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from caig_ray.config import CaigConfig, ConfigError, load_config, save_config
-from caig_ray.data import DataError
 from caig_ray.faults import should_fire
 from caig_ray.models.renderer import check_sd_folders
 from caig_ray.models.vlm import check_model_folder
@@ -130,7 +130,280 @@ def _blocks(n_rows: int, size: int) -> int:
     return -(-n_rows // size)
 
 
+class RoundPlan:
+    """Plan: which products each round samples (``caig_ray.online.round_products``), which are held out,
+    which rounds are evaluated, and how many blocks the pipeline will carry."""
+
+    def __init__(self, oc, products: dict):
+        self.oc, self.products = oc, products
+        self.train_ids, self.eval_ids = split_eval_products(list(products), oc.eval_products, oc.seed)
+
+    def eval_after(self, r: int) -> bool:
+        return (r + 1) % self.oc.eval_every == 0 or r == self.oc.rounds - 1
+
+    def round_products(self, r: int) -> list:
+        return [self.products[i] for i in round_products(self.train_ids, r, self.oc.products_per_round, self.oc.seed)]
+
+    def eval_products(self) -> list:
+        return [self.products[i] for i in self.eval_ids]
+
+    def n_blocks(self, state: RunState) -> int:
+        """Blocks still to come from ``state`` on: every round's and every evaluation's."""
+        oc, start = self.oc, state.next_round
+        per_round = _blocks(min(oc.products_per_round, len(self.train_ids)), oc.pairs_per_batch)
+        per_eval = _blocks(len(self.eval_ids), oc.pairs_per_batch)
+        evals = sum(self.eval_after(r) for r in range(start, oc.rounds)) + (state.eval_base is None)
+        return per_round * (oc.rounds - start) + per_eval * evals
+
+
+class Feed:
+    """Feed and stream: samples with the policy group a block at a time and puts each block into the
+    pipeline as soon as it is sampled (renderers start on a round's first block while the policy
+    samples the next, DESIGN.md §8.4); takes scored blocks back by segment (kind, round). One per
+    pipeline: a recovery builds a new one."""
+
+    def __init__(self, cfg: CaigConfig, group, stream):
+        self.cfg, self.oc, self.group, self.stream = cfg, cfg.online, group, stream
+        self.fed_rounds: set[int] = set()
+        self.buffer: dict[tuple, list[dict]] = {}
+        self.gen_s: dict[int, float] = {}  # round -> seconds its sampling took
+
+    def put(self, rows: list[dict], products: dict) -> None:
+        """Rows in blocks of ``pairs_per_batch``, each saying where its product image is (never the image)."""
+        for k in range(0, len(rows), self.oc.pairs_per_batch):
+            chunk = rows[k:k + self.oc.pairs_per_batch]
+            self.stream.put([{**r, "image_ref": products[r["product_id"]].image_ref} for r in chunk])
+
+    def sample_round(self, r: int, plan: RoundPlan, state: RunState) -> None:
+        """Sample round ``r`` with the current weights (or take the samples a checkpoint kept) and feed it."""
+        key = str(r)
+        if key in state.pending:  # sampled before a checkpoint: fed as kept
+            self.put(state.pending[key], plan.products)
+        else:
+            prods = plan.round_products(r)
+            k = self.cfg.policy.instruction_templates  # each product's instruction for this round (CAIG's variety)
+            block, pairs, t = self.oc.pairs_per_batch, [], time.perf_counter()
+            for c in range(0, len(prods), block):
+                inputs = [{**policy_input(p), "template": pm_template(self.oc.seed, p.id, r, k)}
+                          for p in prods[c:c + block]]
+                gens = self.group.generate(inputs, n=self.oc.samples_per_product, temperature=self.cfg.policy.temperature,
+                                           seed=self.oc.seed * 7919 + r + 104729 * (c // block))
+                rows = candidate_pairs(prods[c:c + block], gens, r, self.oc.seed, state.step, n_templates=k)
+                self.put(rows, plan.products)
+                pairs += rows
+            self.gen_s[r] = time.perf_counter() - t
+            state.pending[key] = pairs
+        self.fed_rounds.add(r)
+
+    def take(self, kind: str, index: int, n_rows: int):
+        """Yield the rows of segment (kind, index) as they arrive; rows of other segments are kept."""
+        key, got = (kind, index), 0
+        while got < n_rows:
+            if self.buffer.get(key):
+                rows = self.buffer.pop(key)
+            else:
+                block = self.stream.next_block()
+                seg = (block[0]["kind"], int(block[0]["round"]))
+                if seg != key:
+                    self.buffer.setdefault(seg, []).extend(block)
+                    continue
+                rows = block
+            got += len(rows)
+            yield rows
+
+
+def policy_input(p) -> dict:
+    """What a policy rank needs of a product to describe it: text, and where the image is."""
+    return {"image_ref": p.image_ref, "title": p.title, "attributes": p.attributes}
+
+
+def market_verdicts(oracle: MarketOracle | None, row: dict) -> dict:
+    """The simulated market's verdict on both ads of a rendered pair (empty off the simulated market)."""
+    if oracle is None or not row.get("latent_a"):
+        return {}
+    out = {}
+    for side in ("a", "b"):
+        v = oracle.verdict(row["category"], row[f"latent_{side}"], row[f"desc_{side}"], row["seed"])
+        out.update({f"true_ctr_{side}": v["true_ctr"], f"scene_{side}": v["scene"], f"match_{side}": v["match"],
+                    f"has_scene_{side}": v["has_scene"]})
+    return out
+
+
+class RoundTrainer:
+    """Train: a round's scored pairs become DPO+PCPO steps as they arrive (the RM picks chosen/rejected,
+    ties and duplicates are skipped and counted); every planned pair's fate goes to
+    ``pairs/round_XXX.parquet``."""
+
+    def __init__(self, cfg: CaigConfig, out: Path, log: RunLog, oracle: MarketOracle | None):
+        self.cfg, self.oc, self.out, self.log, self.oracle = cfg, cfg.online, out, log, oracle
+        self.max_lag_steps = 0  # over the whole job: summary.json's policy_lag_steps_max
+
+    def _step(self, group, state: RunState, examples: list[dict], r: int, trained: list[str], records: dict) -> None:
+        t = time.perf_counter()
+        metrics = group.train_step(examples)
+        state.step += 1
+        step = state.step
+        lags = [step - 1 - records[e["pair_id"]]["policy_version"] for e in examples]
+        for e in examples:
+            records[e["pair_id"]].update(status="trained", trained_at_step=step)
+            trained.append(e["pair_id"])
+        metrics.update(round=r, step_s=time.perf_counter() - t, policy_lag_steps_max=max(lags),
+                       since_round_start_s=time.perf_counter() - self.round_t0)
+        self.round_train_s += metrics["step_s"]
+        if self.round_first_step_s is None:
+            self.round_first_step_s = t - self.round_t0
+        self.log.write("train", step, metrics)
+        self.max_lag_steps = max(self.max_lag_steps, max(lags))
+
+    def train_round(self, r: int, group, feed: Feed, state: RunState, round_t0: float) -> dict:
+        oc, n_workers = self.oc, self.cfg.resources.policy.num_workers
+        planned = [c["pair_id"] for c in state.pending[str(r)]]
+        B = max(oc.train_batch_size, n_workers)
+        buf, trained, skipped, records = [], [], [], {}
+        rendered = scored = 0
+        render_s = 0.0
+        self.round_t0, self.round_train_s, self.round_first_step_s = round_t0, 0.0, None
+        step = lambda batch: self._step(group, state, batch, r, trained, records)  # noqa: E731
+        for rows in feed.take("train", r, len(planned)):
+            rendered += sum(1 for x in rows if x.get("ads_part"))
+            render_s += sum(x.get("render_s") or 0.0 for x in rows)
+            p_key = "p_left_debiased" if oc.debias_rm else "p_left"
+            scored += sum(1 for x in rows if x.get(p_key) is not None)
+            examples, skips = preference_examples(rows, [float(x[p_key]) for x in rows], oc.tie_margin)
+            for x in rows:
+                records[x["pair_id"]] = {
+                    k: x.get(k) for k in ("pair_id", "round", "product_id", "title", "category", "seed", "desc_a",
+                                          "desc_b", "policy_version", "p_left", p_key)} | {
+                    # sampled token ids (Ray Data hands them back as arrays): plain lists in the parquet
+                    **{f"ids_{s}": None if x.get(f"ids_{s}") is None else [int(t) for t in x[f"ids_{s}"]]
+                       for s in ("a", "b")},
+                    "ads_part": x["ads_part"], "status": "pending", "trained_at_step": -1,
+                    **market_verdicts(self.oracle, x)}
+            for e in examples:
+                records[e["pair_id"]]["chosen"] = "a" if e["chosen"] == records[e["pair_id"]]["desc_a"] else "b"
+            for s in skips:
+                records[s["pair_id"]].update(status=f"skipped:{s['reason']}", chosen="")
+                skipped.append(s["pair_id"])
+            buf += examples
+            while len(buf) >= B + n_workers:  # keep enough back that the round's last step has one per rank
+                step(buf[:B])
+                buf = buf[B:]
+        while len(buf) >= 2 * B:
+            step(buf[:B])
+            buf = buf[B:]
+        if len(buf) >= n_workers:
+            step(buf)
+        else:
+            for e in buf:  # fewer examples than ranks: no step can take them; say so, never drop silently
+                records[e["pair_id"]].update(status="skipped:fewer_examples_than_ranks")
+                skipped.append(e["pair_id"])
+        reasons: dict[str, int] = {}
+        for rec in records.values():
+            if rec["status"].startswith("skipped:"):
+                reasons[rec["status"][8:]] = reasons.get(rec["status"][8:], 0) + 1
+        acc = account(planned, trained, skipped)
+        acc.update(pairs_rendered=rendered, pairs_scored=scored, skipped_reasons=reasons)
+        rows = list(records.values())
+        pq.write_table(pa.Table.from_pylist(rows), self.out / "pairs" / f"round_{r:03d}.parquet")
+        info = {"round": r, **acc, "train_s": self.round_train_s, "render_busy_s": render_s,
+                "first_step_after_s": self.round_first_step_s, "gen_s": feed.gen_s.get(r), "steps": state.step}
+        if rows and "true_ctr_a" in rows[0]:
+            chosen = [x for x in rows if x.get("chosen") in ("a", "b")]
+            info["chosen_true_ctr_wins"] = float(np.mean([
+                (x["true_ctr_a"] > x["true_ctr_b"]) == (x["chosen"] == "a") for x in chosen])) if chosen else None
+        return info
+
+
+class Evaluator:
+    """Evaluate: one description per held-out product (fixed sampling seed), its ad rendered beside the
+    pretrained PM's (same render seed), scored by the RM and, on the simulated market, by the oracle."""
+
+    def __init__(self, cfg: CaigConfig, out: Path, oracle: MarketOracle | None):
+        self.cfg, self.oc, self.out, self.oracle = cfg, cfg.online, out, oracle
+
+    def sample(self, after_rounds: int, plan: RoundPlan, group, feed: Feed, state: RunState) -> None:
+        prods = plan.eval_products()
+        gens = group.generate([policy_input(p) for p in prods], n=1,
+                              temperature=self.cfg.policy.temperature, seed=self.oc.seed * 7919 + 99991)
+        mine = [g["descriptions"][0] for g in gens]
+        if state.eval_base is None:  # the pretrained PM's descriptions, kept for every evaluation
+            state.eval_base = mine
+        rows = []
+        for p, a, b in zip(prods, mine, state.eval_base):
+            rows.append({"pair_id": f"eval-e{after_rounds:03d}-{p.id}", "kind": "eval", "round": after_rounds,
+                         "product_id": p.id, "title": p.title, "category": p.category or "",
+                         "instruction": "", "desc_a": clean_prompt(a), "desc_b": clean_prompt(b),
+                         "seed": render_seed(self.oc.seed, p.id, EVAL_SEED_ROUND), "policy_version": state.step})
+        feed.put(rows, plan.products)
+
+    def collect(self, after_rounds: int, plan: RoundPlan, feed: Feed, state: RunState) -> dict:
+        rows = [x for block in feed.take("eval", after_rounds, len(plan.eval_ids)) for x in block]
+        p_key = "p_left_debiased" if self.oc.debias_rm else "p_left"
+        ev = {"after_rounds": after_rounds, "step": state.step,
+              "rm_win_rate": float(np.mean([x[p_key] for x in rows]))}
+        verdicts = [market_verdicts(self.oracle, x) for x in rows]
+        if verdicts and verdicts[0]:
+            a = [{"match": v["match_a"], "has_scene": v["has_scene_a"]} for v in verdicts]
+            b = [{"match": v["match_b"], "has_scene": v["has_scene_b"]} for v in verdicts]
+            tuned, base = [v["true_ctr_a"] for v in verdicts], [v["true_ctr_b"] for v in verdicts]
+            ev.update(true_ctr=float(np.mean(tuned)), base_true_ctr=float(np.mean(base)),
+                      lift=paired_lift(tuned, base), match_rate=match_rate(a), base_match_rate=match_rate(b),
+                      scene_rate=float(np.mean([v["has_scene_a"] for v in verdicts])))
+        table = [{k: v for k, v in x.items() if k not in ("latent_a", "latent_b")} | verd
+                 for x, verd in zip(rows, verdicts)]
+        pq.write_table(pa.Table.from_pylist(table), self.out / "pairs" / f"eval_{after_rounds:03d}.parquet")
+        return ev
+
+
+class Checkpoints:
+    """Checkpoints in storage: every rank's part of the weights and optimizer, then ``state.json``
+    (a ``RunState``) written last -- a checkpoint without it is incomplete and ignored."""
+
+    def __init__(self, store: Output, keep: int, resume: bool):
+        self.store, self.keep = store, keep
+        name = _latest_checkpoint(store) if resume else None
+        if resume and name is None:
+            print(f"--resume: no checkpoint under {store.child('checkpoints')}; starting from round 0",
+                  file=sys.stderr)
+        self.latest = store.child(f"checkpoints/{name}") if name else None
+        if self.latest is not None:
+            self.latest.child("state.json").download()
+
+    def restored_state(self) -> RunState:
+        """The loop's state at the last checkpoint (a fresh one before the first)."""
+        return RunState.from_json((self.latest.local / "state.json").read_text()) if self.latest else RunState()
+
+    def load_into(self, group) -> None:
+        if self.latest is not None:
+            group.load(self.latest.local, self.latest.uri)
+
+    def save(self, r: int, group, state: RunState) -> None:
+        ckpt = self.store.child(f"checkpoints/round_{r:03d}")
+        d = ckpt.local
+        if d.exists():
+            shutil.rmtree(d)
+        ckpt.delete()
+        group.save(d, ckpt.uri)  # every rank's part; uploaded node by node with object-store storage
+        # trained rounds leave the pending set; rounds sampled ahead (max_policy_lag) stay with their samples
+        state.pending = {k: v for k, v in state.pending.items() if int(k) > r}
+        self.store.upload(exclude=("checkpoints", "policy"))  # metrics, pairs, config: as far as this checkpoint
+        tmp = d / "state.json.tmp"
+        tmp.write_text(state.to_json())
+        tmp.rename(d / "state.json")  # written last: a checkpoint without it is incomplete and ignored
+        ckpt.child("state.json").upload()
+        self.latest = ckpt
+        ckpts = self.store.child("checkpoints")
+        done = sorted(n for n in ckpts.listdir() if ckpts.child(f"{n}/state.json").exists())
+        for old in done[:-self.keep]:
+            shutil.rmtree(ckpts.local / old, ignore_errors=True)
+            ckpts.child(old).delete()
+
+
 class OnlineLoop:
+    """The job: checks, then plan -> feed -> train -> evaluate -> checkpoint, round by round, with
+    in-job recovery from a lost policy rank or feed. The parts above hold the work; this class holds
+    the run's state (``RunState``) and the live policy group and pipeline."""
+
     def __init__(self, cfg: CaigConfig, out: Output, policy: str, rm: str, catalog: str, resume: bool,
                  progress: bool = True, image_root: str | None = None):
         self.cfg, self.oc, self.store, self.out, self.policy_path, self.rm_path = (
@@ -148,236 +421,21 @@ class OnlineLoop:
         if resume and (self.out / "config.yaml").exists():
             _check_same_run(load_config(self.out / "config.yaml"), cfg, self.store.child("config.yaml"))
         self.oracle = MarketOracle(cfg.market) if cfg.renderer.kind == "procedural" else None
-        name = _latest_checkpoint(self.store) if resume else None
-        if resume and name is None:
-            print(f"--resume: no checkpoint under {self.store.child('checkpoints')}; starting from round 0",
-                  file=sys.stderr)
         if not resume and (self.out / "metrics.jsonl").exists():
             (self.out / "metrics.jsonl").unlink()  # a fresh run does not append to an old one's log
-        self.ckpt = self.store.child(f"checkpoints/{name}") if name else None
-        if self.ckpt is not None:
-            self.ckpt.child("state.json").download()
-        self.state = self._restored_state()
+        self.checkpoints = Checkpoints(self.store, self.oc.keep_checkpoints, resume)
+        self.state = self.checkpoints.restored_state()
         self.recoveries = {"policy": 0, "feed": 0}
         save_config(cfg, self.out / "config.yaml")
 
-    def _read_catalog(self) -> None:
+    def _read_catalog(self) -> RoundPlan:
         """The catalog, validated on the cluster (a bad row stops the job, named, before any model loads);
         the driver keeps each product's text and where its image is, never the image."""
         from actors.catalog import catalog_records, validate_catalog
 
         check = validate_catalog(self.catalog, self.out / "catalog", "stop", self.image_root)
-        self.products = {p.id: p for p in catalog_records(check.valid)}
-        self.train_ids, self.eval_ids = split_eval_products(list(self.products), self.oc.eval_products, self.oc.seed)
+        return RoundPlan(self.oc, {p.id: p for p in catalog_records(check.valid)})
 
-    def _restored_state(self) -> RunState:
-        """The loop's state at the last checkpoint (a fresh one before the first)."""
-        return RunState.from_json((self.ckpt.local / "state.json").read_text()) if self.ckpt else RunState()
-
-    # ---- plan ---------------------------------------------------------------------------------
-    def _eval_after(self, r: int) -> bool:
-        return (r + 1) % self.oc.eval_every == 0 or r == self.oc.rounds - 1
-
-    def _n_blocks(self) -> int:
-        start, oc = self.state.next_round, self.oc
-        per_round = _blocks(min(oc.products_per_round, len(self.train_ids)), oc.pairs_per_batch)
-        per_eval = _blocks(len(self.eval_ids), oc.pairs_per_batch)
-        evals = sum(self._eval_after(r) for r in range(start, oc.rounds)) + (self.state.eval_base is None)
-        return per_round * (oc.rounds - start) + per_eval * evals
-
-    # ---- feeding --------------------------------------------------------------------------------
-    def _feed(self, rows: list[dict]) -> None:
-        for k in range(0, len(rows), self.oc.pairs_per_batch):
-            chunk = rows[k:k + self.oc.pairs_per_batch]
-            self.stream.put([{**r, "image_ref": self.products[r["product_id"]].image_ref} for r in chunk])
-
-    def _sample_round(self, r: int) -> None:
-        """Sample round ``r`` with the current weights (or take the samples a checkpoint kept) and feed it."""
-        key = str(r)
-        if key in self.state.pending:  # sampled before a checkpoint: fed as kept
-            self._feed(self.state.pending[key])
-        else:
-            ids = round_products(self.train_ids, r, self.oc.products_per_round, self.oc.seed)
-            prods = [self.products[i] for i in ids]
-            k = self.cfg.policy.instruction_templates  # each product's instruction for this round (CAIG's variety)
-            block, pairs, t = self.oc.pairs_per_batch, [], time.perf_counter()
-            # one block at a time, fed as soon as it is sampled: renderers start on the round's first block
-            # while the policy samples the next (DESIGN.md §8.4)
-            for c in range(0, len(prods), block):
-                inputs = [{**self._policy_input(p), "template": pm_template(self.oc.seed, p.id, r, k)}
-                          for p in prods[c:c + block]]
-                gens = self.group.generate(inputs, n=self.oc.samples_per_product, temperature=self.cfg.policy.temperature,
-                                           seed=self.oc.seed * 7919 + r + 104729 * (c // block))
-                rows = candidate_pairs(prods[c:c + block], gens, r, self.oc.seed, self.state.step, n_templates=k)
-                self._feed(rows)
-                pairs += rows
-            self.gen_s[r] = time.perf_counter() - t
-            self.state.pending[key] = pairs
-        self.fed_rounds.add(r)
-
-    def _policy_input(self, p) -> dict:
-        return {"image_ref": p.image_ref, "title": p.title, "attributes": p.attributes}
-
-    def _take(self, kind: str, index: int, n_rows: int):
-        """Yield the rows of segment (kind, index) as they arrive; rows of other segments are kept."""
-        key, got = (kind, index), 0
-        while got < n_rows:
-            if self.buffer.get(key):
-                rows = self.buffer.pop(key)
-            else:
-                block = self.stream.next_block()
-                seg = (block[0]["kind"], int(block[0]["round"]))
-                if seg != key:
-                    self.buffer.setdefault(seg, []).extend(block)
-                    continue
-                rows = block
-            got += len(rows)
-            yield rows
-
-    # ---- oracle ---------------------------------------------------------------------------------
-    def _verdicts(self, row: dict) -> dict:
-        if self.oracle is None or not row.get("latent_a"):
-            return {}
-        out = {}
-        for side in ("a", "b"):
-            v = self.oracle.verdict(row["category"], row[f"latent_{side}"], row[f"desc_{side}"], row["seed"])
-            out.update({f"true_ctr_{side}": v["true_ctr"], f"scene_{side}": v["scene"], f"match_{side}": v["match"],
-                        f"has_scene_{side}": v["has_scene"]})
-        return out
-
-    # ---- training ---------------------------------------------------------------------------------
-    def _step(self, examples: list[dict], r: int, trained: list[str], records: dict) -> None:
-        t = time.perf_counter()
-        metrics = self.group.train_step(examples)
-        self.state.step += 1
-        step = self.state.step
-        lags = [step - 1 - records[e["pair_id"]]["policy_version"] for e in examples]
-        for e in examples:
-            records[e["pair_id"]].update(status="trained", trained_at_step=step)
-            trained.append(e["pair_id"])
-        metrics.update(round=r, step_s=time.perf_counter() - t, policy_lag_steps_max=max(lags),
-                       since_round_start_s=time.perf_counter() - self.round_t0)
-        self.round_train_s += metrics["step_s"]
-        if self.round_first_step_s is None:
-            self.round_first_step_s = t - self.round_t0
-        self.log.write("train", step, metrics)
-        self.max_lag_steps = max(self.max_lag_steps, max(lags))
-
-    def _train_round(self, r: int) -> dict:
-        oc, n_workers = self.oc, self.cfg.resources.policy.num_workers
-        planned = [c["pair_id"] for c in self.state.pending[str(r)]]
-        B = max(oc.train_batch_size, n_workers)
-        buf, trained, skipped, records = [], [], [], {}
-        rendered = scored = 0
-        render_s = 0.0
-        self.round_train_s, self.round_first_step_s = 0.0, None
-        for rows in self._take("train", r, len(planned)):
-            rendered += sum(1 for x in rows if x.get("left_image") and x.get("right_image"))
-            render_s += sum(x.get("render_s") or 0.0 for x in rows)
-            p_key = "p_left_debiased" if oc.debias_rm else "p_left"
-            scored += sum(1 for x in rows if x.get(p_key) is not None)
-            examples, skips = preference_examples(rows, [float(x[p_key]) for x in rows], oc.tie_margin)
-            for x in rows:
-                records[x["pair_id"]] = {
-                    k: x.get(k) for k in ("pair_id", "round", "product_id", "title", "category", "seed", "desc_a",
-                                          "desc_b", "policy_version", "p_left", p_key)} | {
-                    # sampled token ids (Ray Data hands them back as arrays): plain lists in the parquet
-                    **{f"ids_{s}": None if x.get(f"ids_{s}") is None else [int(t) for t in x[f"ids_{s}"]]
-                       for s in ("a", "b")},
-                    "ad_a": x["left_image"], "ad_b": x["right_image"], "status": "pending", "trained_at_step": -1,
-                    **self._verdicts(x)}
-            for e in examples:
-                records[e["pair_id"]]["chosen"] = "a" if e["chosen"] == records[e["pair_id"]]["desc_a"] else "b"
-            for s in skips:
-                records[s["pair_id"]].update(status=f"skipped:{s['reason']}", chosen="")
-                skipped.append(s["pair_id"])
-            buf += examples
-            while len(buf) >= B + n_workers:  # keep enough back that the round's last step has one per rank
-                self._step(buf[:B], r, trained, records)
-                buf = buf[B:]
-        while len(buf) >= 2 * B:
-            self._step(buf[:B], r, trained, records)
-            buf = buf[B:]
-        if len(buf) >= n_workers:
-            self._step(buf, r, trained, records)
-        else:
-            for e in buf:  # fewer examples than ranks: no step can take them; say so, never drop silently
-                records[e["pair_id"]].update(status="skipped:fewer_examples_than_ranks")
-                skipped.append(e["pair_id"])
-        reasons: dict[str, int] = {}
-        for rec in records.values():
-            if rec["status"].startswith("skipped:"):
-                reasons[rec["status"][8:]] = reasons.get(rec["status"][8:], 0) + 1
-        acc = account(planned, trained, skipped)
-        acc.update(pairs_rendered=rendered, pairs_scored=scored, skipped_reasons=reasons)
-        rows = list(records.values())
-        pq.write_table(pa.Table.from_pylist(rows), self.out / "pairs" / f"round_{r:03d}.parquet")
-        info = {"round": r, **acc, "train_s": self.round_train_s, "render_busy_s": render_s,
-                "first_step_after_s": self.round_first_step_s,
-                "gen_s": self.gen_s.get(r), "steps": self.state.step}
-        if rows and "true_ctr_a" in rows[0]:
-            chosen = [x for x in rows if x.get("chosen") in ("a", "b")]
-            info["chosen_true_ctr_wins"] = float(np.mean([
-                (x["true_ctr_a"] > x["true_ctr_b"]) == (x["chosen"] == "a") for x in chosen])) if chosen else None
-        return info
-
-    # ---- evaluation -------------------------------------------------------------------------------
-    def _sample_eval(self, after_rounds: int) -> None:
-        prods = [self.products[i] for i in self.eval_ids]
-        gens = self.group.generate([self._policy_input(p) for p in prods], n=1,
-                                   temperature=self.cfg.policy.temperature, seed=self.oc.seed * 7919 + 99991)
-        mine = [g["descriptions"][0] for g in gens]
-        if self.state.eval_base is None:  # the pretrained PM's descriptions, kept for every evaluation
-            self.state.eval_base = mine
-        rows = []
-        for p, a, b in zip(prods, mine, self.state.eval_base):
-            rows.append({"pair_id": f"eval-e{after_rounds:03d}-{p.id}", "kind": "eval", "round": after_rounds,
-                         "product_id": p.id, "title": p.title, "category": p.category or "",
-                         "instruction": "", "desc_a": clean_prompt(a), "desc_b": clean_prompt(b),
-                         "seed": render_seed(self.oc.seed, p.id, EVAL_SEED_ROUND), "policy_version": self.state.step})
-        self._feed(rows)
-
-    def _collect_eval(self, after_rounds: int) -> dict:
-        rows = [x for block in self._take("eval", after_rounds, len(self.eval_ids)) for x in block]
-        p_key = "p_left_debiased" if self.oc.debias_rm else "p_left"
-        ev = {"after_rounds": after_rounds, "step": self.state.step,
-              "rm_win_rate": float(np.mean([x[p_key] for x in rows]))}
-        verdicts = [self._verdicts(x) for x in rows]
-        if verdicts and verdicts[0]:
-            a = [{"match": v["match_a"], "has_scene": v["has_scene_a"]} for v in verdicts]
-            b = [{"match": v["match_b"], "has_scene": v["has_scene_b"]} for v in verdicts]
-            tuned, base = [v["true_ctr_a"] for v in verdicts], [v["true_ctr_b"] for v in verdicts]
-            ev.update(true_ctr=float(np.mean(tuned)), base_true_ctr=float(np.mean(base)),
-                      lift=paired_lift(tuned, base), match_rate=match_rate(a), base_match_rate=match_rate(b),
-                      scene_rate=float(np.mean([v["has_scene_a"] for v in verdicts])))
-        table = [{k: v for k, v in x.items() if k not in ("latent_a", "latent_b")} | verd
-                 for x, verd in zip(rows, verdicts)]
-        pq.write_table(pa.Table.from_pylist(table), self.out / "pairs" / f"eval_{after_rounds:03d}.parquet")
-        return ev
-
-    # ---- checkpoints --------------------------------------------------------------------------------
-    def _checkpoint(self, r: int) -> None:
-        ckpt = self.store.child(f"checkpoints/round_{r:03d}")
-        d = ckpt.local
-        if d.exists():
-            shutil.rmtree(d)
-        ckpt.delete()
-        self.group.save(d, ckpt.uri)  # every rank's part; uploaded node by node with object-store storage
-        # trained rounds leave the pending set; rounds sampled ahead (max_policy_lag) stay with their samples
-        self.state.pending = {k: v for k, v in self.state.pending.items() if int(k) > r}
-        self.store.upload(exclude=("checkpoints", "policy"))  # metrics, pairs, config: as far as this checkpoint
-        tmp = d / "state.json.tmp"
-        tmp.write_text(self.state.to_json())
-        tmp.rename(d / "state.json")  # written last: a checkpoint without it is incomplete and ignored
-        ckpt.child("state.json").upload()
-        self.ckpt = ckpt
-        ckpts = self.store.child("checkpoints")
-        done = sorted(n for n in ckpts.listdir() if ckpts.child(f"{n}/state.json").exists())
-        for old in done[:-self.oc.keep_checkpoints]:
-            shutil.rmtree(ckpts.local / old, ignore_errors=True)
-            ckpts.child(old).delete()
-
-    # ---- the loop -------------------------------------------------------------------------------------
     def _start(self) -> None:
         """The policy group (at the last checkpoint) and the pipeline for the blocks still to come."""
         from actors.policy import PolicyGroup
@@ -387,12 +445,12 @@ class OnlineLoop:
         steps = oc.rounds * -(-oc.products_per_round // oc.train_batch_size)  # the lr schedule's length
         self.group = PolicyGroup(self.policy_path, self.cfg.policy, self.cfg.resources.policy, total_steps=steps,
                                  fault=oc.faults.model_dump(mode="json"))
-        if self.ckpt is not None:
-            self.group.load(self.ckpt.local, self.ckpt.uri)
-        self.fed_rounds, self.buffer = set(), {}
+        self.checkpoints.load_into(self.group)
         pipeline = PairStream if oc.pipeline == "streaming" else StagedPipeline
-        self.stream = pipeline(self.cfg, self.rm_path, self._n_blocks())
+        # the pipeline writes the ads to storage itself (pairs/ads/): no image comes back to the driver
+        self.stream = pipeline(self.cfg, self.rm_path, self.plan.n_blocks(self.state), self.store.child("pairs/ads"))
         self.streams.append(self.stream)
+        self.feed = Feed(self.cfg, self.group, self.stream)
 
     def _stop(self) -> None:
         self.stream.close()
@@ -406,46 +464,47 @@ class OnlineLoop:
         if self.recoveries[kind] > budget:
             raise RuntimeError(f"{kind} lost {self.recoveries[kind]} times, more than online.max_{kind}_restarts="
                                f"{budget}; last: {error}") from error
-        where = self.ckpt or "the start (no checkpoint yet)"
+        where = self.checkpoints.latest or "the start (no checkpoint yet)"
         logger.warning("recovery %d (%s): %s; restarting from %s", sum(self.recoveries.values()), kind, error, where)
         self._stop()
-        self.state = self._restored_state()
+        self.state = self.checkpoints.restored_state()
         self.log.write("recovery", self.state.step, {"lost": kind, "from_round": self.state.next_round})
         self._start()
+
+    def _evaluate(self, after_rounds: int) -> dict:
+        self.evaluator.sample(after_rounds, self.plan, self.group, self.feed, self.state)
+        ev = self.evaluator.collect(after_rounds, self.plan, self.feed, self.state)
+        self.state.evals.append(ev)
+        self.log.write("eval", after_rounds, ev)
+        return ev
 
     def _rounds(self) -> None:
         oc = self.oc
         if self.state.eval_base is None:
-            self._sample_eval(0)
-            ev = self._collect_eval(0)
-            self.state.evals.append(ev)
-            self.log.write("eval", 0, ev)
+            self._evaluate(0)
         start = self.state.next_round
         bar = tqdm(range(start, oc.rounds), desc="online rounds", disable=not self.progress,
                    initial=start, total=oc.rounds)
         for r in bar:
-            self.round_t0 = time.perf_counter()
+            round_t0 = time.perf_counter()
             wait_before = self.stream.wait_s
             for ahead in range(r, min(r + oc.max_policy_lag, oc.rounds - 1) + 1):
-                if ahead not in self.fed_rounds:
-                    self._sample_round(ahead)
-            info = self._train_round(r)
-            info["round_s"] = time.perf_counter() - self.round_t0
+                if ahead not in self.feed.fed_rounds:
+                    self.feed.sample_round(ahead, self.plan, self.state)
+            info = self.trainer.train_round(r, self.group, self.feed, self.state, round_t0)
+            info["round_s"] = time.perf_counter() - round_t0
             info["wait_s"] = self.stream.wait_s - wait_before  # driver blocked on the pipeline
             # on the pool trace's clock (seconds since this pipeline started): bench/pipeline.py's plot
-            info["t_start_s"] = self.round_t0 - self.stream.t0
+            info["t_start_s"] = round_t0 - self.stream.t0
             info["t_end_s"] = time.perf_counter() - self.stream.t0
             self.state.rounds.append(info)
             self.log.write("round", r, info)
-            if self._eval_after(r):
-                self._sample_eval(r + 1)
-                ev = self._collect_eval(r + 1)
-                self.state.evals.append(ev)
-                self.log.write("eval", r + 1, ev)
+            if self.plan.eval_after(r):
+                ev = self._evaluate(r + 1)
                 bar.set_postfix(true_ctr=ev.get("true_ctr"), rm_win=round(ev["rm_win_rate"], 3))
             self.state.next_round = r + 1
             if (r + 1) % oc.checkpoint_every == 0 or r == oc.rounds - 1:
-                self._checkpoint(r)
+                self.checkpoints.save(r, self.group, self.state)
                 if oc.faults.driver_kill_after_round == r and should_fire(oc.faults.marker_dir, "driver"):
                     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -457,10 +516,12 @@ class OnlineLoop:
 
         t0 = time.perf_counter()
         self.log = RunLog(self.out)
-        self.gen_s, self.max_lag_steps, self.streams = {}, 0, []
+        self.trainer = RoundTrainer(self.cfg, self.out, self.log, self.oracle)
+        self.evaluator = Evaluator(self.cfg, self.out, self.oracle)
+        self.streams = []
         started = init_ray()
         try:
-            self._read_catalog()
+            self.plan = self._read_catalog()
             self._start()
             try:
                 while True:
@@ -509,7 +570,7 @@ class OnlineLoop:
             "pairs_duplicated": tot("pairs_duplicated"),
             "renderer_pool_size_max": pool_max, "renderer_pool_trace": pool_trace,
             "pool_sample_errors": self.pool_sample_errors,
-            "max_policy_lag": self.oc.max_policy_lag, "policy_lag_steps_max": self.max_lag_steps,
+            "max_policy_lag": self.oc.max_policy_lag, "policy_lag_steps_max": self.trainer.max_lag_steps,
             "driver_wait_s": wait_s, "render_busy_s": tot("render_busy_s"), "train_s": tot("train_s"),
             "pipeline": self.oc.pipeline, "wall_s": wall_s, "policy_path": str(self.store.child("policy")),
             "recoveries": sum(self.recoveries.values()), "recoveries_by_kind": dict(self.recoveries),
@@ -520,6 +581,7 @@ class OnlineLoop:
         summary["plots"] = online_plots(self.out, rounds, evals, pool_trace)
         summary["report"] = "report.html"
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.store.child("pairs/ads").download()  # object-store storage: the pipeline wrote them there
         write_run_report(self.out)
         return summary
 

@@ -1,8 +1,10 @@
 """Train the reward model on click-log pairs: ``python -m jobs.train_rm`` / ``caig-ray train-rm``.
 
 Ray Train ``TorchTrainer`` with DeepSpeed ZeRO (stage from config) inside ``train_func``: gloo on
-CPU, NCCL on GPU. Every worker mines the same pairs from the click log (seeded), takes its shard,
-and trains; each epoch the consolidated weights are saved with ``save_pretrained`` and reported as
+CPU, NCCL on GPU. The driver mines the pairs (rows and CTRs: small records) from the click log read
+without its images; a Ray Dataset adds each pair's two ads, read by row number from the log, and Ray
+Train hands each worker an equal shard (``get_dataset_shard``), streamed and locally shuffled each
+epoch -- no worker reads the log whole. Each epoch the consolidated weights are saved with ``save_pretrained`` and reported as
 a Ray Train checkpoint. The final model is copied to ``--out`` so ``RewardScorer`` and the Serve
 endpoint load it by path.
 """
@@ -10,7 +12,6 @@ endpoint load it by path.
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import json
 import sys
@@ -18,11 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow as pa
+
 from caig_ray.config import CaigConfig
 from caig_ray.data import DataError, read_click_logs
 from caig_ray.ds import deepspeed_config, lr_scheduler
 from caig_ray.models.vlm import check_model_folder
-from caig_ray.pairs import mine_rm_pairs, redraw_order
+from caig_ray.pairs import mine_rm_pairs, redraw_pair
 from caig_ray.prompts import template_index
 from caig_ray.storage import Output, resolve_output
 from caig_ray.world import WorldLayout
@@ -30,10 +33,28 @@ from jobs._entry import add_config_args, run_job
 from jobs._ray import fit_to_folder, init_ray
 
 
+PAIR_FIELDS = ("left_row", "right_row", "left_creative", "right_creative", "ctr_left", "ctr_right", "label")
+
+
 def _skip_shm_comm_build() -> None:
     """DeepSpeed JIT-builds its shm comm op (~100 s on 2 cores) on first init; gloo on CPU does
     not use it. Patched through importlib so the real module is changed (DESIGN.md §7)."""
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def pair_images(pairs: pa.Table, path: str) -> pa.Table:
+    """Ray Data map: each mined pair (``left_row``/``right_row`` of the click log) with its two ads (the
+    log's ``image`` cells: bytes, or paths relative to the log) and its title, taken by row number from
+    the log's parquet -- a block of pairs reads only its own rows."""
+    import pyarrow.dataset as pads
+
+    log = pads.dataset(path, format="parquet")
+    cols = ["image"] + (["title"] if "title" in log.schema.names else [])
+    left = log.take(pairs["left_row"], columns=cols)
+    right = log.take(pairs["right_row"], columns=["image"])
+    title = left["title"] if "title" in cols else pa.array([""] * pairs.num_rows)
+    return (pairs.append_column("left_image", left["image"]).append_column("right_image", right["image"])
+            .append_column("title", title))
 
 
 def train_func(loop: dict) -> None:
@@ -43,7 +64,9 @@ def train_func(loop: dict) -> None:
     from ray.train import Checkpoint
     from tqdm.auto import tqdm
 
-    from caig_ray.data import load_log_image
+    import pyarrow as pa
+
+    from caig_ray.data.catalog import decode_image
     from caig_ray.losses import rm_loss
     from caig_ray.models.reward import load_reward_model
     from caig_ray.scoring import PairToScore, rm_inputs
@@ -51,33 +74,27 @@ def train_func(loop: dict) -> None:
     cfg = CaigConfig.model_validate(loop["cfg"])
     tc, placement = cfg.train_rm, cfg.resources.reward_training
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ctx.get_world_rank()
     if not placement.use_gpu:
         _skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend="nccl" if placement.use_gpu else "gloo")
     device = f"cuda:{ctx.get_local_rank()}" if placement.use_gpu else "cpu"
     torch.manual_seed(tc.seed)
 
-    logs = read_click_logs(loop["click_logs"], check_images=False)
-    base = Path(loop["click_logs"]).parent
-    band = tuple(tc.train_band or cfg.market.band)
-    pairs = [p for p in mine_rm_pairs(logs, cfg.market.min_impressions, band, tc.test_fraction, tc.seed)
-             if p["split"] == "train"]
-    if tc.max_pairs:
-        pairs = pairs[: tc.max_pairs]
-    per_rank = len(pairs) // world  # equal step counts on every rank, or gloo collectives hang
-    if per_rank < 1:
-        raise ValueError(f"only {len(pairs)} training pairs for {world} workers")
-    shard = pairs[rank * per_rank:(rank + 1) * per_rank]
-    titles = logs.column("title").to_pylist() if "title" in logs.column_names else [""] * logs.num_rows
-    @functools.lru_cache(maxsize=4096)  # bounded: a shard of a large log does not fit decoded in memory
-    def image(row: int):
-        return load_log_image(logs, row, base)
+    # this rank's pairs, with their two ads, streamed by Ray Data (the log is never read whole here);
+    # Ray Train splits the dataset into equal shards: equal step counts on every rank, or gloo hangs
+    shard = ray.train.get_dataset_shard("train")
+    per_rank, log_path = loop["pairs_per_rank"], loop["click_logs"]
+    base = Path(log_path).parent
+
+    def image(pair: dict, side: str):
+        return decode_image(pair[f"{side}_image"], base, f"{log_path}, row {pair[f'{side}_row']}, field 'image'"
+                            ).convert("RGB")
 
     model, processor = load_reward_model(loop["backbone"], from_backbone=True, dtype=placement.dtype)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr)
-    steps_per_epoch = max(1, len(shard) // tc.batch_size)
+    steps_per_epoch = max(1, per_rank // tc.batch_size)
     scheduler = lr_scheduler(optimizer, tc.lr_schedule, tc.warmup_ratio, tc.epochs * steps_per_epoch)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(tc.zero_stage, placement.dtype, tc.batch_size))
@@ -88,19 +105,20 @@ def train_func(loop: dict) -> None:
 
         writer = SummaryWriter(loop["tensorboard"])
     step, t0 = 0, time.perf_counter()
-    rng = torch.Generator().manual_seed(tc.seed + rank)
     for epoch in range(tc.epochs):
-        order = torch.randperm(len(shard), generator=rng).tolist()
-        epoch_pairs = redraw_order(shard, tc.seed + rank, epoch)  # left/right drawn again every epoch
         sums: dict[str, float] = {}
-        batches = range(0, len(order) - tc.batch_size + 1, tc.batch_size) if len(order) >= tc.batch_size else [0]
-        for start in tqdm(batches, desc=f"rm epoch {epoch}", disable=rank != 0):
-            batch = [epoch_pairs[i] for i in order[start:start + tc.batch_size]]
-            # CAIG's question variety: one template per pair and epoch (seeded)
+        epoch_steps = 0
+        batches = shard.iter_batches(batch_size=tc.batch_size, batch_format="pyarrow",
+                                     drop_last=per_rank >= tc.batch_size,  # then every rank takes the same steps
+                                     local_shuffle_buffer_size=min(per_rank, 1024),
+                                     local_shuffle_seed=tc.seed + 7919 * epoch + rank)
+        for table in tqdm(batches, desc=f"rm epoch {epoch}", disable=rank != 0, total=steps_per_epoch):
+            # left/right drawn again every epoch; CAIG's question variety: one template per pair and epoch
+            batch = [redraw_pair(p, tc.seed, epoch) for p in table.to_pylist()]
             questions = [template_index(tc.seed, f"{p['left_row']}-{p['right_row']}", cfg.reward.question_templates,
                                         epoch) for p in batch]
-            enc = rm_inputs(processor, [PairToScore(image(p["left_row"]), image(p["right_row"]),
-                                                    titles[p["left_row"]] or "") for p in batch],
+            enc = rm_inputs(processor, [PairToScore(image(p, "left"), image(p, "right"), p["title"] or "")
+                                        for p in batch],
                             cfg.reward.pair_image_size, template=questions, layout=cfg.reward.pair_layout).to(device)
             labels = torch.tensor([p["label"] for p in batch], device=device)
             ctr_t = torch.tensor([[p["ctr_left"], p["ctr_right"]] for p in batch], device=device)
@@ -110,20 +128,21 @@ def train_func(loop: dict) -> None:
             engine.backward(loss)
             engine.step()
             step += 1
+            epoch_steps += 1
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
             if writer:
                 for k, v in metrics.items():
                     writer.add_scalar(k, v, step)
-        metrics = {k: v / max(1, len(batches)) for k, v in sums.items()}
-        metrics.update(epoch=epoch, step=step, train_s=time.perf_counter() - t0, pairs_per_rank=len(shard))
+        metrics = {k: v / max(1, epoch_steps) for k, v in sums.items()}
+        metrics.update(epoch=epoch, step=step, train_s=time.perf_counter() - t0, pairs_per_rank=per_rank)
         if epoch == tc.epochs - 1:
             # P(left) of the trained engine on fixed probe pairs: a reloaded checkpoint must match it
             engine.eval()
-            probe = pairs[: min(4, len(pairs))]
+            probe = pair_images(pa.Table.from_pylist(loop["probe"]), log_path).to_pylist()
             with torch.no_grad():
-                enc = rm_inputs(processor, [PairToScore(image(p["left_row"]), image(p["right_row"]),
-                                                        titles[p["left_row"]] or "") for p in probe],
+                enc = rm_inputs(processor, [PairToScore(image(p, "left"), image(p, "right"), p["title"] or "")
+                                            for p in probe],
                                 cfg.reward.pair_image_size, layout=cfg.reward.pair_layout).to(device)
                 metrics["probe_p_left"] = torch.softmax(engine(**enc).logits.float(), -1)[:, 0].tolist()
             metrics["probe_rows"] = [[p["left_row"], p["right_row"]] for p in probe]
@@ -156,9 +175,12 @@ def train_rm(cfg: CaigConfig, world_dir: str | Path, out: str | Path | Output) -
     out = store.local
     tc, placement = cfg.train_rm, cfg.resources.reward_training
     band = tuple(tc.train_band or cfg.market.band)
-    n_train = sum(p["split"] == "train"
-                  for p in mine_rm_pairs(logs, cfg.market.min_impressions, band, tc.test_fraction, tc.seed))
-    if min(n_train, tc.max_pairs or n_train) < placement.num_workers:  # else Ray Train starts, fails, retries
+    # the pairs are small records (rows, CTRs, label): mined here, their images read by the workers
+    pairs = [{k: p[k] for k in PAIR_FIELDS}
+             for p in mine_rm_pairs(logs, cfg.market.min_impressions, band, tc.test_fraction, tc.seed)
+             if p["split"] == "train"][: tc.max_pairs or None]
+    n_train = len(pairs)
+    if n_train < placement.num_workers:  # else Ray Train starts, fails, retries
         raise DataError(f"{click_logs}: {n_train} training pair(s) for {placement.num_workers} worker(s): a pair is two "
                         f"creatives of one product, each with > {cfg.market.min_impressions} impressions, whose CTR "
                         f"ratio lies in {list(band)} (train_rm.train_band / market.band)")
@@ -167,11 +189,18 @@ def train_rm(cfg: CaigConfig, world_dir: str | Path, out: str | Path | Output) -
     from actors.catalog import check_click_log_images
 
     check_click_log_images(click_logs)
+    import ray.data
+
+    # the map only reads rows of the log: no CPU reserved, so it runs beside the trainers that hold them all
+    dataset = ray.data.from_items(pairs).map_batches(pair_images, batch_format="pyarrow", num_cpus=0,
+                                                     fn_kwargs={"path": str(click_logs)})
     summary = fit_to_folder(
         train_func,
         {"cfg": cfg.model_dump(mode="json"), "click_logs": str(click_logs), "backbone": str(backbone),
-         "tensorboard": str(store.sibling("tensorboard").local)},
-        name="train_rm", placement=placement, max_failures=tc.max_failures, storage=store.sibling("ray"), out=out)
+         "tensorboard": str(store.sibling("tensorboard").local), "pairs_per_rank": n_train // placement.num_workers,
+         "probe": pairs[:4]},  # fixed pairs P(left) is reported on: a reloaded RM must give the same
+        name="train_rm", placement=placement, max_failures=tc.max_failures, storage=store.sibling("ray"), out=out,
+        datasets={"train": dataset})
     store.sibling("tensorboard").upload()
     summary.update(model_path=str(out), zero_stage=tc.zero_stage, num_workers=placement.num_workers)
     (out / "train_metrics.json").write_text(json.dumps(summary, indent=1, default=str))

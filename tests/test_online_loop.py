@@ -43,6 +43,12 @@ def _pairs(out: Path) -> list[dict]:
     return rows
 
 
+def rows_with_ads(out: Path) -> list[dict]:
+    """Every round's and every evaluation's rows (pair id, the ads part it names)."""
+    return [r for f in sorted((out / "pairs").glob("*_*.parquet"))
+            for r in pq.read_table(f, columns=["pair_id", "ads_part"]).to_pylist()]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(quick_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("online") / "run"
@@ -74,6 +80,17 @@ def test_two_rounds_account_for_every_pair(uninterrupted):
     assert s["rm_win_rate_by_round"][0] == pytest.approx(0.5, abs=1e-6)  # round 0: the PM against itself
     evals = pq.read_table(out / "pairs" / "eval_002.parquet").to_pylist()
     assert len(evals) == 4 and all(0 < e["true_ctr_a"] < 1 for e in evals)
+    # the driver never held an image: the pipeline wrote each pair's two ads to pairs/ads/ (the part
+    # the pair's row names), once per pair; the driver's rows carry no image column
+    round_rows = pq.read_table(out / "pairs" / "round_000.parquet").to_pylist()
+    assert not {"ad_a", "ad_b", "left_image", "product_image"} & set(round_rows[0])
+    ads = {}
+    for part in (out / "pairs" / "ads").glob("*.parquet"):
+        for a in pq.read_table(part).to_pylist():
+            assert a["pair_id"] not in ads and a["ad_a"][:8] == a["ad_b"][:8] == b"\x89PNG\r\n\x1a\n"
+            ads[a["pair_id"]] = part.name
+    assert {r["pair_id"]: r["ads_part"] for r in rows_with_ads(out)} == ads
+    assert (out / "catalog" / "valid").is_dir() and "data:image/png;base64," in (out / "report.html").read_text()
     assert s["renderer_pool_size_max"] >= 1
     pools = [x for x in lines if x["kind"] == "pool"]  # the pool size over time is in the metrics
     assert pools and max(x["renderers"] for x in pools) == s["renderer_pool_size_max"]

@@ -26,7 +26,9 @@ def test_train_rm_zero_stage_and_reload_into_scorer(local_ray, quick_world, tmp_
     cfg = load_config("quick", overrides={"train_rm": {"zero_stage": stage, "epochs": 1, "max_pairs": 24},
                                           "resources": {"reward_training": {"num_workers": 2}}})
     summary = train_rm(cfg, quick_world.root, tmp_path / "rm")
-    assert summary["zero_stage"] == stage and summary["step"] >= 1
+    assert summary["zero_stage"] == stage
+    # Ray Train's equal shards of the 24 pairs: 12 a rank, the same number of whole batches on each
+    assert summary["pairs_per_rank"] == 12 and summary["step"] == 12 // cfg.train_rm.batch_size >= 1
     assert (tmp_path / "rm" / "config.json").is_file()
     logs = read_click_logs(quick_world.click_logs, check_images=False)
     title = logs.column("title").to_pylist()
@@ -74,3 +76,20 @@ def test_train_rm_refuses_bad_click_logs_before_starting_workers(quick_world, tm
     with pytest.raises(DataError, match=r"row 3, field 'clicks'"):
         train_rm(load_config("quick"), world, tmp_path / "rm")
     assert not (tmp_path / "rm").exists()
+
+
+def test_rm_pairs_dataset_takes_each_pairs_own_ads_from_the_log(quick_world):
+    """The map that feeds the trainers' shards reads, for each pair, the log's own rows (by number,
+    in the pair's order) and the left row's title."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.train_rm import pair_images
+
+    log = pq.read_table(quick_world.click_logs)
+    pairs = pa.table({"left_row": [5, 0, 9], "right_row": [1, 7, 2], "label": [0, 1, 1]})
+    out = pair_images(pairs, str(quick_world.click_logs))
+    assert out["left_image"].to_pylist() == [log["image"][i].as_py() for i in (5, 0, 9)]
+    assert out["right_image"].to_pylist() == [log["image"][i].as_py() for i in (1, 7, 2)]
+    assert out["title"].to_pylist() == [log["title"][i].as_py() for i in (5, 0, 9)]
+    assert out["label"].to_pylist() == [0, 1, 1]
