@@ -19,10 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow as pa
-
 from caig_ray.config import CaigConfig
 from caig_ray.data import DataError, read_click_logs
+from caig_ray.data.clicklogs import pair_images
 from caig_ray.ds import deepspeed_config, lr_scheduler
 from caig_ray.models.vlm import check_model_folder
 from caig_ray.pairs import mine_rm_pairs, redraw_pair
@@ -40,21 +39,6 @@ def _skip_shm_comm_build() -> None:
     """DeepSpeed JIT-builds its shm comm op (~100 s on 2 cores) on first init; gloo on CPU does
     not use it. Patched through importlib so the real module is changed (DESIGN.md §7)."""
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-
-
-def pair_images(pairs: pa.Table, path: str) -> pa.Table:
-    """Ray Data map: each mined pair (``left_row``/``right_row`` of the click log) with its two ads (the
-    log's ``image`` cells: bytes, or paths relative to the log) and its title, taken by row number from
-    the log's parquet -- a block of pairs reads only its own rows."""
-    import pyarrow.dataset as pads
-
-    log = pads.dataset(path, format="parquet")
-    cols = ["image"] + (["title"] if "title" in log.schema.names else [])
-    left = log.take(pairs["left_row"], columns=cols)
-    right = log.take(pairs["right_row"], columns=["image"])
-    title = left["title"] if "title" in cols else pa.array([""] * pairs.num_rows)
-    return (pairs.append_column("left_image", left["image"]).append_column("right_image", right["image"])
-            .append_column("title", title))
 
 
 def train_func(loop: dict) -> None:
@@ -191,9 +175,10 @@ def train_rm(cfg: CaigConfig, world_dir: str | Path, out: str | Path | Output) -
     check_click_log_images(click_logs)
     import ray.data
 
-    # the map only reads rows of the log: no CPU reserved, so it runs beside the trainers that hold them all
-    dataset = ray.data.from_items(pairs).map_batches(pair_images, batch_format="pyarrow", num_cpus=0,
-                                                     fn_kwargs={"path": str(click_logs)})
+    # the map only reads rows of the log: no CPU reserved (the trainers may hold every CPU), and so at most
+    # two tasks at a time (with no CPU to count, Ray Data would start one per block at once)
+    dataset = ray.data.from_items(pairs, override_num_blocks=max(1, min(64, n_train // 512))).map_batches(
+        pair_images, batch_format="pyarrow", num_cpus=0, concurrency=2, fn_kwargs={"path": str(click_logs)})
     summary = fit_to_folder(
         train_func,
         {"cfg": cfg.model_dump(mode="json"), "click_logs": str(click_logs), "backbone": str(backbone),

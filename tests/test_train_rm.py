@@ -84,7 +84,7 @@ def test_rm_pairs_dataset_takes_each_pairs_own_ads_from_the_log(quick_world):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from jobs.train_rm import pair_images
+    from caig_ray.data.clicklogs import pair_images
 
     log = pq.read_table(quick_world.click_logs)
     pairs = pa.table({"left_row": [5, 0, 9], "right_row": [1, 7, 2], "label": [0, 1, 1]})

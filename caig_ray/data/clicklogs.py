@@ -90,3 +90,18 @@ def write_click_logs(rows: list[dict], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), path)
     return path
+
+
+def pair_images(pairs: pa.Table, path: str) -> pa.Table:
+    """Ray Data map: each mined pair (``left_row``/``right_row`` of the click log) with its two ads (the
+    log's ``image`` cells: bytes, or paths relative to the log) and its title, taken by row number from
+    the log's parquet -- a block of pairs reads only its own rows."""
+    import pyarrow.dataset as pads
+
+    log = pads.dataset(path, format="parquet")
+    cols = ["image"] + (["title"] if "title" in log.schema.names else [])
+    left = log.take(pairs["left_row"], columns=cols)
+    right = log.take(pairs["right_row"], columns=["image"])
+    title = left["title"] if "title" in cols else pa.array([""] * pairs.num_rows)
+    return (pairs.append_column("left_image", left["image"]).append_column("right_image", right["image"])
+            .append_column("title", title))
