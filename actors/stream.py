@@ -28,8 +28,8 @@ from ray.data import ActorPoolStrategy
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from actors.renderer import Renderer
-from actors.scorer import RewardScorer
+from caig_ray.actors.renderer import Renderer
+from caig_ray.actors.scorer import RewardScorer
 from caig_ray.config import ActorPoolConfig, CaigConfig, RendererConfig
 from caig_ray.faults import BatchFault
 from caig_ray.storage import Output

@@ -49,7 +49,7 @@ def _actor_seconds(trace: list, col: int = 1) -> float:
 def run_one(demo: Path, work: Path, name: str, overrides: dict, reuse: bool = False) -> dict:
     """One ``caig-ray train`` run; with ``reuse``, a run folder this bench already finished (its
     summary.json) is read back instead of run again (an interrupted invocation continued)."""
-    from jobs.caig import train
+    from caig_ray.jobs.caig import train
 
     cfg = load_config("demo", overrides=overrides)
     done = work / name / "summary.json"

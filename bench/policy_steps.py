@@ -16,7 +16,7 @@ from pathlib import Path
 
 import ray
 
-from actors.policy import PolicyGroup
+from caig_ray.actors.policy import PolicyGroup
 from caig_ray.config import load_config
 from caig_ray.data import read_catalog
 from caig_ray.imaging import png_bytes

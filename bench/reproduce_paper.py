@@ -117,9 +117,9 @@ class Replicate:
         same catalog in both); the RM starts from it and learns this market's logs."""
         import ray
 
-        from jobs._ray import init_ray
-        from jobs.pretrain_pm import pretrain_pm
-        from jobs.train_rm import _init_from, train_rm
+        from caig_ray.jobs._ray import init_ray
+        from caig_ray.jobs.pretrain_pm import pretrain_pm
+        from caig_ray.jobs.train_rm import _init_from, train_rm
 
         pm, rm = self.root / "demo" / "pm", self.root / market / "rm"
         if (pm / "config.json").is_file() and (rm / "config.json").is_file():
@@ -139,7 +139,7 @@ class Replicate:
         return pm, rm
 
     def rm_vs_cnn(self) -> dict:
-        from jobs.evaluate_rm import evaluate_rm
+        from caig_ray.jobs.evaluate_rm import evaluate_rm
 
         path = self.root / "demo" / "rm_eval.json"
         if not path.is_file():
@@ -148,7 +148,7 @@ class Replicate:
         return json.loads(path.read_text())
 
     def run(self, market: str, variant: str, lr: float) -> dict:
-        from jobs.caig import train
+        from caig_ray.jobs.caig import train
 
         out = self.root / market / "runs" / f"{variant.replace('+', '_')}_lr{lr:g}"
         if not (out / "summary.json").is_file():

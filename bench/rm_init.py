@@ -27,9 +27,9 @@ def main() -> None:
     p.add_argument("--preset", default="demo")
     p.add_argument("--out", default="bench/results/rm_init.json")
     args = p.parse_args()
-    from jobs.evaluate_rm import evaluate_rm
-    from jobs.pretrain_pm import pretrain_pm
-    from jobs.train_rm import _init_from, train_rm
+    from caig_ray.jobs.evaluate_rm import evaluate_rm
+    from caig_ray.jobs.pretrain_pm import pretrain_pm
+    from caig_ray.jobs.train_rm import _init_from, train_rm
 
     cfg = load_config(args.preset)
     work = Path(args.work)

@@ -32,7 +32,7 @@ def main() -> None:
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "rm_mismatch_probe.json"))
     args = p.parse_args()
 
-    from actors.scorer import RewardScorer
+    from caig_ray.actors.scorer import RewardScorer
     from caig_ray.scoring import PairToScore
 
     cfg = load_config(args.preset)

@@ -11,8 +11,8 @@ Each measurement runs in a fresh driver process (a child
 of this script that starts its own local Ray) and reports that process's own peak RSS
 (``getrusage(RUSAGE_SELF)``: the driver alone, not Ray's workers):
 
-- validate: ``actors.catalog.validate_catalog`` (Ray Data reads and validates; every image decoded);
-- generate: ``jobs.generate.generate`` with N=2 (procedural renderer, the world's tiny PM and RM).
+- validate: ``caig_ray.actors.catalog.validate_catalog`` (Ray Data reads and validates; every image decoded);
+- generate: ``caig_ray.jobs.generate.generate`` with N=2 (procedural renderer, the world's tiny PM and RM).
 
 Writes bench/results/scale.json with rows/s, products/s, the peak RSS of each run and
 ``driver_rss_ratio_largest_over_smallest`` (of the generate runs; the same ratio of the validate
@@ -72,7 +72,7 @@ def child(args) -> None:
     logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()
     if args.child == "validate":
-        from actors.catalog import validate_catalog
+        from caig_ray.actors.catalog import validate_catalog
 
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -82,7 +82,7 @@ def child(args) -> None:
     else:
         from caig_ray.config import load_config
         from caig_ray.world import WorldLayout
-        from jobs.generate import generate
+        from caig_ray.jobs.generate import generate
 
         lay = WorldLayout(args.world)
         summary = generate(load_config(lay.config), args.catalog, args.out, str(lay.policy), str(lay.reward), n=2)

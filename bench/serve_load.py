@@ -23,7 +23,7 @@ import ray
 from PIL import Image
 from ray import serve
 
-from jobs.serve_rm import build_app
+from caig_ray.jobs.serve_rm import build_app
 
 
 def _png_b64(rng) -> str:
@@ -65,9 +65,9 @@ def main() -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     where = {"serve": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5}}
-    serve.run(build_app({"serve": {"model_path": args.rm, "max_batch_size": 16}, "resources": where}),
+    serve.run(build_app({"reward": {"model_path": args.rm}, "serve": {"max_batch_size": 16}, "resources": where}),
               name="batched", route_prefix="/batched")
-    serve.run(build_app({"serve": {"model_path": args.rm, "max_batch_size": 1}, "resources": where}),
+    serve.run(build_app({"reward": {"model_path": args.rm}, "serve": {"max_batch_size": 1}, "resources": where}),
               name="single", route_prefix="/single")
     rng = np.random.default_rng(0)
     bodies = [{"product": {"title": "red lipstick"}, "image_a": _png_b64(rng), "image_b": _png_b64(rng)}

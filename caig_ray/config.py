@@ -232,7 +232,7 @@ class PolicyConfig(_Strict):
 class RewardConfig(_Strict):
     """The reward model (RM): backbone + 2-way last-token head + point-level CTR head."""
 
-    model_path: str | None = None
+    model_path: str | None = None  # the trained RM (train-rm --out): what train, generate and serve score with unless --rm
     backbone_path: str | None = None  # CAIG: the pretrained PM's folder (pretrain-pm --out)
     tiny: TinyBackboneConfig = TinyBackboneConfig(seed=1)
     pair_image_size: int = Field(56, ge=28)  # each ad resized to this side before concatenation
@@ -374,7 +374,6 @@ class OnlineConfig(_Strict):
 class ServeConfig(_Strict):
     """``caig-ray serve``: the live RM scoring endpoint (Ray Serve + FastAPI)."""
 
-    model_path: str | None = None  # a trained RM folder (train-rm --out)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     max_batch_size: int = Field(16, ge=1)
@@ -389,6 +388,10 @@ class ServeConfig(_Strict):
     # requests one replica holds at once (scoring, or waiting for a batch); one more is answered 503
     # with Retry-After at once instead of queueing until it times out. Must let a batch fill.
     max_queued_requests: int = Field(64, ge=1)
+    # The name of an environment variable holding the API key (never the key itself): when set, every
+    # request but GET /healthz must carry it (header checked before any work; 401 otherwise). None = no
+    # key: the endpoint must then sit behind an authenticating ingress (docs/serving.md).
+    api_key_env: str | None = None
 
     @model_validator(mode="after")
     def _batches_can_fill(self) -> "ServeConfig":
@@ -435,16 +438,39 @@ def preset_path(name: str) -> Path:
     return Path(str(resources.files("caig_ray") / "presets" / f"{name}.yaml"))
 
 
-def _deep_merge(base: dict, override: dict) -> dict:
+def merge_onto(model: type[BaseModel], base: dict, override: dict) -> dict:
+    """``override`` layered on ``base`` as the schema reads them: a block (a nested config model) is
+    merged key by key; any other value -- a list, a table such as ``category_bias`` -- is replaced whole,
+    so a layer can remove an entry its base has."""
     out = dict(base)
     for k, v in override.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        sub = _block_type(model, k)
+        out[k] = merge_onto(sub, out[k], v) if sub and isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
-def load_config(source: str | Path, overrides: dict[str, Any] | None = None) -> CaigConfig:
-    """Load a preset name or a YAML file; ``overrides`` is merged on top (nested dicts)."""
-    path = preset_path(str(source)) if str(source) in PRESETS else Path(source)
+def _block_type(model: type[BaseModel], key: str) -> type[BaseModel] | None:
+    field = model.model_fields.get(key)
+    ann = field.annotation if field else None
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def diff_from(model: type[BaseModel], base: dict, cfg: dict) -> dict:
+    """What ``cfg`` sets that ``base`` does not (both dumped configs): the smallest layer that
+    ``merge_onto(model, base, layer)`` turns back into ``cfg``."""
+    out = {}
+    for k, v in cfg.items():
+        sub = _block_type(model, k)
+        if sub and isinstance(v, dict) and isinstance(base.get(k), dict):
+            d = diff_from(sub, base[k], v)
+            if d:
+                out[k] = d
+        elif base.get(k, object()) != v:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (presets: {', '.join(PRESETS)})")
     try:
@@ -453,9 +479,57 @@ def load_config(source: str | Path, overrides: dict[str, Any] | None = None) -> 
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def config_layers(source: str | Path, preset: str | None = None) -> tuple[str, dict]:
+    """(where the config comes from, in words; its raw mapping with every layer merged). A preset is
+    one layer on the field defaults. A file names its base in ``base:`` -- a preset, another YAML file
+    (relative to this one) or ``none`` (the field defaults: what ``save_config`` writes) -- and holds
+    only what differs; ``preset`` (the ``--preset`` flag) is the base of a file that names none, and a
+    file whose ``base:`` says otherwise is refused."""
+    if str(source) in PRESETS and not Path(str(source)).is_file():
+        if preset and preset != str(source):
+            raise ConfigError(f"--preset {preset} and preset {source} both given: give one")
+        return f"preset {source}", _read_yaml(preset_path(str(source)))
+    path = Path(source)
+    raw = _read_yaml(path)
+    base = raw.pop("base", None)
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be a preset name ({', '.join(PRESETS)}), a YAML file or none; "
+                          f"got {base!r}")
+    if base is None and preset is None:
+        raise ConfigError(f"{path} names no base: add a first line `base: gpu-cluster` (or {', '.join(PRESETS)}; "
+                          "`base: none` for the field defaults) and keep only what differs, or pass --preset")
+    if base is not None and preset is not None and base != preset:
+        raise ConfigError(f"{path} says `base: {base}` but --preset {preset} was given: drop one")
+    base = base or preset
+    if base == "none":
+        return f"{path} (on the field defaults)", raw
+    if base in PRESETS:
+        where, under = f"preset {base}", _read_yaml(preset_path(base))
+    else:
+        base_path = (path.parent / base).resolve()
+        if base_path == path.resolve():
+            raise ConfigError(f"{path}: base names the file itself")
+        where, under = config_layers(base_path)
+    return f"{path} on {where}", merge_onto(CaigConfig, under, raw)
+
+
+def load_config(source: str | Path, overrides: dict[str, Any] | None = None,
+                preset: str | None = None) -> CaigConfig:
+    """Load a preset name or a YAML file (layered on its ``base:``, see ``config_layers``);
+    ``overrides`` (flags) are merged on top."""
+    return load_config_described(source, overrides, preset)[0]
+
+
+def load_config_described(source: str | Path, overrides: dict[str, Any] | None = None,
+                          preset: str | None = None) -> tuple[CaigConfig, str]:
+    """``load_config`` and the words naming where it came from (a job's first line of output)."""
+    where, raw = config_layers(source, preset)
     if overrides:
-        raw = _deep_merge(raw, overrides)
-    return config_from_dict(raw, str(path))
+        raw = merge_onto(CaigConfig, raw, overrides)
+    return config_from_dict(raw, where.split(" on ")[0].removeprefix("preset ")), where
 
 
 def config_from_dict(raw: dict, source: str) -> CaigConfig:
@@ -468,4 +542,5 @@ def config_from_dict(raw: dict, source: str) -> CaigConfig:
 
 
 def save_config(cfg: CaigConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    """The whole resolved config, on the field defaults (``base: none``): a run's own record of itself."""
+    Path(path).write_text(yaml.safe_dump({"base": "none", **cfg.model_dump(mode="json")}, sort_keys=False))

@@ -1,4 +1,4 @@
-"""The online CTR-driven loop: ``python -m jobs.caig`` / ``caig-ray train``.
+"""The online CTR-driven loop: ``python -m caig_ray.jobs.caig`` / ``caig-ray train``.
 
 Per round (CAIG): the policy samples N=2 descriptions per product (T=1.0); both are rendered with
 the same seed by a Ray Data renderer pool; the frozen RM (a scorer pool) picks chosen/rejected;
@@ -50,8 +50,8 @@ from caig_ray.online import (
 from caig_ray.pairs import account, preference_examples
 from caig_ray.prompts import clean_prompt
 from caig_ray.storage import Output, resolve_output
-from jobs._entry import add_config_args, run_job
-from jobs._ray import init_ray
+from caig_ray.jobs._entry import add_config_args, run_job
+from caig_ray.jobs._ray import init_ray
 
 logger = logging.getLogger(__name__)
 EVAL_SEED_ROUND = 10**6  # render seeds of evaluation ads: one fixed seed per product for every evaluation
@@ -431,15 +431,15 @@ class OnlineLoop:
     def _read_catalog(self) -> RoundPlan:
         """The catalog, validated on the cluster (a bad row stops the job, named, before any model loads);
         the driver keeps each product's text and where its image is, never the image."""
-        from actors.catalog import catalog_records, validate_catalog
+        from caig_ray.actors.catalog import catalog_records, validate_catalog
 
         check = validate_catalog(self.catalog, self.out / "catalog", "stop", self.image_root)
         return RoundPlan(self.oc, {p.id: p for p in catalog_records(check.valid)})
 
     def _start(self) -> None:
         """The policy group (at the last checkpoint) and the pipeline for the blocks still to come."""
-        from actors.policy import PolicyGroup
-        from actors.stream import PairStream, StagedPipeline
+        from caig_ray.actors.policy import PolicyGroup
+        from caig_ray.actors.stream import PairStream, StagedPipeline
 
         oc = self.oc
         steps = oc.rounds * -(-oc.products_per_round // oc.train_batch_size)  # the lr schedule's length
@@ -511,8 +511,8 @@ class OnlineLoop:
     def run(self) -> dict:
         import ray
 
-        from actors.policy import PolicyRankLost
-        from actors.stream import PipelineLost
+        from caig_ray.actors.policy import PolicyRankLost
+        from caig_ray.actors.stream import PipelineLost
 
         t0 = time.perf_counter()
         self.log = RunLog(self.out)

@@ -8,16 +8,16 @@ import os
 import sys
 
 COMMANDS = {
-    "make-world": ("jobs.make_world", "write the simulated market and tiny models to a folder"),
-    "demo": ("jobs.demo", "the README demo on the embedded default"),
-    "train-rm": ("jobs.train_rm", "train the reward model (Ray Train + DeepSpeed ZeRO)"),
-    "pretrain-pm": ("jobs.pretrain_pm", "e-commerce SFT of the prompt model (TRL SFTTrainer + DeepSpeed)"),
-    "train": ("jobs.caig", "the online loop: sample, render, RM-score, DPO+PCPO train (Ray Data + DeepSpeed)"),
-    "report": ("jobs.report", "write report.html for an online run folder"),
-    "generate": ("jobs.generate", "write, render and rank ads for every product of a catalog"),
-    "serve": ("jobs.serve_rm", "live RM scoring over HTTP (Ray Serve + FastAPI)"),
-    "evaluate-rm": ("jobs.evaluate_rm", "RM pairwise accuracy vs chance, a CNN baseline and the Bayes ceiling"),
-    "config": ("jobs.config_show", "config show --preset NAME: the resolved config and where each job runs"),
+    "make-world": ("caig_ray.jobs.make_world", "write the simulated market and tiny models to a folder"),
+    "demo": ("caig_ray.jobs.demo", "the README demo on the embedded default"),
+    "train-rm": ("caig_ray.jobs.train_rm", "train the reward model (Ray Train + DeepSpeed ZeRO)"),
+    "pretrain-pm": ("caig_ray.jobs.pretrain_pm", "e-commerce SFT of the prompt model (TRL SFTTrainer + DeepSpeed)"),
+    "train": ("caig_ray.jobs.caig", "the online loop: sample, render, RM-score, DPO+PCPO train (Ray Data + DeepSpeed)"),
+    "report": ("caig_ray.jobs.report", "write report.html for an online run folder"),
+    "generate": ("caig_ray.jobs.generate", "write, render and rank ads for every product of a catalog"),
+    "serve": ("caig_ray.jobs.serve_rm", "live RM scoring over HTTP (Ray Serve + FastAPI)"),
+    "evaluate-rm": ("caig_ray.jobs.evaluate_rm", "RM pairwise accuracy vs chance, a CNN baseline and the Bayes ceiling"),
+    "config": ("caig_ray.jobs.config_show", "config show --preset NAME: the resolved config and where each job runs"),
 }
 
 

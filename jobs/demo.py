@@ -1,4 +1,4 @@
-"""The README demo on the embedded default (``demo`` preset): ``python -m jobs.demo --out DIR``.
+"""The README demo on the embedded default (``demo`` preset): ``python -m caig_ray.jobs.demo --out DIR``.
 
 make-world (market, click logs, tiny PM/RM/SD); a look at the market (true CTR by category x
 scene, sample historical ads, one product rendered by both renderers); PM pretraining
@@ -82,10 +82,10 @@ def _train_models(cfg, lay: WorldLayout, out: Path, plots: Path) -> dict:
     import ray
 
     from caig_ray.report import bar_chart
-    from jobs._ray import init_ray
-    from jobs.evaluate_rm import evaluate_rm
-    from jobs.pretrain_pm import pretrain_pm
-    from jobs.train_rm import _init_from, train_rm
+    from caig_ray.jobs._ray import init_ray
+    from caig_ray.jobs.evaluate_rm import evaluate_rm
+    from caig_ray.jobs.pretrain_pm import pretrain_pm
+    from caig_ray.jobs.train_rm import _init_from, train_rm
 
     started = init_ray(max(2, cfg.resources.reward_training.num_workers, cfg.resources.pretraining.num_workers))
     try:
@@ -99,7 +99,7 @@ def _train_models(cfg, lay: WorldLayout, out: Path, plots: Path) -> dict:
         if started:
             ray.shutdown()
     ev = evaluate_rm(cfg, lay.root, out / "rm", out / "rm_eval.json")
-    from jobs.caig import train
+    from caig_ray.jobs.caig import train
 
     t = time.perf_counter()
     online = train(cfg, out / "online", str(out / "pm"), str(out / "rm"), str(lay.catalog))

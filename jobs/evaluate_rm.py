@@ -1,4 +1,4 @@
-"""Evaluate the RM on held-out band pairs: ``python -m jobs.evaluate_rm`` / ``caig-ray evaluate-rm``.
+"""Evaluate the RM on held-out band pairs: ``python -m caig_ray.jobs.evaluate_rm`` / ``caig-ray evaluate-rm``.
 
 Pairwise accuracy (as the paper measures) against the logged order and against the true order
 (market oracle), next to chance, an image-only CNN baseline trained on the same pairs, and the
@@ -24,7 +24,7 @@ from caig_ray.models.vlm import check_model_folder
 from caig_ray.pairs import mine_rm_pairs
 from caig_ray.scoring import PairScorer, PairToScore
 from caig_ray.world import WorldLayout
-from jobs._entry import add_config_args, run_job
+from caig_ray.jobs._entry import add_config_args, run_job
 
 
 def evaluate_rm(cfg: CaigConfig, world_dir: str | Path, rm_path: str | Path, out: str | Path) -> dict:

@@ -1,4 +1,4 @@
-"""Batch ad generation for a catalog: ``python -m jobs.generate`` / ``caig-ray generate``.
+"""Batch ad generation for a catalog: ``python -m caig_ray.jobs.generate`` / ``caig-ray generate``.
 
 One streaming Ray Data pipeline (DESIGN.md §8.4); the driver holds ids and counts, never the catalog,
 an image or a model:
@@ -30,8 +30,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from caig_ray.config import CaigConfig, ConfigError
-from jobs._entry import add_config_args, run_job
-from jobs._ray import init_ray
+from caig_ray.jobs._entry import add_config_args, run_job
+from caig_ray.jobs._ray import init_ray
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def write_generated(batch: pa.Table, out: str) -> pa.Table:
     ``best/`` and then ``candidates/`` (the part that marks the products done), and return counts."""
     import hashlib
 
-    from actors.catalog import safe_name, write_part
+    from caig_ray.actors.catalog import safe_name, write_part
 
     out_dir, candidates, best = Path(out), [], []
     (out_dir / "ads").mkdir(parents=True, exist_ok=True)
@@ -118,11 +118,11 @@ def generate(cfg: CaigConfig, catalog: str | Path, out: str | Path, policy: str,
              seed: int = 0, resume: bool = False, on_bad_rows: str = "stop", image_root: str | None = None) -> dict:
     import ray
 
-    from actors.catalog import ValidCatalogSource, validate_catalog
-    from actors.describer import Describer
-    from actors.renderer import Renderer
-    from actors.scorer import RewardScorer
-    from actors.stream import pool_args
+    from caig_ray.actors.catalog import ValidCatalogSource, validate_catalog
+    from caig_ray.actors.describer import Describer
+    from caig_ray.actors.renderer import Renderer
+    from caig_ray.actors.scorer import RewardScorer
+    from caig_ray.actors.stream import pool_args
     from caig_ray.models.renderer import check_sd_folders
     from caig_ray.models.vlm import check_model_folder
 

@@ -1,4 +1,4 @@
-"""Write the simulated ad market and the tiny model folders: ``python -m jobs.make_world``."""
+"""Write the simulated ad market and the tiny model folders: ``python -m caig_ray.jobs.make_world``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""E-commerce pretraining of the prompt model: ``python -m jobs.pretrain_pm`` / ``caig-ray pretrain-pm``.
+"""E-commerce pretraining of the prompt model: ``python -m caig_ray.jobs.pretrain_pm`` / ``caig-ray pretrain-pm``.
 
 SFT on CAIG's three tasks (``caig_ray/sft_data.py``) with TRL's ``SFTTrainer`` inside a Ray Train
 ``TorchTrainer``, DeepSpeed ZeRO from config (gloo on CPU). Before and after, the PM writes
@@ -22,8 +22,8 @@ from caig_ray.models.vlm import check_model_folder
 from caig_ray.pairs import split_products
 from caig_ray.storage import Output, resolve_output
 from caig_ray.world import WorldLayout
-from jobs._entry import add_config_args, run_job
-from jobs._ray import fit_to_folder, init_ray
+from caig_ray.jobs._entry import add_config_args, run_job
+from caig_ray.jobs._ray import fit_to_folder, init_ray
 
 
 def _held_out(products, cfg: CaigConfig):

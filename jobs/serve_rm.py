@@ -1,4 +1,4 @@
-"""Live RM scoring over HTTP: ``python -m jobs.serve_rm`` / ``caig-ray serve``.
+"""Live RM scoring over HTTP: ``python -m caig_ray.jobs.serve_rm`` / ``caig-ray serve``.
 
 A Ray Serve deployment with a FastAPI ingress around the same ``RewardScorer`` core the pipeline
 uses; requests are batched with ``@serve.batch``; replicas autoscale from config.
@@ -145,14 +145,13 @@ def decode_image(value: str, field: str, max_bytes: int, max_side: int) -> Image
 @serve.deployment(name="RewardScorerService", health_check_period_s=10)
 @serve.ingress(app)
 class RewardScorerService:
-    def __init__(self, cfg: dict, placement: dict):
-        from actors.scorer import RewardScorer
+    def __init__(self, cfg: dict, placement: dict, model_path: str):
+        from caig_ray.actors.scorer import RewardScorer
 
         self.cfg = ServeConfig.model_validate(cfg)
         where = ReplicaPlacement.model_validate(placement)
-        if not self.cfg.model_path:
-            raise ValueError("serve.model_path is not set: point it at a trained RM folder")
-        self.scorer = RewardScorer(self.cfg.model_path, batch_size=self.cfg.max_batch_size, device=where.device,
+        self.model_path = model_path
+        self.scorer = RewardScorer(model_path, batch_size=self.cfg.max_batch_size, device=where.device,
                                    dtype=where.dtype)
         self._score_batch.set_max_batch_size(self.cfg.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
@@ -201,7 +200,7 @@ class RewardScorerService:
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "model_path": self.cfg.model_path, "started_at": self.started_at,
+        return {"status": "ok", "model_path": self.model_path, "started_at": self.started_at,
                 "requests_held": self.held}
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=ERRORS)
@@ -230,10 +229,11 @@ class RewardScorerService:
 
 
 def build_app(args: dict):
-    """Application builder (``serve build`` / RayService ``import_path: jobs.serve_rm:build_app``):
-    ``args`` is a caig-ray config holding the ``serve:`` block and ``resources: {serve: ...}`` (where
-    the replicas run); every other block keeps its defaults."""
+    """Application builder (``serve build`` / RayService ``import_path: caig_ray.jobs.serve_rm:build_app``):
+    ``args`` is a caig-ray config holding ``reward.model_path`` (the trained RM), the ``serve:`` block
+    and ``resources: {serve: ...}`` (where the replicas run); every other block keeps its defaults."""
     full = config_from_dict(args, "serve application args")
+    check_model_folder(full.reward.model_path, "reward.model_path (the trained RM)", kind="reward")
     cfg, where = full.serve, full.resources.serve
     return RewardScorerService.options(
         # a little above the replica's own bound, so the excess reaches it and gets its 503 at once
@@ -243,31 +243,32 @@ def build_app(args: dict):
                             "target_ongoing_requests": cfg.target_ongoing_requests},
         ray_actor_options={"num_cpus": where.num_cpus, "num_gpus": where.num_gpus,
                            "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}}},
-    ).bind(cfg.model_dump(mode="json"), where.model_dump(mode="json"))
+    ).bind(cfg.model_dump(mode="json"), where.model_dump(mode="json"), str(full.reward.model_path))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs._ray import init_ray
+    from caig_ray.jobs._ray import init_ray
 
     p = argparse.ArgumentParser(prog="caig-ray serve", description=__doc__)
     p.add_argument("--preset", default="quick")
     p.add_argument("--config", default=None)
-    p.add_argument("--rm", default=None, help="trained RM folder (overrides serve.model_path)")
+    p.add_argument("--rm", default=None, help="trained RM folder (overrides reward.model_path)")
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    over = {k: v for k, v in {"model_path": args.rm, "host": args.host, "port": args.port}.items() if v is not None}
+    over = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     try:
-        full = load_config(args.config or args.preset, overrides={"serve": over} if over else None)
-        check_model_folder(full.serve.model_path, "serve.model_path (--rm)", kind="reward")
+        full = load_config(args.config or args.preset, overrides={**({"serve": over} if over else {}),
+                                                                  **({"reward": {"model_path": args.rm}} if args.rm else {})})
+        check_model_folder(full.reward.model_path, "reward.model_path (--rm)", kind="reward")
     except (ConfigError, ModelFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg = full.serve
     init_ray()
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app({"serve": cfg.model_dump(mode="json"),
+    serve.run(build_app({"reward": {"model_path": full.reward.model_path}, "serve": cfg.model_dump(mode="json"),
                          "resources": {"serve": full.resources.serve.model_dump(mode="json")}}),
               name="caig-rm", route_prefix="/")
     print(f"serving on http://{cfg.host}:{cfg.port} (POST /v1/score, /v1/rank; GET /healthz; /docs). Ctrl-C stops.")

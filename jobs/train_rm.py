@@ -1,4 +1,4 @@
-"""Train the reward model on click-log pairs: ``python -m jobs.train_rm`` / ``caig-ray train-rm``.
+"""Train the reward model on click-log pairs: ``python -m caig_ray.jobs.train_rm`` / ``caig-ray train-rm``.
 
 Ray Train ``TorchTrainer`` with DeepSpeed ZeRO (stage from config) inside ``train_func``: gloo on
 CPU, NCCL on GPU. The driver mines the pairs (rows and CTRs: small records) from the click log read
@@ -28,8 +28,8 @@ from caig_ray.pairs import mine_rm_pairs, redraw_pair
 from caig_ray.prompts import template_index
 from caig_ray.storage import Output, resolve_output
 from caig_ray.world import WorldLayout
-from jobs._entry import add_config_args, run_job
-from jobs._ray import fit_to_folder, init_ray
+from caig_ray.jobs._entry import add_config_args, run_job
+from caig_ray.jobs._ray import fit_to_folder, init_ray
 
 
 PAIR_FIELDS = ("left_row", "right_row", "left_creative", "right_creative", "ctr_left", "ctr_right", "label")
@@ -170,7 +170,7 @@ def train_rm(cfg: CaigConfig, world_dir: str | Path, out: str | Path | Output) -
                         f"ratio lies in {list(band)} (train_rm.train_band / market.band)")
     check_model_folder(backbone, "reward.backbone_path", kind="backbone")
     init_ray(None if placement.use_gpu else max(2, placement.num_workers))
-    from actors.catalog import check_click_log_images
+    from caig_ray.actors.catalog import check_click_log_images
 
     check_click_log_images(click_logs)
     import ray.data

@@ -62,7 +62,7 @@ def test_a_click_log_with_no_training_pair_is_refused_before_ray_train_starts(qu
     import ray
 
     from caig_ray.config import load_config
-    from jobs.train_rm import train_rm
+    from caig_ray.jobs.train_rm import train_rm
 
     cfg = load_config("quick", overrides={"data": {"click_logs": str(BAD / "no_pairs.parquet")}})
     with pytest.raises(DataError, match=r"no_pairs.parquet: 0 training pair\(s\) for 2 worker\(s\)"):
@@ -71,7 +71,7 @@ def test_a_click_log_with_no_training_pair_is_refused_before_ray_train_starts(qu
 
 
 def test_generate_with_no_description_per_product_is_a_usage_error(capsys):
-    from jobs.generate import main
+    from caig_ray.jobs.generate import main
 
     with pytest.raises(SystemExit) as code:
         main(["--catalog", "c.json", "--out", "o", "--policy", "p", "--rm", "r", "--n", "0"])

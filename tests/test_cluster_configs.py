@@ -14,7 +14,7 @@ def test_serve_config_parses_and_points_at_a_real_builder():
     module, attr = app["import_path"].split(":")
     assert callable(getattr(importlib.import_module(module), attr))
     cfg = CaigConfig.model_validate(app["args"])  # the args are a valid partial config
-    assert cfg.serve.model_path and cfg.resources.serve.use_gpu
+    assert cfg.reward.model_path and cfg.resources.serve.use_gpu
 
 
 def _load(name):
@@ -70,8 +70,8 @@ def test_online_rayjob_resumes_and_its_renderers_land_on_the_renderer_group():
 
     job = _load("rayjob-online.yaml")
     cmd = job["spec"]["entrypoint"]
-    assert _entrypoint_module(cmd) == "jobs.caig" and "--resume" in cmd.split()
-    importlib.import_module("jobs.caig")
+    assert _entrypoint_module(cmd) == "caig_ray.jobs.caig" and "--resume" in cmd.split()
+    importlib.import_module("caig_ray.jobs.caig")
     groups = {g["groupName"]: g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
     assert groups["renderer"]["minReplicas"] == 0
     advertised = json_resources(groups["renderer"]["rayStartParams"]["resources"])

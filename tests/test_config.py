@@ -58,7 +58,7 @@ def test_zero3_reference_needs_zero_stage_3():
 def test_config_show_prints_the_resolved_preset_and_its_gpu_plan(capsys):
     import yaml
 
-    from jobs.cli import main
+    from caig_ray.jobs.cli import main
 
     assert main(["config", "show", "--preset", "gpu-cluster"]) == 0
     out = capsys.readouterr().out
@@ -69,7 +69,7 @@ def test_config_show_prints_the_resolved_preset_and_its_gpu_plan(capsys):
 
 def _write(tmp_path, text):
     p = tmp_path / "bad.yaml"
-    p.write_text(text)
+    p.write_text("base: quick\n" + text)
     return p
 
 

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_demo_end_to_end_on_quick_preset(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "jobs.cli", "demo", "--preset", "quick", "--out", str(tmp_path)],
+    res = subprocess.run([sys.executable, "-m", "caig_ray.jobs.cli", "demo", "--preset", "quick", "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -52,12 +52,12 @@ def _png_b64(color) -> str:
 def test_every_entrypoint_on_a_real_family(local_ray, quick_world, hub_models, tmp_path, family):
     from ray import serve
 
-    from jobs.caig import train
-    from jobs.evaluate_rm import evaluate_rm
-    from jobs.generate import generate
-    from jobs.pretrain_pm import pretrain_pm
-    from jobs.serve_rm import build_app
-    from jobs.train_rm import train_rm
+    from caig_ray.jobs.caig import train
+    from caig_ray.jobs.evaluate_rm import evaluate_rm
+    from caig_ray.jobs.generate import generate
+    from caig_ray.jobs.pretrain_pm import pretrain_pm
+    from caig_ray.jobs.serve_rm import build_app
+    from caig_ray.jobs.train_rm import train_rm
 
     cfg = _cfg(hub_models[family])
     pm = tmp_path / "pm"
@@ -89,7 +89,7 @@ def test_every_entrypoint_on_a_real_family(local_ray, quick_world, hub_models, t
         port = sock.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(build_app({"serve": {"model_path": str(rm)},
+        serve.run(build_app({"reward": {"model_path": str(rm)},
                              "resources": {"serve": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.25}}}),
                   name=f"rm-{family}", route_prefix="/")
         body = json.dumps({"product": {"title": "red sneakers"}, "image_a": _png_b64((200, 20, 20)),

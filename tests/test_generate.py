@@ -41,7 +41,7 @@ def test_generate_from_any_working_directory_bad_rows_stop_or_go_to_rejects(quic
     """One CAIG-layout catalog with 6 good and 3 bad rows, run from another folder: the default stops
     before any model loads, naming every bad row; ``reject`` writes ranked ads for the 6 and the 3
     to rejects/ (6 + 3 = 9 read: none lost)."""
-    from jobs.generate import generate
+    from caig_ray.jobs.generate import generate
 
     products = read_catalog(quick_world.catalog)[:6]
     transparent = tmp_path / "shop" / "transparent.png"
@@ -103,7 +103,7 @@ def test_generate_ranking_is_serves_ranking():
     win_rate, ctr, order = rank_round_robin(3, [0.8, 0.3, 0.1], [0.01, 0.02, 0.03], [0.04, 0.05, 0.06])
     assert round_robin(3) == [(0, 1), (0, 2), (1, 2)]
     assert order == [2, 0, 1] and np.allclose(win_rate, [0.55, 0.15, 0.8]) and np.allclose(ctr, [0.015, 0.035, 0.055])
-    import jobs.serve_rm as serve
+    import caig_ray.jobs.serve_rm as serve
 
     assert serve.rank_round_robin is rank_round_robin
 
@@ -111,7 +111,7 @@ def test_generate_ranking_is_serves_ranking():
 def test_duplicate_ids_and_file_level_errors_stop_before_anything_runs(quick_world, tmp_path):
     import ray
 
-    from actors.catalog import validate_catalog
+    from caig_ray.actors.catalog import validate_catalog
 
     products = read_catalog(quick_world.catalog)[:3]
     products[2].id = products[0].id
@@ -133,7 +133,7 @@ def test_duplicate_ids_and_file_level_errors_stop_before_anything_runs(quick_wor
         assert check.valid_rows == 2 and {r["title"] for r in rows} >= {"红色运动鞋"}
         # the online loop's driver keeps a reference per product, and the image behind it is the one
         # read_catalog gives, pixel for pixel: by path (a folder) and by a valid part's row (bytes in parquet)
-        from actors.catalog import catalog_records
+        from caig_ray.actors.catalog import catalog_records
         from caig_ray.data.catalog import load_product_image
 
         by_bytes = catalog_records(validate_catalog(write_catalog(products[:2], tmp_path / "ok.parquet"),
@@ -147,7 +147,7 @@ def test_duplicate_ids_and_file_level_errors_stop_before_anything_runs(quick_wor
                 want = next(p for p in products if p.id == r.id).image
                 assert np.array_equal(np.asarray(load_product_image(r.image_ref)), np.asarray(want))
         # click-log images are decoded on the cluster, in parallel tasks; every bad row is named
-        from actors.catalog import check_click_log_images
+        from caig_ray.actors.catalog import check_click_log_images
         from caig_ray.data import write_click_logs
         from caig_ray.imaging import png_bytes
 
@@ -173,7 +173,7 @@ def test_generate_resumed_after_a_kill_writes_each_product_exactly_once(quick_wo
     cfg = load_config("quick", overrides={"renderer": {"simulated_latency_s": 0.3, "batch_size": 4},
                                           "policy": {"generate_batch_size": 4}, "online": {"scorer_batch_size": 2}})
     save_config(cfg, tmp_path / "slow.yaml")
-    cmd = [sys.executable, "-m", "jobs.generate", "--config", str(tmp_path / "slow.yaml"), "--catalog", str(catalog),
+    cmd = [sys.executable, "-m", "caig_ray.jobs.generate", "--config", str(tmp_path / "slow.yaml"), "--catalog", str(catalog),
            "--out", str(tmp_path / "out"), "--policy", str(quick_world.policy), "--rm", str(quick_world.reward),
            "--n", "2"]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}

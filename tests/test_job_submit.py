@@ -69,11 +69,11 @@ def _submit(address, env, entrypoint: list[str], timeout=600):
 @pytest.mark.timeout(900)
 def test_train_and_generate_jobs_succeed_on_a_real_head(ray_head, quick_world, tmp_path):
     address, env = ray_head
-    _submit(address, env, ["-m", "jobs.train_rm", "--preset", "quick", "--world", str(quick_world.root),
+    _submit(address, env, ["-m", "caig_ray.jobs.train_rm", "--preset", "quick", "--world", str(quick_world.root),
                            "--out", str(tmp_path / "rm"), "--epochs", "1", "--max-pairs", "16"])
     metrics = json.loads((tmp_path / "rm" / "train_metrics.json").read_text())
     assert metrics["step"] >= 1 and (tmp_path / "rm" / "config.json").is_file()
-    _submit(address, env, ["-m", "jobs.generate", "--catalog", str(quick_world.catalog), "--out",
+    _submit(address, env, ["-m", "caig_ray.jobs.generate", "--catalog", str(quick_world.catalog), "--out",
                            str(tmp_path / "ads"), "--policy", str(quick_world.policy), "--rm", str(tmp_path / "rm"),
                            "--n", "2"])
     best = pq.read_table(tmp_path / "ads" / "best")

@@ -10,7 +10,7 @@ from caig_ray.models.policy import load_policy
 from caig_ray.models.reward import load_reward_model
 from caig_ray.world import WorldLayout
 
-CLI = [sys.executable, "-m", "jobs.cli"]
+CLI = [sys.executable, "-m", "caig_ray.jobs.cli"]
 ROOT = Path(__file__).resolve().parents[1]
 
 

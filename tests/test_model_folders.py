@@ -30,7 +30,7 @@ def test_missing_and_broken_folders_name_what_is_missing(hub_models, tmp_path):
 
 
 def test_generate_refuses_a_bad_rm_before_sampling(quick_world, hub_models, tmp_path, capsys):
-    from jobs.generate import main
+    from caig_ray.jobs.generate import main
 
     rc = main(["--catalog", str(quick_world.catalog), "--out", str(tmp_path / "g"), "--policy",
                str(hub_models["qwen2_vl"]), "--rm", str(hub_models["qwen2_vl"])])
@@ -46,7 +46,7 @@ def test_generate_policy_actors_load_with_resources_generators(quick_world):
     import pyarrow as pa
     import torch
 
-    from actors.describer import Describer
+    from caig_ray.actors.describer import Describer
     from caig_ray.config import load_config
     from caig_ray.data import read_catalog
     from caig_ray.imaging import png_bytes

@@ -34,7 +34,7 @@ def test_ranks_on_two_nodes_checkpoint_to_storage_and_resume(s3_store, two_node_
     (each node downloading what it loads) resumes to the same policy."""
     import shutil
 
-    from actors.policy import PolicyGroup
+    from caig_ray.actors.policy import PolicyGroup
     from caig_ray.storage import resolve_output
 
     ckpt = resolve_output(s3_store, "multinode/round_000")

@@ -30,7 +30,7 @@ def _cfg(**online):
 
 
 def _train(cfg, world, out, resume=False):
-    from jobs.caig import train
+    from caig_ray.jobs.caig import train
 
     return train(cfg, out, str(world.policy), str(world.reward), str(world.catalog), resume=resume, progress=False)
 
@@ -129,7 +129,7 @@ def test_killed_driver_resumes_from_object_storage_to_the_same_state(uninterrupt
     cfg = cfg.model_copy(update={"storage": s3_store})
     save_config(cfg, tmp_path / "cfg.yaml")
     store = resolve_output(s3_store, "runs/killed")
-    cmd = [sys.executable, "-m", "jobs.caig", "--config", str(tmp_path / "cfg.yaml"), "--out", "runs/killed",
+    cmd = [sys.executable, "-m", "caig_ray.jobs.caig", "--config", str(tmp_path / "cfg.yaml"), "--out", "runs/killed",
            "--catalog", str(quick_world.catalog), "--policy", str(quick_world.policy), "--rm", str(quick_world.reward)]
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -32,7 +32,7 @@ def _examples(products):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_policy_group_trains_saves_and_loads(local_ray, quick_world, products, tmp_path, stage):
-    from actors.policy import PolicyGroup
+    from caig_ray.actors.policy import PolicyGroup
 
     full = load_config("quick", overrides={"policy": {"zero_stage": stage, "lr": 5e-3},
                                            "resources": {"policy": {"num_workers": 2, "num_cpus": 1}}})
@@ -67,7 +67,7 @@ def test_policy_group_trains_saves_and_loads(local_ray, quick_world, products, t
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_policy_group_lora_trains_adapters_only(local_ray, quick_world, products, tmp_path):
-    from actors.policy import PolicyGroup
+    from caig_ray.actors.policy import PolicyGroup
 
     full = load_config("quick", overrides={"policy": {"zero_stage": 2, "lr": 1e-2,
                                                       "lora": {"enabled": True, "r": 8, "alpha": 16}},

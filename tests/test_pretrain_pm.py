@@ -27,7 +27,7 @@ def test_pretraining_examples_cover_three_tasks(quick_world):
 @pytest.mark.timeout(400)
 def test_pretrain_pm_job(quick_world, tmp_path):
     from caig_ray.models.policy import load_policy
-    from jobs.pretrain_pm import pretrain_pm
+    from caig_ray.jobs.pretrain_pm import pretrain_pm
 
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:

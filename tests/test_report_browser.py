@@ -66,7 +66,7 @@ def test_report_renders_in_chromium_with_every_image_loaded(tmp_path):
 
 
 def test_report_command_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
-    from jobs.report import main
+    from caig_ray.jobs.report import main
 
     assert main([str(tmp_path)]) == 2
     assert "not an online run folder" in capsys.readouterr().err

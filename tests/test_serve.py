@@ -34,12 +34,12 @@ def _ads(n):
 def endpoint(quick_world):
     from ray import serve
 
-    from jobs.serve_rm import build_app
+    from caig_ray.jobs.serve_rm import build_app
 
     port = _free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"serve": {"model_path": str(quick_world.reward), "max_batch_size": 8, "max_image_bytes": 50_000,
+    serve.run(build_app({"reward": {"model_path": str(quick_world.reward)}, "serve": {"max_batch_size": 8, "max_image_bytes": 50_000,
                                    "max_title_chars": 300, "max_attributes": 4, "max_queued_requests": 8},
                          "resources": {"serve": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5}}}),
               name="caig-rm", route_prefix="/")
@@ -51,7 +51,7 @@ def endpoint(quick_world):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_http_scores_equal_reward_scorer(endpoint, quick_world):
-    from actors.scorer import RewardScorer
+    from caig_ray.actors.scorer import RewardScorer
 
     ads = _ads(4)
     product = {"title": "red lipstick", "attributes": {"color": "red"}}

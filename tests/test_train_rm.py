@@ -20,8 +20,8 @@ def local_ray():
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("stage", [2, 3])
 def test_train_rm_zero_stage_and_reload_into_scorer(local_ray, quick_world, tmp_path, stage):
-    from actors.scorer import RewardScorer
-    from jobs.train_rm import train_rm
+    from caig_ray.actors.scorer import RewardScorer
+    from caig_ray.jobs.train_rm import train_rm
 
     cfg = load_config("quick", overrides={"train_rm": {"zero_stage": stage, "epochs": 1, "max_pairs": 24},
                                           "resources": {"reward_training": {"num_workers": 2}}})
@@ -45,8 +45,8 @@ def test_train_rm_zero_stage_and_reload_into_scorer(local_ray, quick_world, tmp_
 def test_evaluate_rm_reports_rm_baseline_and_ceiling(local_ray, quick_world, tmp_path):
     import json
 
-    from jobs.evaluate_rm import evaluate_rm
-    from jobs.train_rm import train_rm
+    from caig_ray.jobs.evaluate_rm import evaluate_rm
+    from caig_ray.jobs.train_rm import train_rm
 
     cfg = load_config("quick", overrides={"train_rm": {"zero_stage": 1, "epochs": 1, "max_pairs": 16}})
     train_rm(cfg, quick_world.root, tmp_path / "rm")
@@ -66,7 +66,7 @@ def test_train_rm_refuses_bad_click_logs_before_starting_workers(quick_world, tm
     import pyarrow.parquet as pq
 
     from caig_ray.data import DataError
-    from jobs.train_rm import train_rm
+    from caig_ray.jobs.train_rm import train_rm
 
     world = tmp_path / "w"
     shutil.copytree(quick_world.root, world, ignore=shutil.ignore_patterns("models"))
