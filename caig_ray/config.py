@@ -3,6 +3,9 @@
 Presets ship as package data (``caig_ray/presets/*.yaml``) so the installed CLI finds them:
 ``quick`` (tests), ``demo`` (the README demo) and ``gpu-cluster`` (real checkpoints, placeholders).
 Every model forbids unknown keys, so a typo fails loudly with the key path and the file named.
+Every field carries its description as an attribute docstring (directly under the field): pydantic
+puts it in the JSON schema, and ``docs/configuration.md`` is generated from that schema
+(``python -m caig_ray.config_docs > docs/configuration.md``).
 """
 
 from __future__ import annotations
@@ -23,27 +26,39 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class MarketConfig(_Strict):
-    """The simulated ad market (DESIGN.md §3). Every knob of the hidden click model lives here."""
+    """The simulated ad market: the catalog, the historical creatives and the hidden click model that
+    scores them (``caig_ray/market/clicks.py``). Every knob of the hidden click model lives here."""
 
     seed: int = 0
+    """Seed of the catalog (product titles, colours, shapes) and of the history (designers' choices,
+    impressions, clicks): the same seed writes the same world."""
     n_products: int = Field(40, ge=2)
+    """Products in the catalog, spread evenly over ``categories``."""
     categories: list[str] = ["sneakers", "cosmetics", "electronics", "kitchen", "toys"]
+    """Product categories; ``category_bias`` and ``compatible_scenes`` need an entry for each."""
     product_image_size: int = Field(96, ge=32)
+    """Side in pixels of each catalog product image (RGBA cut-out)."""
     ad_image_size: int = Field(96, ge=32)
+    """Side in pixels of the historical ads (the click logs' images), painted by the procedural renderer."""
     product_fill: float = Field(0.78, gt=0.1, le=1.0)
+    """Fraction of the ad side the product is scaled to in the historical ads."""
     creatives_per_product: tuple[int, int] = (4, 8)
+    """[min, max] historical creatives per product (inclusive, drawn uniformly; 2 <= min <= max)."""
     impressions: tuple[int, int] = (800, 20000)
-    # Designers in history pick a scene that suits the category this often.
+    """[lo, hi] impressions of a historical creative, drawn log-uniformly (0 < lo <= hi)."""
     designer_match_rate: float = Field(0.95, ge=0.0, le=1.0)
-    # Hidden click model: logit(CTR) = base_logit + category_bias + ... (see caig_ray.market.clicks).
+    """Probability that a designer in the history picks a scene that suits the category (else any scene)."""
     base_logit: float = -3.6
+    """Hidden click model: the intercept of logit(CTR) = base_logit + category_bias + ...
+    (see ``caig_ray/market/clicks.py``)."""
     category_bias: dict[str, float] = {
         "sneakers": 0.15, "cosmetics": 0.05, "electronics": -0.05, "kitchen": -0.15, "toys": 0.0,
     }
+    """Logit offset per category (every category needs an entry)."""
     compatible_scenes: dict[str, list[str]] = {
         "sneakers": ["stadium", "street", "studio"],
         "cosmetics": ["vanity", "marble", "studio"],
@@ -51,14 +66,17 @@ class MarketConfig(_Strict):
         "kitchen": ["kitchen", "marble", "studio"],
         "toys": ["playroom", "beach", "studio"],
     }
+    """Scenes that suit each category (the match oracle; every category needs an entry)."""
     match_bonus: float = 0.25
+    """Logit bonus when the ad's scene suits the product's category."""
     mismatch_penalty: float = 0.6
-    # Eye-catching scenes help every category -- smaller than the mismatch penalty by design.
+    """Logit penalty when the scene does not suit the category (a plain background gets neither)."""
     attention_bonus: dict[str, float] = {"stadium": 0.35, "beach": 0.3, "neon": 0.3}
+    """Logit bonus of eye-catching scenes for every category -- smaller than the mismatch penalty by design."""
     palette_effect: dict[str, float] = {
         "vivid": 0.2, "warm": 0.1, "pastel": 0.05, "neutral": 0.0, "cool": 0.0, "dark": -0.15,
     }
-    # category x palette preferences added on top of palette_effect.
+    """Logit offset per colour palette of the background."""
     category_palette: dict[str, dict[str, float]] = {
         "cosmetics": {"pastel": 0.2, "dark": -0.1},
         "electronics": {"dark": 0.25, "cool": 0.1},
@@ -66,15 +84,20 @@ class MarketConfig(_Strict):
         "kitchen": {"warm": 0.15},
         "sneakers": {"vivid": 0.1},
     }
+    """Category x palette preferences (logit), added on top of ``palette_effect``."""
     lighting_effect: dict[str, float] = {"bright": 0.15, "soft": 0.05, "dramatic": 0.1, "dim": -0.2}
+    """Logit offset per lighting of the background."""
     clutter_effect: dict[str, float] = {"minimal": 0.1, "some": 0.0, "busy": -0.2}
-    # Product/background luminance contrast in [0, 1] is visible in the pixels and helps clicks.
+    """Logit offset per clutter level of the background."""
     contrast_weight: float = 0.3
-    # Creative-level noise the pixels do not show (std of a logit offset fixed by the seed).
+    """Logit weight of the product/background luminance contrast in [0, 1]: visible in the pixels, it helps clicks."""
     noise_std: float = 0.05
-    # The RM pair band (CTR_hi / CTR_lo) and impression threshold used by the Bayes-ceiling oracle.
+    """Std of a creative-level logit offset the pixels do not show (fixed by the ad's description and render seed)."""
     min_impressions: int = 1000
+    """Pairs (RM training, evaluation, the Bayes-ceiling oracle) use only creatives with more impressions than this."""
     band: tuple[float, float] = (1.05, 1.20)
+    """CAIG's RM pair band: two creatives of a product form a pair when CTR_hi / CTR_lo lies in [lo, hi]
+    (1 <= lo < hi). Evaluation always uses it; ``train_rm.train_band`` may widen training."""
 
     @model_validator(mode="after")
     def _check_tables(self) -> "MarketConfig":
@@ -93,32 +116,48 @@ class MarketConfig(_Strict):
 
 
 class TinyBackboneConfig(_Strict):
-    """Size of the tiny randomly initialised MLLM built on CPU (the embedded default)."""
+    """Size of the tiny randomly initialised Qwen2-VL-shaped MLLM that ``make-world`` builds on CPU
+    (the embedded default, used when no ``model_path`` / ``backbone_path`` is set)."""
 
-    family: Literal["qwen2_vl"] = "qwen2_vl"
     hidden_size: int = 64
+    """Hidden size of the text decoder (and the vision merger's output); head dim = hidden_size / num_heads."""
     num_layers: int = 2
+    """Text decoder layers."""
     num_heads: int = 4
+    """Attention heads of the text decoder."""
     num_kv_heads: int = 2
+    """Key/value heads of the text decoder (grouped-query attention)."""
     intermediate_size: int = 128
+    """MLP width of the text decoder."""
     vision_depth: int = 2
+    """Blocks of the vision tower."""
     vision_embed_dim: int = 32
+    """Embedding width of the vision tower."""
     vision_patch_size: int = 14
+    """Vision patch side in pixels (the image processor's too: 2 x 2 patches merge into one token)."""
     vocab_size: int = 512
-    image_size: int = 56  # product image side fed to the vision tower (multiple of 28)
+    """Vocabulary size of the tokenizer trained locally on the market's words."""
+    image_size: int = 56
+    """The tiny PM's image processor takes at most image_size x image_size pixels (a multiple of 28).
+    Read for ``policy.tiny`` only: the tiny RM's processor is sized by ``reward.pair_image_size``."""
     seed: int = 0
+    """Torch seed of the random initial weights."""
 
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 
 class Placement(_Strict):
-    """Where one process of a role runs (DESIGN.md 8.1): GPUs and CPUs it asks Ray for, and the
-    dtype its model is held in. ``device`` and ``use_gpu`` are derived from ``num_gpus``, never set."""
+    """Where one process of a role runs: the GPUs and CPUs it asks Ray for, and the dtype its model is
+    held in. ``device`` and ``use_gpu`` are derived from ``num_gpus``, never set."""
 
     num_gpus: float = Field(0.0, ge=0)
+    """GPUs each process of the role asks Ray for; > 0 puts its model on cuda (fractions share a GPU
+    between actors), 0 keeps it on CPU."""
     num_cpus: float = Field(1.0, gt=0)
+    """CPUs each process of the role asks Ray for."""
     dtype: Dtype = "float32"
+    """Dtype the role's model weights are loaded and run in."""
 
     @property
     def use_gpu(self) -> bool:
@@ -133,9 +172,11 @@ class WorkerGroupPlacement(Placement):
     """A group of ranks training one DeepSpeed model (one rank per worker)."""
 
     num_workers: int = Field(2, ge=1)
-    # how the ranks' bundles are placed: PACK fills a node first (NVLink inside a node); SPREAD /
-    # STRICT_SPREAD put ranks on different nodes
+    """Ranks (one worker process each, one bundle each in the placement group)."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+    """How the ranks' bundles are placed: PACK fills a node first (NVLink inside a node); SPREAD /
+    STRICT_SPREAD put ranks on different nodes: the PolicyGroup's placement group, and Ray Train's
+    ``ScalingConfig`` for ``reward_training`` and ``pretraining``."""
 
     @model_validator(mode="after")
     def _whole_gpus(self) -> "WorkerGroupPlacement":
@@ -150,9 +191,13 @@ class ActorPoolConfig(Placement):
     to land on the cluster's renderer group."""
 
     min_size: int = Field(1, ge=1)
+    """Actors the pool starts with and never shrinks below."""
     max_size: int = Field(1, ge=1)
+    """Actors the pool may grow to with the backlog (>= min_size)."""
     num_cpus: float = Field(0.25, gt=0)
+    """CPUs each actor of the pool asks Ray for (fractions let several share a core)."""
     resources: dict[str, float] = {}
+    """Custom Ray resources each actor asks for, e.g. ``{renderer: 1}`` for the cluster's renderer group."""
 
     @model_validator(mode="after")
     def _check_sizes(self) -> "ActorPoolConfig":
@@ -165,62 +210,91 @@ class ReplicaPlacement(Placement):
     """Ray Serve replicas (autoscaling between ``min_replicas`` and ``max_replicas``)."""
 
     min_replicas: int = Field(1, ge=0)
+    """Replicas the deployment autoscales down to."""
     max_replicas: int = Field(2, ge=1)
+    """Replicas the deployment autoscales up to."""
 
 
 class ResourcesConfig(_Strict):
     """Every role says here, once, where it runs. Nothing else in the config names a device."""
 
-    policy: WorkerGroupPlacement = WorkerGroupPlacement(num_cpus=0.5)  # PolicyGroup ranks (`train`)
-    reward_training: WorkerGroupPlacement = WorkerGroupPlacement()  # `train-rm` Ray Train workers
-    pretraining: WorkerGroupPlacement = WorkerGroupPlacement()  # `pretrain-pm` Ray Train workers
-    renderers: ActorPoolConfig = ActorPoolConfig(max_size=2)  # grows with the backlog (`train`, `generate`)
-    scorers: ActorPoolConfig = ActorPoolConfig(max_size=1)  # frozen RM scorers (`train`, `generate`)
-    generators: ActorPoolConfig = ActorPoolConfig(max_size=1)  # policy actors writing descriptions (`generate`)
-    serve: ReplicaPlacement = ReplicaPlacement()  # `serve` replicas
-    # what `evaluate-rm` and pretraining's before/after probe load in the driver process: on a cluster submit those jobs with `--entrypoint-num-gpus` to match
+    policy: WorkerGroupPlacement = WorkerGroupPlacement(num_cpus=0.5)
+    """The PolicyGroup ranks that sample and train the policy (``train``)."""
+    reward_training: WorkerGroupPlacement = WorkerGroupPlacement()
+    """The ``train-rm`` Ray Train workers."""
+    pretraining: WorkerGroupPlacement = WorkerGroupPlacement()
+    """The ``pretrain-pm`` Ray Train workers."""
+    renderers: ActorPoolConfig = ActorPoolConfig(max_size=2)
+    """The renderer actor pool; grows with the backlog (``train``, ``generate``)."""
+    scorers: ActorPoolConfig = ActorPoolConfig(max_size=1)
+    """The frozen RM scorer actor pool (``train``, ``generate``)."""
+    generators: ActorPoolConfig = ActorPoolConfig(max_size=1)
+    """The policy actors writing descriptions (``generate``)."""
+    serve: ReplicaPlacement = ReplicaPlacement()
+    """The ``serve`` replicas."""
     driver_models: Placement = Placement()
+    """What ``evaluate-rm`` and pretraining's before/after probe load in the driver process (its device
+    and dtype); on a cluster submit those jobs with ``--entrypoint-num-gpus`` to match. The driver is
+    no Ray task: its ``num_cpus`` is only shown by ``caig-ray config show`` (``--entrypoint-num-cpus``)."""
 
 
 class LoraConfig(_Strict):
     """Optional LoRA as in CAIG (r=128, alpha=256; vision tower, projector and lm_head frozen)."""
 
     enabled: bool = False
+    """Train a LoRA adapter on the language model instead of every weight; the reference is then the
+    policy with its adapter disabled."""
     r: int = Field(128, ge=1)
+    """LoRA rank."""
     alpha: int = Field(256, ge=1)
+    """LoRA alpha (the adapter's scale is alpha / r)."""
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA path."""
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    """Projection names adapted, inside the language model only."""
 
 
 class PolicyConfig(_Strict):
     """The prompt model (PM). ``model_path`` None means: the tiny model from ``make-world``."""
 
     model_path: str | None = None
+    """The PM's folder (a local path or an object-store URI); None = the world's tiny model."""
     tiny: TinyBackboneConfig = TinyBackboneConfig()
-    # product image side fed to the PM; None = the checkpoint's native input (its processor resizes)
+    """The tiny PM ``make-world`` builds."""
     image_size: int | None = Field(56, ge=28)
-    # CAIG's instruction variety: one of the first k PM templates (caig_ray/prompts.py) drawn per
-    # training product and round, seeded; 1 = always the first. Held-out evaluation always uses the first.
+    """Product image side in pixels fed to the PM; None = the checkpoint's native input (its processor resizes)."""
     instruction_templates: int = Field(10, ge=1, le=10)
+    """CAIG's instruction variety: one of the first k PM templates (``caig_ray/prompts.py``) drawn per
+    training product and round, seeded; 1 = always the first. Held-out evaluation always uses the first."""
     max_new_tokens: int = Field(24, ge=1)
+    """Most tokens of one generated background description."""
     temperature: float = Field(1.0, gt=0.0)
-    generate_batch_size: int = Field(16, ge=1)  # products per generate call on a rank (bounds the KV cache)
-    # sequences (examples) per forward/backward; gradients accumulate to one optimizer step over the
-    # rank's shard. None = the whole shard in one forward.
+    """Sampling temperature of the descriptions."""
+    generate_batch_size: int = Field(16, ge=1)
+    """Products per generate call on a rank (bounds the KV cache)."""
     micro_batch_size: int | None = Field(4, ge=1)
+    """Sequences (examples) per forward/backward; gradients accumulate to one optimizer step over the
+    rank's shard. None = the whole shard in one forward."""
     gradient_checkpointing: bool = False
-    # the frozen reference (the pretrained PM) for a full fine-tune: "replicated" = a whole copy per
-    # rank; "zero3" = a ZeRO-3 inference engine, partitioned like the policy (needs zero_stage 3).
-    # With LoRA the reference is the policy with its adapter disabled (no copy), whatever this says.
+    """Recompute activations in the backward pass (less memory, more compute)."""
     reference: Literal["replicated", "zero3"] = "replicated"
-    # DeepSpeed training of the policy (PolicyGroup; ranks and devices: resources.policy)
+    """The frozen reference (the pretrained PM) for a full fine-tune: "replicated" = a whole copy per
+    rank; "zero3" = a ZeRO-3 inference engine, partitioned like the policy (needs zero_stage 3).
+    With LoRA the reference is the policy with its adapter disabled (no copy), whatever this says."""
     zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage of the policy's training (PolicyGroup; ranks and devices: resources.policy)."""
     lr: float = Field(2e-5, gt=0)
+    """Peak learning rate of the policy's AdamW."""
     lr_schedule: LrSchedule = "constant"
+    """constant, or cosine: linear warmup over warmup_ratio of the steps, then cosine decay to 0."""
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    beta: float = Field(0.5, gt=0)  # DPO / PCPO temperature (CAIG: 0.5)
-    pcpo_weight: float = Field(1.0, ge=0.0)  # total = DPO + w * PCPO (CAIG: 1.0)
+    """Fraction of the training steps spent warming the learning rate up linearly."""
+    beta: float = Field(0.5, gt=0)
+    """DPO / PCPO temperature (CAIG: 0.5)."""
+    pcpo_weight: float = Field(1.0, ge=0.0)
+    """Weight of the PCPO term: loss = DPO + w * PCPO (CAIG: 1.0; 0 = DPO only)."""
     lora: LoraConfig = LoraConfig()
+    """Optional LoRA fine-tuning of the policy."""
 
     @model_validator(mode="after")
     def _reference_needs_zero3(self) -> "PolicyConfig":
@@ -232,42 +306,63 @@ class PolicyConfig(_Strict):
 class RewardConfig(_Strict):
     """The reward model (RM): backbone + 2-way last-token head + point-level CTR head."""
 
-    model_path: str | None = None  # the trained RM (train-rm --out): what train, generate and serve score with unless --rm
-    backbone_path: str | None = None  # CAIG: the pretrained PM's folder (pretrain-pm --out)
+    model_path: str | None = None
+    """The trained RM (train-rm --out): what train, generate and serve score with unless --rm."""
+    backbone_path: str | None = None
+    """The folder train-rm starts the RM from (CAIG: the pretrained PM, pretrain-pm --out);
+    None = the world's tiny RM."""
     tiny: TinyBackboneConfig = TinyBackboneConfig(seed=1)
-    pair_image_size: int = Field(56, ge=28)  # each ad resized to this side before concatenation
-    # CAIG's question variety in RM training: one of the first k RM templates drawn per pair and epoch,
-    # seeded; 1 = always the first. Scoring (online, Serve, evaluate-rm) always asks the first.
+    """The tiny RM ``make-world`` builds."""
+    pair_image_size: int = Field(56, ge=28)
+    """Side in pixels each ad is resized to before the pair is put together."""
     question_templates: int = Field(12, ge=1, le=12)
-    # composite: CAIG's one side-by-side image. two_images: the two ads as two images in one prompt
-    # (the tiny Qwen2-VL cannot learn left-vs-right within one composite; README, reward model).
+    """CAIG's question variety in RM training: one of the first k RM templates drawn per pair and epoch,
+    seeded; 1 = always the first. Scoring (online, Serve, evaluate-rm) always asks the first."""
     pair_layout: Literal["composite", "two_images"] = "composite"
+    """composite: CAIG's one side-by-side image. two_images: the two ads as two images in one prompt
+    (the tiny Qwen2-VL cannot learn left-vs-right within one composite; README, reward model)."""
     ctr_loss_weight: float = Field(0.5, ge=0.0)
+    """Weight of the point-level CTR regression (MSE) in the RM loss: CE + w * MSE."""
 
 
 class RendererConfig(_Strict):
-    """Which renderer paints backgrounds, and how (DESIGN.md §2 for the diffusers settings)."""
+    """Which renderer paints backgrounds, and how: procedural, or Stable Diffusion 1.5 ControlNet
+    inpainting from local folders (``caig_ray/models/renderer.py``)."""
 
     kind: Literal["procedural", "diffusers"] = "procedural"
+    """procedural: the market's own painter (CPU, instant); diffusers: SD1.5 inpainting + canny ControlNet."""
     sd_path: str | None = None
+    """Stable Diffusion 1.5 inpainting folder (a local path or an object-store URI); needed by diffusers."""
     controlnet_path: str | None = None
+    """Canny ControlNet folder (a local path or an object-store URI); needed by diffusers."""
     image_size: int = Field(96, ge=32)
+    """Side in pixels of the rendered ads (a multiple of 8 for diffusers)."""
     product_fill: float = Field(0.78, gt=0.1, le=1.0)
+    """Fraction of the ad side the product is scaled to and centred at."""
     steps: int = Field(30, ge=1)
+    """Denoising steps per image (diffusers)."""
     guidance_scale: float = 7.5
+    """Classifier-free guidance scale (diffusers)."""
     controlnet_scale: float = 1.0
+    """ControlNet conditioning scale (diffusers)."""
     canny_low: int = 100
+    """Low threshold of the canny edges of the product (the ControlNet's control image)."""
     canny_high: int = 200
+    """High threshold of the canny edges of the product."""
     mask_dilate: int = Field(20, ge=1)
+    """Dilation in pixels of the inpainting mask at 512 px (CAIG: 20x20), scaled with image_size."""
     batch_size: int = Field(4, ge=1)
-    # CAIG renders with Euler-ancestral; the folder's own scheduler is used only with "folder"
+    """Images per Stable Diffusion pipeline call (diffusers)."""
     scheduler: Literal["euler_ancestral", "euler", "ddim", "pndm", "dpm_solver", "folder"] = "euler_ancestral"
-    variant: str | None = None  # weight files variant, e.g. "fp16" for folders holding only *.fp16.safetensors
-    tiny_sd_size: int = Field(64, ge=32)  # image side used with the tiny SD (multiple of 8)
-    # A benchmark stand-in, not a model setting: each renderer actor waits this long per image it
-    # renders, as a remote GPU's render time would (DESIGN.md §8.5). On 2 CPU cores rendering is
-    # CPU-bound, so only a latency-bound renderer shows what widening the pool buys. 0 = off.
+    """Sampler: CAIG renders with Euler-ancestral; the folder's own scheduler is used only with "folder"."""
+    variant: str | None = None
+    """Weight files variant, e.g. "fp16" for folders holding only *.fp16.safetensors."""
+    tiny_sd_size: int = Field(64, ge=32)
+    """Image side used with the tiny SD (multiple of 8): the demo's renderer comparison (``caig-ray demo``)."""
     simulated_latency_s: float = Field(0.0, ge=0.0)
+    """A benchmark stand-in, not a model setting: each renderer actor waits this many seconds per image
+    it renders, as a remote GPU's render time would (bench/pipeline.py). On 2 CPU cores rendering is
+    CPU-bound, so only a latency-bound renderer shows what widening the pool buys. 0 = off."""
 
     @model_validator(mode="after")
     def _check_paths(self) -> "RendererConfig":
@@ -280,7 +375,9 @@ class DataConfig(_Strict):
     """Where the catalog and click logs are read from (None: the world written by make-world)."""
 
     catalog: str | None = None
+    """The product catalog (catalog.json); None = the world's catalog/catalog.json."""
     click_logs: str | None = None
+    """The historical click logs (a Parquet file); None = the world's click_logs.parquet."""
 
 
 class RMTrainConfig(_Strict):
@@ -288,19 +385,30 @@ class RMTrainConfig(_Strict):
     (workers and devices: resources.reward_training)."""
 
     zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage of RM training."""
     epochs: int = Field(2, ge=1)
-    batch_size: int = Field(8, ge=1)  # per worker
-    lr: float = Field(1e-3, gt=0)  # the tiny RM starts from random weights; CAIG: 2e-5
+    """Passes over the training pairs."""
+    batch_size: int = Field(8, ge=1)
+    """Pairs per optimizer step, per worker."""
+    lr: float = Field(1e-3, gt=0)
+    """Peak learning rate: the tiny RM starts from random weights; CAIG: 2e-5."""
     lr_schedule: LrSchedule = "constant"
+    """constant, or cosine: linear warmup over warmup_ratio of the steps, then cosine decay to 0."""
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    ctr_target_scale: float = Field(1.0, gt=0)  # 1.0 = CAIG's raw CTR target; 100 = CTR in percent
+    """Fraction of the training steps spent warming the learning rate up linearly."""
+    ctr_target_scale: float = Field(1.0, gt=0)
+    """Scale of the CTR head's target: 1.0 = CAIG's raw CTR target; 100 = CTR in percent."""
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
-    # CTR-ratio band of the *training* pairs; None = the market band (CAIG trains and tests on it).
-    # Evaluation always uses the market band.
+    """Fraction of the products whose pairs are held out for evaluate-rm (no product in both splits)."""
     train_band: tuple[float, float] | None = None
-    max_pairs: int | None = Field(None, ge=2)  # cap on training pairs (tests)
+    """CTR-ratio band of the *training* pairs; None = the market band (CAIG trains and tests on it).
+    Evaluation always uses the market band."""
+    max_pairs: int | None = Field(None, ge=2)
+    """Cap on training pairs (tests); None = all."""
     max_failures: int = Field(1, ge=0)
+    """Times Ray Train restarts the workers after a worker fails (FailureConfig.max_failures)."""
     seed: int = 0
+    """Seed of the train/test split, the shuffle, the left/right draw, the question templates and the heads' init."""
 
 
 class PretrainConfig(_Strict):
@@ -308,15 +416,25 @@ class PretrainConfig(_Strict):
     workers and devices: resources.pretraining)."""
 
     zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage of the SFT (0 = no DeepSpeed)."""
     epochs: float = Field(3.0, gt=0)
-    lr: float = Field(1e-3, gt=0)  # the tiny PM starts from random weights; CAIG: 2e-5
+    """Passes over the SFT examples (fractions allowed)."""
+    lr: float = Field(1e-3, gt=0)
+    """Peak learning rate: the tiny PM starts from random weights; CAIG: 2e-5."""
     lr_schedule: LrSchedule = "cosine"
+    """constant, or cosine: linear warmup over warmup_ratio of the steps, then cosine decay to 0."""
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    batch_size: int = Field(8, ge=1)  # per worker
+    """Fraction of the training steps spent warming the learning rate up linearly."""
+    batch_size: int = Field(8, ge=1)
+    """Examples per step, per worker."""
     max_examples: int | None = Field(None, ge=2)
-    eval_products: int = Field(20, ge=1)  # held-out products for the before/after measurement
+    """Cap on SFT examples (tests); None = all."""
+    eval_products: int = Field(20, ge=1)
+    """Held-out products for the before/after measurement (at most half the catalog)."""
     max_failures: int = Field(1, ge=0)
+    """Times Ray Train restarts the workers after a worker fails (FailureConfig.max_failures)."""
     seed: int = 0
+    """Seed of the held-out split, the instruction templates drawn and the SFT trainer."""
 
 
 class FaultConfig(_Strict):
@@ -324,11 +442,17 @@ class FaultConfig(_Strict):
     marker file under ``marker_dir`` records that it fired, so a restarted actor does not die again."""
 
     marker_dir: str | None = None
-    renderer_die_after_batches: int | None = Field(None, ge=1)  # a renderer process exits after k batches
-    scorer_die_after_batches: int | None = Field(None, ge=1)  # a scorer process exits after k batches
-    driver_kill_after_round: int | None = Field(None, ge=0)  # the driver SIGKILLs itself after this round's checkpoint
-    policy_rank_die_at_step: int | None = Field(None, ge=1)  # the last PolicyWorker process exits in its k-th train step
-    feed_die_after_blocks: int | None = Field(None, ge=1)  # the PairFeed actor's process exits when block k+1 is put
+    """Folder where each fault writes its marker when it fires; needed by every fault."""
+    renderer_die_after_batches: int | None = Field(None, ge=1)
+    """A renderer process exits after k batches."""
+    scorer_die_after_batches: int | None = Field(None, ge=1)
+    """A scorer process exits after k batches."""
+    driver_kill_after_round: int | None = Field(None, ge=0)
+    """The driver SIGKILLs itself after this round's checkpoint."""
+    policy_rank_die_at_step: int | None = Field(None, ge=1)
+    """The last PolicyWorker process exits in its k-th train step."""
+    feed_die_after_blocks: int | None = Field(None, ge=1)
+    """The PairFeed actor's process exits when block k+1 is put."""
 
     @model_validator(mode="after")
     def _needs_dir(self) -> "FaultConfig":
@@ -343,55 +467,80 @@ class OnlineConfig(_Strict):
     """``caig-ray train``: the online CTR-driven loop (CAIG rounds, streamed through Ray Data)."""
 
     rounds: int = Field(5, ge=1)
+    """Rounds of sample -> render -> score -> train."""
     products_per_round: int = Field(64, ge=2)
-    samples_per_product: int = Field(2, ge=2)  # N (CAIG: 2); the first two samples form the pair
-    eval_products: int = Field(32, ge=1)  # held out: never sampled for training
-    eval_every: int = Field(1, ge=1)  # evaluate after every k rounds (and before the first)
-    pairs_per_batch: int = Field(8, ge=1)  # rows per streamed block (render and score batch)
-    train_batch_size: int = Field(16, ge=1)  # examples per DPO+PCPO step (all ranks together)
-    # Rounds the generating weights may lag the trained ones: 0 = CAIG's strict rounds (sample ->
-    # render -> score -> train); 1 = round r+1 is sampled and rendered while round r trains.
+    """Training products drawn per round (seeded)."""
+    samples_per_product: int = Field(2, ge=2)
+    """N descriptions sampled per product (CAIG: 2); the first two samples form the pair."""
+    eval_products: int = Field(32, ge=1)
+    """Products held out for evaluation: never sampled for training."""
+    eval_every: int = Field(1, ge=1)
+    """Evaluate after every k rounds (and before the first, and after the last)."""
+    pairs_per_batch: int = Field(8, ge=1)
+    """Rows per streamed block (the render and score batch)."""
+    train_batch_size: int = Field(16, ge=1)
+    """Examples per DPO+PCPO step (all ranks together)."""
     max_policy_lag: int = Field(0, ge=0)
-    # streaming: one job-long Ray Data pipeline, training on the first scored blocks. sequential: CAIG's
-    # scripts -- sample all, then render all, then score all (each a Ray Data run), then train (bench/pipeline.py).
+    """Rounds the generating weights may lag the trained ones: 0 = CAIG's strict rounds (sample ->
+    render -> score -> train); 1 = round r+1 is sampled and rendered while round r trains."""
     pipeline: Literal["streaming", "sequential"] = "streaming"
-    debias_rm: bool = True  # score both orders and average (position-debiased preference)
-    # A pair whose two ads are identical, or whose RM preference is within tie_margin of 0.5, is a tie:
-    # skipped and counted (pairs_skipped_tie), never trained as a preference. None = CAIG's scripts'
-    # rule (p >= 0.5 picks the first sample, ties included).
+    """streaming: one job-long Ray Data pipeline, training on the first scored blocks. sequential: CAIG's
+    scripts -- sample all, then render all, then score all (each a Ray Data run), then train (bench/pipeline.py)."""
+    debias_rm: bool = True
+    """Score both orders and average (position-debiased preference)."""
     tie_margin: float | None = Field(0.0, ge=0.0, lt=0.5)
+    """A pair whose two ads are identical, or whose RM preference is within tie_margin of 0.5, is a tie:
+    skipped and counted (pairs_skipped_tie), never trained as a preference. None = CAIG's scripts'
+    rule (p >= 0.5 picks the first sample, ties included)."""
     scorer_batch_size: int = Field(16, ge=1)
+    """Pairs per RM forward in the scorer actors (``train`` and ``generate``)."""
     checkpoint_every: int = Field(1, ge=1)
+    """Checkpoint the policy every k rounds (and after the last); --resume continues from the last one."""
     keep_checkpoints: int = Field(2, ge=1)
-    # In-job recovery: a lost PolicyWorker (or the PairFeed actor) rebuilds the group (or the pipeline),
-    # reloads the last checkpoint from storage and re-feeds the rounds after it, at most this many times.
+    """Most recent checkpoints kept; older ones are deleted."""
     max_policy_restarts: int = Field(2, ge=0)
+    """In-job recovery: a lost PolicyWorker rebuilds the group, reloads the last checkpoint from storage
+    and re-feeds the rounds after it, at most this many times."""
     max_feed_restarts: int = Field(2, ge=0)
+    """In-job recovery: a lost PairFeed actor rebuilds the pipeline from the last checkpoint, at most
+    this many times."""
     seed: int = 0
+    """Seed of the held-out split, each round's products, the templates, the sampling and the render seeds."""
     faults: FaultConfig = FaultConfig()
+    """Faults injected into the loop's actors and driver."""
 
 
 class ServeConfig(_Strict):
     """``caig-ray serve``: the live RM scoring endpoint (Ray Serve + FastAPI)."""
 
     host: str = "127.0.0.1"
+    """Address the HTTP proxy listens on (``caig-ray serve``)."""
     port: int = Field(8000, ge=1, le=65535)
+    """Port the HTTP proxy listens on."""
     max_batch_size: int = Field(16, ge=1)
+    """Requests batched into one RM forward on a replica (Serve's dynamic batching)."""
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    """Seconds a replica waits for a batch to fill before scoring what it has."""
     target_ongoing_requests: float = Field(8.0, gt=0)
-    max_image_bytes: int = Field(4_000_000, ge=1024)  # per decoded image
+    """Autoscaling target: ongoing requests per replica."""
+    max_image_bytes: int = Field(4_000_000, ge=1024)
+    """Largest image a request may carry, in bytes per decoded image (413 beyond)."""
     max_image_side: int = Field(4096, ge=16)
-    # request limits (413 naming the limit): a 100k-character title once held a replica for 97 s
+    """Largest image side in pixels a request may carry (413 beyond)."""
     max_title_chars: int = Field(1000, ge=1)
-    max_attributes: int = Field(64, ge=0)  # key-value pairs per product
-    max_attribute_chars: int = Field(500, ge=1)  # per key and per value
-    # requests one replica holds at once (scoring, or waiting for a batch); one more is answered 503
-    # with Retry-After at once instead of queueing until it times out. Must let a batch fill.
+    """Request limit (413 naming the limit): characters of a product title -- a 100k-character title
+    once held a replica for 97 s."""
+    max_attributes: int = Field(64, ge=0)
+    """Request limit: key-value pairs per product."""
+    max_attribute_chars: int = Field(500, ge=1)
+    """Request limit: characters per attribute key and per value."""
     max_queued_requests: int = Field(64, ge=1)
-    # The name of an environment variable holding the API key (never the key itself): when set, every
-    # request but GET /healthz must carry it (header checked before any work; 401 otherwise). None = no
-    # key: the endpoint must then sit behind an authenticating ingress (docs/serving.md).
+    """Requests one replica holds at once (scoring, or waiting for a batch); one more is answered 503
+    with Retry-After at once instead of queueing until it times out. Must let a batch fill."""
     api_key_env: str | None = None
+    """The name of an environment variable holding the API key (never the key itself): when set, every
+    request but GET /healthz must carry it (header checked before any work; 401 otherwise). None = no
+    key: the endpoint must then sit behind an authenticating ingress (docs/serving.md)."""
 
     @model_validator(mode="after")
     def _batches_can_fill(self) -> "ServeConfig":
@@ -405,20 +554,32 @@ class CaigConfig(_Strict):
     """Top-level config: one block per component."""
 
     name: str = "caig"
+    """A label for this config (each preset names itself); kept in the saved config of a run."""
     seed: int = 0
-    # Where every output of a job lives (caig_ray/storage.py): unset = --out as given; a shared POSIX
-    # path; or an object-store URI (staged locally, uploaded). --out is relative to it.
+    """Seed of the tiny Stable Diffusion's weights (make-world) and of the demo's sample picks."""
     storage: str | None = None
+    """Where every output of a job lives (caig_ray/storage.py): unset = --out as given; a shared POSIX
+    path; or an object-store URI (staged locally, uploaded). --out is relative to it."""
     market: MarketConfig = MarketConfig()
+    """The simulated ad market and its hidden click model."""
     policy: PolicyConfig = PolicyConfig()
+    """The prompt model (PM) and how it is sampled and trained."""
     reward: RewardConfig = RewardConfig()
+    """The reward model (RM)."""
     renderer: RendererConfig = RendererConfig()
+    """The background renderer."""
     data: DataConfig = DataConfig()
+    """Where the catalog and click logs are read from."""
     train_rm: RMTrainConfig = RMTrainConfig()
+    """``train-rm``: RM training."""
     pretrain: PretrainConfig = PretrainConfig()
+    """``pretrain-pm``: the PM's e-commerce SFT."""
     serve: ServeConfig = ServeConfig()
+    """``serve``: the RM scoring endpoint."""
     online: OnlineConfig = OnlineConfig()
+    """``train``: the online CTR-driven loop."""
     resources: ResourcesConfig = ResourcesConfig()
+    """Where every role runs (GPUs, CPUs, dtype, pool sizes)."""
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

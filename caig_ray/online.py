@@ -110,7 +110,8 @@ class RunState:
     round (as text, a JSON key) -> the candidate pairs sampled for it and not yet trained (rounds
     sampled ahead under ``max_policy_lag`` keep their samples across a resume); ``eval_base``: the
     pretrained PM's held-out descriptions, kept for every evaluation; ``rounds`` / ``evals``: the
-    per-round and per-evaluation records so far (summary.json's history)."""
+    per-round and per-evaluation records so far (summary.json's history); ``run_id``: the run it
+    belongs to (``RunRecord``): checkpoint rotation and ``--resume`` touch only the run's own."""
 
     next_round: int = 0
     step: int = 0
@@ -118,6 +119,7 @@ class RunState:
     eval_base: list[str] | None = None
     rounds: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
+    run_id: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -125,3 +127,32 @@ class RunState:
     @classmethod
     def from_json(cls, text: str) -> "RunState":
         return cls(**json.loads(text))
+
+
+@dataclass
+class RunRecord:
+    """``run.json``: which run a run folder holds and how far it got -- written when the run starts,
+    after every checkpoint and when it finishes. A folder holds one run: a fresh run refuses a used
+    folder, ``--resume`` continues only the run named here and refuses one with nothing left to train.
+
+    ``run_id``: ``caig_ray.storage.new_run_id()``; ``status``: "running" or "finished";
+    ``rounds_done``: rounds trained and checkpointed; ``rounds``: the run's ``online.rounds``."""
+
+    run_id: str
+    started_at: str
+    rounds: int
+    status: str = "running"
+    rounds_done: int = 0
+    finished_at: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunRecord":
+        return cls(**json.loads(text))
+
+    def describe(self) -> str:
+        if self.status == "finished":
+            return f"run {self.run_id} finished at round {self.rounds_done}"
+        return f"run {self.run_id} (stopped after round {self.rounds_done} of {self.rounds})"

@@ -166,3 +166,120 @@ def resolve_output(storage: str | None, out: str | Path, flag: str = "--out") ->
     if path != root and root not in path.parents:
         raise ConfigError(f"{flag} {out} is outside storage {storage}: every output of a job lands under it")
     return Output(path)
+
+
+class OutputInUse(ConfigError):
+    """An ``--out`` that already holds something the job would replace or mix with."""
+
+
+def is_used(out: Output) -> bool:
+    """Whether ``out`` holds anything: a file or a non-empty folder; for an object-store output, its
+    stored copy (the local staging folder is a cache of it, not an output)."""
+    if out.staged:
+        return out.exists()
+    local = out.local
+    return local.is_file() or (local.is_dir() and any(local.iterdir()))
+
+
+def refuse_used(out: Output, remedy: str, flag: str = "--out") -> None:
+    """Refuse a used output before anything runs: no job replaces what the user did not ask it to."""
+    if is_used(out):
+        raise OutputInUse(f"{flag} {out} already exists and is not empty: {remedy}")
+
+
+def new_run_id() -> str:
+    """A run's id: UTC start time and a random suffix (sorts by start; unique across pods)."""
+    import secrets
+    import time
+
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+# --- models read from storage -------------------------------------------------------------------
+
+MANIFEST = ".caig-model.json"
+
+
+def model_location(value: str | Path | None, storage: str | None = None) -> str | None:
+    """A model input (``--policy``, ``--rm``, a config's model path) as every process can read it: a
+    local folder made absolute, or an object-store URI kept as given -- one under an object-store
+    ``storage`` that carries no query (``s3://bucket/caig/pm``) takes the storage's
+    (``?endpoint_override=...``), so the same URI a job printed as its output is accepted as input."""
+    if value is None:
+        return None
+    value = str(value)
+    if not is_uri(value):
+        return str(Path(value).resolve())
+    if storage and is_uri(storage) and "?" not in value:
+        base, query = _split_uri(storage)
+        if query and (value.rstrip("/") == base or value.startswith(base + "/")):
+            return value.rstrip("/") + query
+    return value
+
+
+def model_cache_root() -> Path:
+    """This node's cache of models read from an object store (``CAIG_MODEL_CACHE``, default under the
+    temp dir): each URI is downloaded once per node and shared by every process on it."""
+    return Path(os.environ.get("CAIG_MODEL_CACHE") or Path(tempfile.gettempdir()) / "caig-model-cache")
+
+
+def _listing(fs: pafs.FileSystem, path: str) -> dict[str, int]:
+    """{relative path: size} of every file of a stored model folder."""
+    files = {}
+    for e in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        if e.type == pafs.FileType.File:
+            files[str(PurePosixPath(e.path).relative_to(PurePosixPath(path)))] = e.size
+    return files
+
+
+def local_model(location: str | Path) -> Path:
+    """The local folder holding the model at ``location``: the folder itself, or -- for an object-store
+    URI -- this node's cached copy, downloaded once (under a lock, so the processes of one node that ask
+    together download it once), checked file by file against the store's sizes, and downloaded again
+    when the stored model changed. Then ``from_pretrained`` loads it as any folder."""
+    import fcntl
+    import json
+    import shutil
+
+    location = str(location)
+    if not is_uri(location):
+        return Path(location)
+    fs, path = pafs.FileSystem.from_uri(location)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.Directory:
+        raise ConfigError(f"model {location}: no such folder in the object store")
+    want = _listing(fs, path)
+    root = model_cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha1(_split_uri(location)[0].encode()).hexdigest()[:16]
+    folder = root / key
+    with open(root / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest = folder / MANIFEST
+        if manifest.is_file() and json.loads(manifest.read_text()).get("files") == want:
+            return folder
+        tmp = root / f"{key}.part-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)  # this process's own half-written copy, never a user's
+        for rel in want:
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(f"{path}/{rel}", str(target), source_filesystem=fs)
+        got = {rel: (tmp / rel).stat().st_size for rel in want}
+        if got != want:
+            bad = sorted(r for r in want if got.get(r) != want[r])
+            raise ConfigError(f"model {location}: downloaded files differ from the store's: {', '.join(bad[:5])}")
+        (tmp / MANIFEST).write_text(json.dumps({"uri": _split_uri(location)[0], "files": want}))
+        if folder.exists():
+            old = root / f"{key}.old-{os.getpid()}"
+            folder.rename(old)  # a stale copy of this cache entry (the stored model changed)
+            shutil.rmtree(old, ignore_errors=True)
+        tmp.rename(folder)
+    return folder
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``path`` whole or not at all: written beside, then renamed over it."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,5 +1,9 @@
 """The shared shape of a job's ``main``: preset/config arguments, config overrides from flags, the
-job itself, and bad config or data reported as one line on stderr with exit code 2."""
+job itself, and bad config or data reported as one line on stderr with exit code 2.
+
+Every job's first line of output (stderr) names the config it resolved: ``caig-ray train: config
+my.yaml on preset gpu-cluster``. Flags always win over the config; the config wins over a world's
+defaults."""
 
 from __future__ import annotations
 
@@ -9,36 +13,77 @@ import os
 import sys
 from typing import Any, Callable
 
-from caig_ray.config import CaigConfig, ConfigError, load_config
+from caig_ray.config import CaigConfig, ConfigError, load_config_described
 from caig_ray.data import DataError
 from caig_ray.models.vlm import ModelFolderError
-from caig_ray.storage import Output, resolve_output
+from caig_ray.storage import Output, model_location, refuse_used, resolve_output
+
+# what a job runs on when neither --preset nor --config is given: the laptop demo's world and models
+DEFAULT_PRESET = "demo"
 
 
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="quick", help="preset name (quick, demo, gpu-cluster)")
-    p.add_argument("--config", default=None, help="a YAML config file (instead of --preset)")
+def add_config_args(p: argparse.ArgumentParser, overwrite: bool = False) -> None:
+    p.set_defaults(prog=p.prog)  # the job's name in its first line of output
+    p.add_argument("--preset", default=None,
+                   help=f"preset name (quick, demo, gpu-cluster); with --config, the base of a file that names none "
+                        f"(default: {DEFAULT_PRESET})")
+    p.add_argument("--config", default=None,
+                   help="a YAML config: its first line `base: PRESET` names what it layers on; it holds only what "
+                        "differs (caig-ray config show --diff writes one)")
     p.add_argument("--storage", default=None,
                    help="where every output lives (overrides the config's storage): a shared POSIX path or an "
                         "object-store URI (s3://bucket/prefix); --out is relative to it")
+    if overwrite:
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace what --out holds (without it, a used --out is refused and left untouched)")
+
+
+def load_job_config(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> CaigConfig:
+    """The config ``args`` name (``--config`` on its base, or ``--preset``), ``overrides`` (the flags
+    that are set) on top; prints the job's first line, naming what it resolved, on stderr."""
+    source = args.config or args.preset or DEFAULT_PRESET
+    cfg, where = load_config_described(source, overrides, preset=args.preset if args.config else None)
+    prog = getattr(args, "prog", None) or os.path.basename(sys.argv[0])
+    print(f"{prog}: config {where}" + (f"; storage {cfg.storage}" if cfg.storage else ""), file=sys.stderr,
+          flush=True)
+    return cfg
+
+
+def model_arg(value: str | None, cfg: CaigConfig) -> str | None:
+    """A model flag's value as every process can read it (``caig_ray.storage.model_location``)."""
+    return model_location(value, cfg.storage)
 
 
 def run_job(args: argparse.Namespace, job: Callable[[CaigConfig, Output], dict], section: str | None = None,
             overrides: dict[str, Any] | None = None, upload: bool = True) -> int:
-    """Load the config (flags that are set override ``section``), resolve ``--out`` under ``storage``,
-    run ``job(cfg, out)``, upload ``out`` (object store), print the summary."""
+    """Load the config (flags that are set override ``section``), resolve ``--out`` under ``storage``
+    (a used one refused unless the job has ``--overwrite`` and it is given), run ``job(cfg, out)``,
+    upload ``out`` (object store), print the summary."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     over = {k: v for k, v in (overrides or {}).items() if v is not None}
     try:
         top = {"storage": args.storage} if getattr(args, "storage", None) else {}
-        cfg = load_config(args.config or args.preset,
-                          overrides={**({section: over} if over and section else {}), **top} or None)
+        cfg = load_job_config(args, {**({section: over} if over and section else {}), **top} or None)
         out = resolve_output(cfg.storage, args.out)
+        overwrite = getattr(args, "overwrite", None)
+        if overwrite is False:
+            refuse_used(out, "pass --overwrite to replace it, or give a new --out")
         summary = job(cfg, out)
         if upload:
+            if overwrite:
+                out.delete()  # the user asked to replace it: no file of the old copy stays beside the new
             out.upload()
     except (ConfigError, DataError, ModelFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=1, default=str))
     return 0
+
+
+def pick(flag: str, given: Any, key: str, configured: Any, fallback: Any = None) -> Any:
+    """An input's value: the flag's when given, else the config's (``key``), else ``fallback`` (a
+    world's default); neither is one clear error naming both."""
+    for value in (given, configured, fallback):
+        if value is not None:
+            return value
+    raise ConfigError(f"give {flag} or set {key} in the config")

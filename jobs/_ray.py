@@ -20,12 +20,14 @@ def init_ray(num_cpus: int | None = None) -> bool:
     return True
 
 
-def fit_to_folder(train_func, loop_config: dict, *, name: str, placement, max_failures: int, storage,
+def fit_to_folder(train_func, loop_config: dict, *, run_name: str, placement, max_failures: int, storage,
                   out, datasets: dict | None = None) -> dict:
     """Run a Ray Train ``TorchTrainer`` (gloo on CPU, NCCL on GPU) and copy its final checkpoint to
-    ``out`` (replacing it); returns the last reported metrics plus ``wall_s``. ``storage`` (a
-    ``caig_ray.storage.Output``) is Ray Train's ``storage_path``: a folder, or the object store itself
-    (Ray Train uploads its checkpoints there)."""
+    ``out`` (the entrypoint refused a used ``out`` unless ``--overwrite`` asked to replace it); returns
+    the last reported metrics plus ``wall_s``. ``storage`` (a ``caig_ray.storage.Output``) is Ray Train's
+    ``storage_path``: a folder, or the object store itself (Ray Train uploads its checkpoints there).
+    ``run_name`` (``<name>-<run id>``) is the run's name there: Ray Train restores a run it finds under
+    its name in storage, so each job is its own run, never an earlier job's checkpoint picked up again."""
     import shutil
     import time
     from pathlib import Path
@@ -40,9 +42,10 @@ def fit_to_folder(train_func, loop_config: dict, *, name: str, placement, max_fa
         # one worker per rank, each with the role's placement (resources.reward_training / .pretraining)
         scaling_config=ScalingConfig(num_workers=placement.num_workers, use_gpu=placement.use_gpu,
                                      resources_per_worker={"CPU": placement.num_cpus,
-                                                           **({"GPU": placement.num_gpus} if placement.use_gpu else {})}),
+                                                           **({"GPU": placement.num_gpus} if placement.use_gpu else {})},
+                                     placement_strategy=placement.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if placement.use_gpu else "gloo"),
-        run_config=RunConfig(name=name, storage_path=fs_path, storage_filesystem=fs, failure_config=FailureConfig(max_failures=max_failures),
+        run_config=RunConfig(name=run_name, storage_path=fs_path, storage_filesystem=fs, failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1), worker_runtime_env={"env_vars": env}),
     )
     t0 = time.perf_counter()
@@ -51,7 +54,7 @@ def fit_to_folder(train_func, loop_config: dict, *, name: str, placement, max_fa
         raise result.error
     out = Path(out)
     if out.exists():
-        shutil.rmtree(out)
+        shutil.rmtree(out)  # only with --overwrite (the entrypoint refuses a used --out otherwise)
     with result.checkpoint.as_directory() as d:
         shutil.copytree(d, out)
     return {**result.metrics, "wall_s": time.perf_counter() - t0}

@@ -44,13 +44,14 @@ from caig_ray.faults import should_fire
 from caig_ray.models.renderer import check_sd_folders
 from caig_ray.models.vlm import check_model_folder
 from caig_ray.online import (
-    MarketOracle, RunState, candidate_pairs, match_rate, paired_lift, pm_template, render_seed, round_products,
+    MarketOracle, RunRecord, RunState, candidate_pairs, match_rate, paired_lift, pm_template, render_seed, round_products,
     split_eval_products,
 )
 from caig_ray.pairs import account, preference_examples
 from caig_ray.prompts import clean_prompt
-from caig_ray.storage import Output, resolve_output
-from caig_ray.jobs._entry import add_config_args, run_job
+from caig_ray.storage import (Output, OutputInUse, atomic_write_text, is_used, new_run_id, refuse_used,
+                              resolve_output)
+from caig_ray.jobs._entry import model_arg, pick, add_config_args, run_job
 from caig_ray.jobs._ray import init_ray
 
 logger = logging.getLogger(__name__)
@@ -119,11 +120,20 @@ def _check_same_run(saved: CaigConfig, now: CaigConfig, where: Path) -> None:
                           "only online.rounds, online.faults and storage may change")
 
 
-def _latest_checkpoint(store: Output) -> str | None:
-    """Name of the newest complete checkpoint in storage (``round_XXX`` holding a ``state.json``)."""
-    ckpts = store.child("checkpoints")
-    done = [n for n in ckpts.listdir() if n.startswith("round_") and ckpts.child(f"{n}/state.json").exists()]
-    return max(done) if done else None
+def _run_checkpoints(store: Output, run_id: str) -> list[str]:
+    """Names of the run's complete checkpoints in storage, oldest first: ``round_XXX`` holding a
+    ``state.json`` of this run (``RunState.run_id``) -- another run's files are never counted."""
+    ckpts, done = store.child("checkpoints"), []
+    for n in ckpts.listdir():
+        state = ckpts.child(f"{n}/state.json")
+        if n.startswith("round_") and state.exists() and state.download():
+            if RunState.from_json(state.local.read_text()).run_id == run_id:
+                done.append(n)
+    return sorted(done)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _blocks(n_rows: int, size: int) -> int:
@@ -359,19 +369,19 @@ class Checkpoints:
     """Checkpoints in storage: every rank's part of the weights and optimizer, then ``state.json``
     (a ``RunState``) written last -- a checkpoint without it is incomplete and ignored."""
 
-    def __init__(self, store: Output, keep: int, resume: bool):
-        self.store, self.keep = store, keep
-        name = _latest_checkpoint(store) if resume else None
-        if resume and name is None:
-            print(f"--resume: no checkpoint under {store.child('checkpoints')}; starting from round 0",
+    def __init__(self, store: Output, keep: int, run_id: str, resume: bool):
+        self.store, self.keep, self.run_id = store, keep, run_id
+        done = _run_checkpoints(store, run_id) if resume else []
+        if resume and not done:
+            print(f"--resume: no checkpoint of run {run_id} under {store.child('checkpoints')}; starting from round 0",
                   file=sys.stderr)
-        self.latest = store.child(f"checkpoints/{name}") if name else None
-        if self.latest is not None:
-            self.latest.child("state.json").download()
+        self.latest = store.child(f"checkpoints/{done[-1]}") if done else None
 
     def restored_state(self) -> RunState:
         """The loop's state at the last checkpoint (a fresh one before the first)."""
-        return RunState.from_json((self.latest.local / "state.json").read_text()) if self.latest else RunState()
+        if self.latest is None:
+            return RunState(run_id=self.run_id)
+        return RunState.from_json((self.latest.local / "state.json").read_text())
 
     def load_into(self, group) -> None:
         if self.latest is not None:
@@ -380,7 +390,7 @@ class Checkpoints:
     def save(self, r: int, group, state: RunState) -> None:
         ckpt = self.store.child(f"checkpoints/round_{r:03d}")
         d = ckpt.local
-        if d.exists():
+        if d.exists():  # this run's own checkpoint of round r (a round re-run after a recovery): a folder holds one run
             shutil.rmtree(d)
         ckpt.delete()
         group.save(d, ckpt.uri)  # every rank's part; uploaded node by node with object-store storage
@@ -393,8 +403,7 @@ class Checkpoints:
         ckpt.child("state.json").upload()
         self.latest = ckpt
         ckpts = self.store.child("checkpoints")
-        done = sorted(n for n in ckpts.listdir() if ckpts.child(f"{n}/state.json").exists())
-        for old in done[:-self.keep]:
+        for old in _run_checkpoints(self.store, self.run_id)[:-self.keep]:  # this run's only
             shutil.rmtree(ckpts.local / old, ignore_errors=True)
             ckpts.child(old).delete()
 
@@ -409,11 +418,11 @@ class OnlineLoop:
         self.cfg, self.oc, self.store, self.out, self.policy_path, self.rm_path = (
             cfg, cfg.online, out, out.local, policy, rm)
         self.catalog, self.image_root, self.progress = catalog, image_root, progress
-        if resume and out.staged:  # --resume reads only from storage: the local staging copy is rebuilt from it
+        self.record = self._claim(resume)
+        if out.staged:  # the object store is the run: the local staging copy (our cache, not an output) is rebuilt from it
             shutil.rmtree(self.out, ignore_errors=True)
-            out.download(exclude=("checkpoints", "policy"))
-        for sub in ("checkpoints", "pairs", "plots"):
-            (self.out / sub).mkdir(parents=True, exist_ok=True)
+            if resume:
+                out.download(exclude=("checkpoints", "policy"))
         check_model_folder(policy, "--policy (the pretrained PM)", kind="policy")
         check_model_folder(rm, "--rm (the trained reward model)", kind="reward")
         if cfg.renderer.kind == "diffusers":
@@ -421,12 +430,46 @@ class OnlineLoop:
         if resume and (self.out / "config.yaml").exists():
             _check_same_run(load_config(self.out / "config.yaml"), cfg, self.store.child("config.yaml"))
         self.oracle = MarketOracle(cfg.market) if cfg.renderer.kind == "procedural" else None
-        if not resume and (self.out / "metrics.jsonl").exists():
-            (self.out / "metrics.jsonl").unlink()  # a fresh run does not append to an old one's log
-        self.checkpoints = Checkpoints(self.store, self.oc.keep_checkpoints, resume)
+        for sub in ("checkpoints", "pairs", "plots"):  # only now: a refused start leaves the folder as it was
+            (self.out / sub).mkdir(parents=True, exist_ok=True)
+        self.checkpoints = Checkpoints(self.store, self.oc.keep_checkpoints, self.record.run_id, resume)
         self.state = self.checkpoints.restored_state()
+        self._write_record()
         self.recoveries = {"policy": 0, "feed": 0}
         save_config(cfg, self.out / "config.yaml")
+
+    def _claim(self, resume: bool) -> RunRecord:
+        """The run this job is: a new one in an unused folder, or (``--resume``) the one the folder holds
+        while it has rounds left to train. Nothing of another run is reused or replaced."""
+        held = self.store.child("run.json")
+        record = RunRecord.from_json(held.local.read_text()) if held.download() else None
+        if not resume:
+            if record is None:
+                remedy = "give a new --out (an unused folder)"
+            elif record.status == "finished":
+                remedy = f"it holds {record.describe()}; pass a new --out"
+            else:
+                remedy = f"it holds {record.describe()}: pass --resume to continue it, or a new --out"
+            refuse_used(self.store, remedy)
+        elif record is None and is_used(self.store):
+            raise OutputInUse(f"--resume: {self.store} holds no caig-ray run (no run.json): give the run's own folder, "
+                              "or a new --out")
+        elif record is not None:
+            if self.oc.rounds <= record.rounds_done:
+                raise OutputInUse(f"--resume: {record.describe()} of {self.oc.rounds} (online.rounds): nothing left "
+                                  "to train; pass a new --out (or --rounds above it to extend the run)")
+            print(f"--resume: continuing {record.describe()} to round {self.oc.rounds}", file=sys.stderr)
+            record.status, record.rounds = "running", self.oc.rounds
+            return record
+        else:
+            print(f"--resume: {self.store} is empty: starting a new run", file=sys.stderr)
+        return RunRecord(run_id=new_run_id(), started_at=_now(), rounds=self.oc.rounds)
+
+    def _write_record(self, **changes) -> None:
+        for k, v in changes.items():
+            setattr(self.record, k, v)
+        atomic_write_text(self.out / "run.json", self.record.to_json())
+        self.store.child("run.json").upload()
 
     def _read_catalog(self) -> RoundPlan:
         """The catalog, validated on the cluster (a bad row stops the job, named, before any model loads);
@@ -505,6 +548,7 @@ class OnlineLoop:
             self.state.next_round = r + 1
             if (r + 1) % oc.checkpoint_every == 0 or r == oc.rounds - 1:
                 self.checkpoints.save(r, self.group, self.state)
+                self._write_record(rounds_done=r + 1)
                 if oc.faults.driver_kill_after_round == r and should_fire(oc.faults.marker_dir, "driver"):
                     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -534,6 +578,7 @@ class OnlineLoop:
                         self._recover("feed", e)
                 policy = self.store.child("policy")  # a plain model folder: --policy OUT/policy
                 self.group.save_model(policy.local, policy.uri)
+                self._write_record(status="finished", rounds_done=self.state.next_round, finished_at=_now())
             finally:
                 self._stop()
             # the pool sizes over time (every pipeline the job ran), as metrics
@@ -599,22 +644,32 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="caig-ray train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--world", help="a make-world folder (its catalog)")
-    p.add_argument("--catalog", help="catalog (CAIG JSON, parquet or a folder of images); default: the world's")
+    p.add_argument("--out", required=True, help="run folder: a new one (a used folder is refused), or the run's own "
+                                              "with --resume")
+    p.add_argument("--world", help="a make-world folder: its catalog (over data.catalog)")
+    p.add_argument("--catalog", help="catalog (CAIG JSON, parquet or a folder of images); default: --world's, then "
+                                     "data.catalog")
     p.add_argument("--image-root", help="where relative image paths are looked up (default: the catalog's "
                                         "folder, then its parent)")
-    p.add_argument("--policy", required=True, help="the pretrained PM folder (pretrain-pm --out): start and reference")
-    p.add_argument("--rm", required=True, help="the reward-model folder (train-rm --out)")
+    p.add_argument("--policy", required=True, help="the PM the run starts from and is kept near (its reference): "
+                                                 "pretrain-pm --out, or an earlier run's <run>/policy; a folder or "
+                                                 "an object-store URI")
+    p.add_argument("--rm", help="the reward model (train-rm --out; a folder or an object-store URI); default: "
+                                "reward.model_path")
     p.add_argument("--rounds", type=int, help="override online.rounds")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run --out holds from its last checkpoint (a finished run is refused; an empty "
+                        "or absent --out starts a new run, so a retried job continues its own)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    catalog = args.catalog or (str(WorldLayout(args.world).catalog) if args.world else None)
-    if catalog is None:
-        p.error("give --catalog or --world")
-    return run_job(args, lambda cfg, out: train(cfg, out, args.policy, args.rm, catalog, args.resume,
-                                                    image_root=args.image_root),
-                   section="online", overrides={"rounds": args.rounds}, upload=False)  # the loop uploads itself
+
+    def job(cfg: CaigConfig, out: Output) -> dict:
+        catalog = pick("--catalog", args.catalog or (str(WorldLayout(args.world).catalog) if args.world else None),
+                       "data.catalog", cfg.data.catalog)
+        rm = pick("--rm", model_arg(args.rm, cfg), "reward.model_path", model_arg(cfg.reward.model_path, cfg))
+        return train(cfg, out, model_arg(args.policy, cfg), rm, catalog, args.resume, image_root=args.image_root)
+
+    return run_job(args, job, section="online", overrides={"rounds": args.rounds},
+                   upload=False)  # the loop uploads itself; it refuses a used --out itself (--resume)
 
 
 if __name__ == "__main__":

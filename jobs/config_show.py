@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import yaml
 
-from caig_ray.config import CaigConfig, ConfigError, load_config
+from caig_ray.config import PRESETS, CaigConfig, ConfigError, diff_from, load_config, load_config_described
 
 # which roles each job places (resources.<role>), in the order a cluster user runs the jobs
 JOB_ROLES = {
@@ -43,18 +44,46 @@ def plan(cfg: CaigConfig) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="caig-ray config", description=__doc__)
     p.add_argument("action", choices=["show"])
-    p.add_argument("--preset", default="quick", help="preset name (quick, demo, gpu-cluster)")
-    p.add_argument("--config", default=None, help="a YAML config file (instead of --preset)")
+    p.add_argument("--preset", default=None, help="preset name (quick, demo, gpu-cluster); with --config, the base "
+                                                "of a file that names none (default: demo)")
+    p.add_argument("--config", default=None, help="a YAML config file, layered on its `base:`")
+    p.add_argument("--diff", action="store_true",
+                   help="print only what differs from the base preset, under a `base:` line: a small config file "
+                        "to edit (caig-ray config show --preset gpu-cluster --diff > my.yaml)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = load_config(args.config or args.preset)
+        cfg, where = load_config_described(args.config or args.preset or "demo",
+                                           preset=args.preset if args.config else None)
+        base = _base_preset(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
-    print("\n# where each job runs (resources.*):")
-    print("\n".join("# " + line for line in plan(cfg).splitlines()))
+    try:
+        if args.diff:
+            layer = diff_from(CaigConfig, load_config(base).model_dump(mode="json") if base != "none"
+                              else CaigConfig().model_dump(mode="json"), cfg.model_dump(mode="json"))
+            print(f"# {where}: what differs from {'the field defaults' if base == 'none' else 'preset ' + base}")
+            print(yaml.safe_dump({"base": base, **layer}, sort_keys=False), end="")
+            return 0
+        print(f"# {where}")
+        print(yaml.safe_dump({"base": "none", **cfg.model_dump(mode="json")}, sort_keys=False), end="")
+        print("\n# where each job runs (resources.*):")
+        print("\n".join("# " + line for line in plan(cfg).splitlines()))
+    except BrokenPipeError:  # `config show | head`: the reader has what it wanted
+        sys.stdout = None  # nothing more is written (not even at interpreter exit)
     return 0
+
+
+def _base_preset(args) -> str:
+    """The preset the config ultimately layers on (``none``: the field defaults)."""
+    if not args.config:
+        return args.preset or "demo"
+    raw = yaml.safe_load(open(args.config)) or {}
+    base = raw.get("base") if isinstance(raw, dict) else None
+    base = base or args.preset
+    if base in PRESETS or base == "none":
+        return base
+    return _base_preset(argparse.Namespace(config=str((Path(args.config).parent / base).resolve()), preset=None))
 
 
 if __name__ == "__main__":

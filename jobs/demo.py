@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,22 +24,28 @@ from caig_ray.config import ConfigError, load_config
 from caig_ray.data import DataError, load_log_image, read_catalog, read_click_logs
 from caig_ray.models.renderer import make_renderer
 from caig_ray.report import ad_grid, ctr_heatmap
+from caig_ray.storage import Output, refuse_used
 from caig_ray.world import WorldLayout, make_world
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="caig-ray demo", description=__doc__)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the demo's folder (a used one is refused unless --overwrite)")
     p.add_argument("--preset", default="demo")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     p.add_argument("--skip-training", action="store_true", help="market only: no pretrain-pm / train-rm")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
     out = Path(args.out)
     plots = out / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
     try:
         cfg = load_config(args.preset)
+        if not args.overwrite:
+            refuse_used(Output(out.resolve()), "pass --overwrite to replace it, or give a new --out")
+        elif out.exists():
+            shutil.rmtree(out)  # the user asked to replace it: the old demo's run folders would be refused
+        plots.mkdir(parents=True, exist_ok=True)
         world = make_world(cfg, out / "world")
         lay = WorldLayout(out / "world")
         logs = read_click_logs(lay.click_logs)
@@ -73,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["wall_s"] = time.perf_counter() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
-    print(f"demo written to {out}: summary.json, plots/*.png")
+    print(f"demo written to {out}: summary.json, plots/*.png", file=sys.stderr)
     return 0
 
 

@@ -24,14 +24,16 @@ from caig_ray.models.vlm import check_model_folder
 from caig_ray.pairs import mine_rm_pairs
 from caig_ray.scoring import PairScorer, PairToScore
 from caig_ray.world import WorldLayout
-from caig_ray.jobs._entry import add_config_args, run_job
+from caig_ray.jobs._entry import add_config_args, model_arg, pick, run_job
 
 
-def evaluate_rm(cfg: CaigConfig, world_dir: str | Path, rm_path: str | Path, out: str | Path) -> dict:
-    lay = WorldLayout(world_dir)
+def evaluate_rm(cfg: CaigConfig, world_dir: str | Path | None, rm_path: str | Path, out: str | Path) -> dict:
+    lay = WorldLayout(world_dir) if world_dir else None
     check_model_folder(rm_path, "--rm", kind="reward")
-    logs = read_click_logs(cfg.data.click_logs or lay.click_logs)
-    truth = pq.read_table(lay.truth).column("true_ctr").to_pylist() if lay.truth.is_file() else None
+    # --world's logs win over data.click_logs; the Bayes ceiling needs a simulated world's true CTRs
+    click_logs = Path(pick("--world", lay and lay.click_logs, "data.click_logs", cfg.data.click_logs))
+    logs = read_click_logs(click_logs)
+    truth = pq.read_table(lay.truth).column("true_ctr").to_pylist() if lay and lay.truth.is_file() else None
     tc = cfg.train_rm
     # test: the market band, as the paper evaluates; the baseline trains on the RM's training pairs
     test = [p for p in mine_rm_pairs(logs, cfg.market.min_impressions, tuple(cfg.market.band),
@@ -39,10 +41,10 @@ def evaluate_rm(cfg: CaigConfig, world_dir: str | Path, rm_path: str | Path, out
     train = [p for p in mine_rm_pairs(logs, cfg.market.min_impressions, tuple(tc.train_band or cfg.market.band),
                                       tc.test_fraction, tc.seed) if p["split"] == "train"]
     if not test:
-        raise DataError(f"no held-out band pairs in {lay.click_logs}: raise test_fraction or the world size")
+        raise DataError(f"no held-out band pairs in {click_logs}: raise test_fraction or the world size")
     size = cfg.reward.pair_image_size
     titles = logs.column("title").to_pylist() if "title" in logs.column_names else [""] * logs.num_rows
-    img = lambda r: load_log_image(logs, r, lay.root).resize((size, size))  # noqa: E731
+    img = lambda r: load_log_image(logs, r, click_logs.parent).resize((size, size))  # noqa: E731
     logged = np.array([p["label"] for p in test])
     result = {"n_train_pairs": len(train), "n_test_pairs": len(test), "chance": 0.5}
 
@@ -78,12 +80,16 @@ def evaluate_rm(cfg: CaigConfig, world_dir: str | Path, rm_path: str | Path, out
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="caig-ray evaluate-rm", description=__doc__)
-    add_config_args(p)
-    p.add_argument("--world", required=True)
-    p.add_argument("--rm", required=True, help="trained RM folder (train-rm --out)")
-    p.add_argument("--out", default="rm_eval.json")
+    add_config_args(p, overwrite=True)
+    p.add_argument("--world", default=None, help="a make-world folder: its click logs (over data.click_logs) and its "
+                                                "true CTRs (the Bayes ceiling)")
+    p.add_argument("--rm", default=None, help="trained RM folder or object-store URI (train-rm --out); default: "
+                                             "reward.model_path")
+    p.add_argument("--out", default="rm_eval.json", help="the JSON file the result is written to")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    return run_job(args, lambda cfg, out: evaluate_rm(cfg, args.world, args.rm, out.local))
+    return run_job(args, lambda cfg, out: evaluate_rm(
+        cfg, args.world, pick("--rm", model_arg(args.rm, cfg), "reward.model_path", model_arg(cfg.reward.model_path, cfg)),
+        out.local))
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from caig_ray.config import CaigConfig, ConfigError
-from caig_ray.jobs._entry import add_config_args, run_job
+from caig_ray.jobs._entry import add_config_args, model_arg, pick, run_job
 from caig_ray.jobs._ray import init_ray
+from caig_ray.storage import refuse_used
 
 logger = logging.getLogger(__name__)
 
@@ -192,25 +193,31 @@ def generate(cfg: CaigConfig, catalog: str | Path, out: str | Path, policy: str,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="caig-ray generate", description=__doc__)
     add_config_args(p)
-    p.add_argument("--catalog", required=True, help="CAIG JSON, parquet, or a folder of images")
+    p.add_argument("--catalog", default=None, help="CAIG JSON, parquet, or a folder of images; default: data.catalog")
     p.add_argument("--image-root", default=None, help="where relative image paths are looked up (default: the "
                    "catalog's folder, then its parent)")
     p.add_argument("--on-bad-rows", choices=("stop", "reject"), default="stop",
                    help="stop: a bad row stops the job before anything is generated; reject: go on without it. "
                         "Either way every bad row is listed, with its reason, in OUT/catalog/rejects/")
     p.add_argument("--resume", action="store_true", help="add the products --out does not hold yet")
-    p.add_argument("--out", required=True)
-    p.add_argument("--policy", required=True, help="prompt-model folder (pretrain-pm or a trained policy)")
-    p.add_argument("--rm", required=True, help="reward-model folder (train-rm --out)")
+    p.add_argument("--out", required=True, help="a new folder (a used one is refused), or an earlier run's with --resume")
+    p.add_argument("--policy", required=True, help="prompt-model folder or object-store URI (pretrain-pm --out, or a "
+                                                 "run's <run>/policy)")
+    p.add_argument("--rm", default=None, help="reward-model folder or object-store URI (train-rm --out); default: "
+                                             "reward.model_path")
     p.add_argument("--n", type=_at_least_one, default=4, help="descriptions per product (>= 1)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
 
     def job(cfg: CaigConfig, out) -> dict:
+        catalog = pick("--catalog", args.catalog, "data.catalog", cfg.data.catalog)
+        rm = pick("--rm", model_arg(args.rm, cfg), "reward.model_path", model_arg(cfg.reward.model_path, cfg))
+        if not args.resume:
+            refuse_used(out, "pass --resume to add the products it does not hold yet, or give a new --out")
         if args.resume and out.staged:  # what an earlier run uploaded tells which products are written
             out.child("candidates").download()
             out.child("best").download()
-        return generate(cfg, args.catalog, out.local, args.policy, args.rm, args.n, args.seed, args.resume,
+        return generate(cfg, catalog, out.local, model_arg(args.policy, cfg), rm, args.n, args.seed, args.resume,
                         args.on_bad_rows, args.image_root)
 
     return run_job(args, job)

@@ -20,9 +20,9 @@ from caig_ray.data import read_catalog, read_click_logs
 from caig_ray.ds import deepspeed_config
 from caig_ray.models.vlm import check_model_folder
 from caig_ray.pairs import split_products
-from caig_ray.storage import Output, resolve_output
+from caig_ray.storage import Output, model_location, new_run_id, resolve_output
 from caig_ray.world import WorldLayout
-from caig_ray.jobs._entry import add_config_args, run_job
+from caig_ray.jobs._entry import add_config_args, pick, run_job
 from caig_ray.jobs._ray import fit_to_folder, init_ray
 
 
@@ -103,14 +103,17 @@ def scene_word_share(model_path: str | Path, products, cfg: CaigConfig, seed: in
     return {"scene_word_share": sum(scene_words_in(t) > 0 for t in texts) / len(texts), "examples": texts[:6]}
 
 
-def pretrain_pm(cfg: CaigConfig, world_dir: str | Path, out: str | Path | Output) -> dict:
+def pretrain_pm(cfg: CaigConfig, world_dir: str | Path | None, out: str | Path | Output) -> dict:
     """Supervised e-commerce pretraining of the PM; the model lands in ``out`` (relative to ``cfg.storage``
     when set), Ray Train's checkpoints in ``<out>_ray`` and rank 0's TensorBoard in ``<out>_tensorboard``."""
     store = out if isinstance(out, Output) else resolve_output(cfg.storage, out)
-    lay = WorldLayout(world_dir)
-    catalog = Path(cfg.data.catalog or lay.catalog).resolve()
-    click_logs = Path(cfg.data.click_logs or lay.click_logs).resolve()
-    policy = Path(cfg.policy.model_path or lay.policy).resolve()
+    lay = WorldLayout(world_dir) if world_dir else None
+    # --world's data wins over data.*; the world's tiny PM is the start only where policy.model_path is unset
+    catalog = Path(pick("--world", lay and lay.catalog, "data.catalog", cfg.data.catalog)).resolve()
+    click_logs = Path(pick("--world", lay and lay.click_logs, "data.click_logs", cfg.data.click_logs)).resolve()
+    policy = model_location(pick("--world", None, "policy.model_path", cfg.policy.model_path, lay and lay.policy),
+                            cfg.storage)
+    run_id = new_run_id()
     check_model_folder(policy, "policy.model_path", kind="policy")
     products = read_catalog(catalog)
     read_click_logs(click_logs)  # refuse bad input before any worker starts
@@ -122,8 +125,8 @@ def pretrain_pm(cfg: CaigConfig, world_dir: str | Path, out: str | Path | Output
     result = fit_to_folder(
         train_func,
         {"cfg": cfg.model_dump(mode="json"), "catalog": str(catalog), "click_logs": str(click_logs),
-         "policy": str(policy), "tensorboard": str(store.sibling("tensorboard").local)},
-        name="pretrain_pm", placement=placement, max_failures=pc.max_failures, storage=store.sibling("ray"),
+         "policy": str(policy), "tensorboard": str(store.sibling("tensorboard").local / run_id)},
+        run_name=f"pretrain_pm-{run_id}", placement=placement, max_failures=pc.max_failures, storage=store.sibling("ray"),
         out=out)
     store.sibling("tensorboard").upload()
     after = scene_word_share(out, held_out, cfg)
@@ -138,9 +141,10 @@ def pretrain_pm(cfg: CaigConfig, world_dir: str | Path, out: str | Path | Output
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="caig-ray pretrain-pm", description=__doc__)
-    add_config_args(p)
-    p.add_argument("--world", required=True)
-    p.add_argument("--out", required=True)
+    add_config_args(p, overwrite=True)
+    p.add_argument("--world", default=None, help="a make-world folder: its catalog and click logs (over data.catalog "
+                                                "and data.click_logs), and its tiny PM where policy.model_path is unset")
+    p.add_argument("--out", required=True, help="folder the pretrained PM is written to")
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None)
     p.add_argument("--epochs", type=float, default=None)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)

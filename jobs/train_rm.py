@@ -26,9 +26,9 @@ from caig_ray.ds import deepspeed_config, lr_scheduler
 from caig_ray.models.vlm import check_model_folder
 from caig_ray.pairs import mine_rm_pairs, redraw_pair
 from caig_ray.prompts import template_index
-from caig_ray.storage import Output, resolve_output
+from caig_ray.storage import Output, model_location, new_run_id, resolve_output
 from caig_ray.world import WorldLayout
-from caig_ray.jobs._entry import add_config_args, run_job
+from caig_ray.jobs._entry import add_config_args, pick, run_job
 from caig_ray.jobs._ray import fit_to_folder, init_ray
 
 
@@ -145,14 +145,17 @@ def train_func(loop: dict) -> None:
         writer.close()
 
 
-def train_rm(cfg: CaigConfig, world_dir: str | Path, out: str | Path | Output) -> dict:
+def train_rm(cfg: CaigConfig, world_dir: str | Path | None, out: str | Path | Output) -> dict:
     """Run the TorchTrainer; the final RM lands in ``out`` (``save_pretrained`` layout; relative to
     ``cfg.storage`` when set), Ray Train's checkpoints in ``<out>_ray`` and rank 0's TensorBoard in
     ``<out>_tensorboard`` beside it."""
     store = out if isinstance(out, Output) else resolve_output(cfg.storage, out)
-    lay = WorldLayout(world_dir)
-    click_logs = Path(cfg.data.click_logs or lay.click_logs).resolve()
-    backbone = Path(cfg.reward.backbone_path or lay.reward).resolve()
+    lay = WorldLayout(world_dir) if world_dir else None
+    # --world's logs win over data.click_logs; the world's tiny RM is the backbone only where the config names none
+    click_logs = Path(pick("--world", lay and lay.click_logs, "data.click_logs", cfg.data.click_logs)).resolve()
+    backbone = model_location(pick("--init-from", None, "reward.backbone_path", cfg.reward.backbone_path,
+                                   lay and lay.reward), cfg.storage)
+    run_id = new_run_id()
     # bad logs are refused before any training worker starts: counts checked here (the image column is
     # not read into the driver), every ad image decoded on the cluster by Ray Data
     logs = read_click_logs(click_logs, check_images=False, with_images=False)
@@ -182,9 +185,9 @@ def train_rm(cfg: CaigConfig, world_dir: str | Path, out: str | Path | Output) -
     summary = fit_to_folder(
         train_func,
         {"cfg": cfg.model_dump(mode="json"), "click_logs": str(click_logs), "backbone": str(backbone),
-         "tensorboard": str(store.sibling("tensorboard").local), "pairs_per_rank": n_train // placement.num_workers,
+         "tensorboard": str(store.sibling("tensorboard").local / run_id), "pairs_per_rank": n_train // placement.num_workers,
          "probe": pairs[:4]},  # fixed pairs P(left) is reported on: a reloaded RM must give the same
-        name="train_rm", placement=placement, max_failures=tc.max_failures, storage=store.sibling("ray"), out=out,
+        run_name=f"train_rm-{run_id}", placement=placement, max_failures=tc.max_failures, storage=store.sibling("ray"), out=out,
         datasets={"train": dataset})
     store.sibling("tensorboard").upload()
     summary.update(model_path=str(out), zero_stage=tc.zero_stage, num_workers=placement.num_workers)
@@ -194,8 +197,9 @@ def train_rm(cfg: CaigConfig, world_dir: str | Path, out: str | Path | Output) -
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="caig-ray train-rm", description=__doc__)
-    add_config_args(p)
-    p.add_argument("--world", required=True, help="world folder from make-world (or set data.click_logs)")
+    add_config_args(p, overwrite=True)
+    p.add_argument("--world", default=None, help="a make-world folder: its click logs (over data.click_logs), and its "
+                                                "tiny RM as the backbone where the config names none")
     p.add_argument("--out", required=True, help="folder the trained RM is written to")
     p.add_argument("--init-from", default=None, metavar="PM_FOLDER",
                    help="start the RM from this model folder (CAIG: the e-commerce-pretrained PM, pretrain-pm --out); "
@@ -213,7 +217,7 @@ def _init_from(cfg: CaigConfig, folder: str | None) -> CaigConfig:
     """``--init-from PM_FOLDER``: the RM's backbone is that folder (reward.backbone_path)."""
     if folder is None:
         return cfg
-    return cfg.model_copy(update={"reward": cfg.reward.model_copy(update={"backbone_path": str(Path(folder).resolve())})})
+    return cfg.model_copy(update={"reward": cfg.reward.model_copy(update={"backbone_path": model_location(folder, cfg.storage)})})
 
 
 if __name__ == "__main__":

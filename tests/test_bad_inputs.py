@@ -64,9 +64,10 @@ def test_a_click_log_with_no_training_pair_is_refused_before_ray_train_starts(qu
     from caig_ray.config import load_config
     from caig_ray.jobs.train_rm import train_rm
 
-    cfg = load_config("quick", overrides={"data": {"click_logs": str(BAD / "no_pairs.parquet")}})
+    cfg = load_config("quick", overrides={"data": {"click_logs": str(BAD / "no_pairs.parquet")},
+                                          "reward": {"backbone_path": str(quick_world.reward)}})
     with pytest.raises(DataError, match=r"no_pairs.parquet: 0 training pair\(s\) for 2 worker\(s\)"):
-        train_rm(cfg, quick_world.root, tmp_path / "rm")
+        train_rm(cfg, None, tmp_path / "rm")  # no --world: the config's data.click_logs
     assert not ray.is_initialized()
 
 

@@ -62,7 +62,9 @@ def test_config_show_prints_the_resolved_preset_and_its_gpu_plan(capsys):
 
     assert main(["config", "show", "--preset", "gpu-cluster"]) == 0
     out = capsys.readouterr().out
-    assert CaigConfig.model_validate(yaml.safe_load(out)) == load_config("gpu-cluster")  # the plan is comments
+    shown = yaml.safe_load(out)
+    assert shown.pop("base") == "none"  # the whole resolved config: on the field defaults
+    assert CaigConfig.model_validate(shown) == load_config("gpu-cluster")  # the plan is comments
     plan = [line.split() for line in out.splitlines() if line.startswith("# train ")]
     assert ["#", "train", "policy", "8", "cuda", "bfloat16", "8", "64"] in plan
 

@@ -36,7 +36,7 @@ def test_make_world_cli_quick(tmp_path):
 
 def test_cli_bad_config_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("market:\n  n_products: -3\n")
+    bad.write_text("base: quick\nmarket:\n  n_products: -3\n")
     res = subprocess.run(CLI + ["make-world", "--config", str(bad), "--out", str(tmp_path / "w")],
                          cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2

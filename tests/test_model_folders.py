@@ -32,7 +32,7 @@ def test_missing_and_broken_folders_name_what_is_missing(hub_models, tmp_path):
 def test_generate_refuses_a_bad_rm_before_sampling(quick_world, hub_models, tmp_path, capsys):
     from caig_ray.jobs.generate import main
 
-    rc = main(["--catalog", str(quick_world.catalog), "--out", str(tmp_path / "g"), "--policy",
+    rc = main(["--preset", "quick", "--catalog", str(quick_world.catalog), "--out", str(tmp_path / "g"), "--policy",
                str(hub_models["qwen2_vl"]), "--rm", str(hub_models["qwen2_vl"])])
     assert rc == 2
     assert "--rm: " in capsys.readouterr().err and not (tmp_path / "g").exists()

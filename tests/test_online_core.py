@@ -78,21 +78,24 @@ def test_train_refuses_bad_paths_a_changed_config_and_bad_rows_before_any_model_
     the policy group or a pool starts."""
     from caig_ray.jobs.caig import main
 
-    common = ["--catalog", str(quick_world.catalog), "--rm", str(quick_world.reward)]
+    common = ["--preset", "quick", "--catalog", str(quick_world.catalog), "--rm", str(quick_world.reward)]
     assert main(["--out", str(tmp_path / "a"), "--policy", str(tmp_path / "nope"), *common]) == 2
     assert "--policy (the pretrained PM)" in capsys.readouterr().err
     run = tmp_path / "b"
     run.mkdir()
     from caig_ray.config import save_config
 
+    from caig_ray.online import RunRecord
+
     save_config(load_config("quick", overrides={"policy": {"lr": 0.5}}), run / "config.yaml")
+    (run / "run.json").write_text(RunRecord(run_id="r1", started_at="t", rounds=2).to_json())  # a stopped run
     assert main(["--out", str(run), "--policy", str(quick_world.policy), "--resume", *common]) == 2
     err = capsys.readouterr().err
     assert "policy.lr" in err and "--resume" in err
     bad = tmp_path / "catalog.json"
     bad.write_text('[{"id": "p1", "image": "missing.png", "new_caption": "a shoe"}]')
-    assert main(["--out", str(tmp_path / "c"), "--policy", str(quick_world.policy), "--catalog", str(bad),
-                 "--rm", str(quick_world.reward)]) == 2
+    assert main(["--preset", "quick", "--out", str(tmp_path / "c"), "--policy", str(quick_world.policy),
+                 "--catalog", str(bad), "--rm", str(quick_world.reward)]) == 2
     assert "missing.png" in capsys.readouterr().err
 
 

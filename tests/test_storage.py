@@ -79,7 +79,7 @@ def test_every_entrypoint_writes_only_under_storage(quick_world, tmp_path, monke
 
 
 def _run_every_entrypoint(st: list[str], storage: Path, quick_world) -> None:
-    from jobs import caig, evaluate_rm, generate, make_world, train_rm
+    from caig_ray.jobs import caig, evaluate_rm, generate, make_world, train_rm
 
     assert make_world.main([*st, "--out", "world", "--no-models"]) == 0
     assert train_rm.main([*st, "--world", str(quick_world.root), "--out", "rm", "--epochs", "1",

@@ -23,7 +23,11 @@ def make_tiny_policy(tiny: TinyBackboneConfig, out_dir: str | Path) -> Path:
 
 
 def load_policy(path: str | Path, dtype: str = "float32", device: str | None = "cpu"):
-    """(model, processor) from a local folder -- a real checkpoint or a tiny one alike. ``device``
-    None leaves the weights where loading put them (under ZeRO-3's ``zero.Init``: partitioned)."""
+    """(model, processor) from a folder -- a real checkpoint or a tiny one alike; an object-store URI
+    is read through this node's cache (``caig_ray.storage.local_model``). ``device`` None leaves the
+    weights where loading put them (under ZeRO-3's ``zero.Init``: partitioned)."""
+    from caig_ray.storage import local_model
+
+    path = local_model(path)
     model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=DTYPES[dtype])
     return (model if device is None else model.to(device)), load_processor(path)

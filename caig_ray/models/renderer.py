@@ -35,8 +35,10 @@ def check_sd_folders(cfg: RendererConfig) -> None:
                          "tokenizer", "scheduler/scheduler_config.json"],
              "controlnet_path": ["config.json"]}
     weights = {"sd_path": ["unet", "vae", "text_encoder"], "controlnet_path": ["."]}
+    from caig_ray.storage import local_model
+
     for key, files in needs.items():
-        root = Path(getattr(cfg, key))
+        root = local_model(getattr(cfg, key))  # an object-store URI: this node's cached copy
         if not root.is_dir():
             raise ModelFolderError(f"renderer.{key}: model folder not found: {root}")
         missing = [f for f in files if not (root / f).exists()]
@@ -76,9 +78,12 @@ class DiffusersRenderer:
         check_sd_folders(cfg)
         self.cfg = cfg
         torch_dtype = DTYPES[dtype]
-        controlnet = ControlNetModel.from_pretrained(cfg.controlnet_path, dtype=torch_dtype, variant=cfg.variant)
+        from caig_ray.storage import local_model
+
+        controlnet = ControlNetModel.from_pretrained(str(local_model(cfg.controlnet_path)), dtype=torch_dtype,
+                                                     variant=cfg.variant)
         self.pipe = StableDiffusionControlNetInpaintPipeline.from_pretrained(
-            cfg.sd_path, controlnet=controlnet, safety_checker=None, requires_safety_checker=False,
+            str(local_model(cfg.sd_path)), controlnet=controlnet, safety_checker=None, requires_safety_checker=False,
             dtype=torch_dtype, variant=cfg.variant,
         ).to(device)
         if cfg.scheduler != "folder":  # CAIG's sampler, not whatever the folder happens to ship

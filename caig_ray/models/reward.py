@@ -105,7 +105,11 @@ def make_tiny_reward(tiny: TinyBackboneConfig, out_dir: str | Path, pair_image_s
 
 def load_reward_model(path: str | Path, dtype: str = "float32", device: str = "cpu", from_backbone: bool = False):
     """(model, processor) from a local folder. A trained RM folder must hold both heads; with
-    ``from_backbone=True`` a plain MLLM checkpoint is accepted and the heads are initialised."""
+    ``from_backbone=True`` a plain MLLM checkpoint is accepted and the heads are initialised. An
+    object-store URI is read through this node's cache (``caig_ray.storage.local_model``)."""
+    from caig_ray.storage import local_model
+
+    path = local_model(path)
     cls = reward_model_class(model_type(path))
     model, info = cls.from_pretrained(str(path), dtype=DTYPES[dtype], output_loading_info=True)
     missing = [k for k in info["missing_keys"] if k.startswith(("score.", "ctr_head."))]

@@ -131,7 +131,13 @@ def check_model_folder(path: str | Path | None, setting: str, kind: str = "polic
     folder's model_type."""
     if path is None:
         raise ModelFolderError(f"{setting}: no model folder given")
-    folder = Path(path)
+    from caig_ray.config import ConfigError
+    from caig_ray.storage import local_model
+
+    try:
+        folder = local_model(path)  # an object-store model: checked in this node's cached copy
+    except (ConfigError, OSError) as e:
+        raise ModelFolderError(f"{setting}: {e}") from None
     if not folder.is_dir():
         raise ModelFolderError(f"{setting}: model folder not found: {folder}")
     if not (folder / "config.json").is_file():
