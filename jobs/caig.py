@@ -428,7 +428,8 @@ class OnlineLoop:
         if cfg.renderer.kind == "diffusers":
             check_sd_folders(cfg.renderer)
         if resume and (self.out / "config.yaml").exists():
-            _check_same_run(load_config(self.out / "config.yaml"), cfg, self.store.child("config.yaml"))
+            # the run's own record of its whole config (base: none; a run folder from before bases: the same)
+            _check_same_run(load_config(self.out / "config.yaml", preset="none"), cfg, self.store.child("config.yaml"))
         self.oracle = MarketOracle(cfg.market) if cfg.renderer.kind == "procedural" else None
         for sub in ("checkpoints", "pairs", "plots"):  # only now: a refused start leaves the folder as it was
             (self.out / sub).mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,10 @@ first), ``GET /healthz``; the OpenAPI schema is at ``/openapi.json``. Bad input 
 field and, for a limit, the limit (413 too large, 422 invalid), never a 500; every error body is
 ``{"detail": [{"loc": [...], "msg": ..., "type": ...}]}``, FastAPI's validation-error shape. A replica
 holding ``serve.max_queued_requests`` requests answers the next one 503 with ``Retry-After`` at once.
-The model's forward runs in a worker thread, off the replica's event loop (health checks stay live).
+With ``serve.api_key_env`` set, every request but ``GET /healthz`` and the API's own documents
+(``/openapi.json``, ``/docs``, ``/redoc``) must carry ``Authorization: Bearer <key>``, checked before
+anything else runs (401 otherwise). The model's forward runs in a worker thread, off the replica's
+event loop (health checks stay live). docs/serving.md describes the API, every status and the key.
 """
 
 # no `from __future__ import annotations` here: FastAPI resolves the request models from real annotations
@@ -17,6 +20,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import hmac
 import io
 import os
 import sys
@@ -24,14 +28,17 @@ import time
 
 import contextlib
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field, field_validator
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
-from caig_ray.config import ConfigError, ReplicaPlacement, ServeConfig, config_from_dict, load_config
+from caig_ray.config import (CaigConfig, ConfigError, ReplicaPlacement, ServeConfig, config_from_dict,
+                             load_config)
 from caig_ray.data.catalog import to_8bit
 from caig_ray.models.vlm import ModelFolderError, check_model_folder
 from caig_ray.scoring import PairToScore, rank_round_robin, round_robin
@@ -69,13 +76,94 @@ class ErrorBody(BaseModel):
     detail: list[ErrorItem]
 
 
-ERRORS = {413: {"model": ErrorBody, "description": "a field over a serve limit (the message names it)"},
+ERRORS = {401: {"model": ErrorBody, "description": "no or a wrong API key (only with serve.api_key_env): send "
+                                                  "'Authorization: Bearer <key>'"},
+          413: {"model": ErrorBody, "description": "a field over a serve limit (the message names it)"},
           422: {"model": ErrorBody, "description": "invalid input (the location names the field)"},
           503: {"model": ErrorBody, "description": "the replica is full: retry after the Retry-After seconds"}}
 
 
 def http_error(status: int, loc: list, msg: str, kind: str, headers: dict | None = None) -> HTTPException:
     return HTTPException(status, detail=[{"loc": loc, "msg": msg, "type": kind}], headers=headers)
+
+
+# The API key (serve.api_key_env). Enforced by the ASGI middleware below, which runs before routing, so
+# before FastAPI reads or parses any body: a dependency would run only after the JSON is parsed (an
+# unauthenticated `{not json` or 50 MB body would get 422/413, and cost that work, instead of 401).
+# The HTTPBearer dependency on the two routes only declares the scheme in the OpenAPI document
+# (auto_error=False: it never answers anything itself); `_openapi` drops it, and the 401s, from the
+# document of a replica that takes no key, so the document says what the replica does.
+BEARER = HTTPBearer(auto_error=False, scheme_name="ApiKey",
+                    description="the API key (serve.api_key_env): header 'Authorization: Bearer <key>'")
+_OPEN = {("GET", "/healthz")}  # besides the API's own documents (app.openapi_url, docs_url, redoc_url)
+
+
+def _replica_api_key() -> bytes | None:
+    """The key this replica requires (``RewardScorerService.api_key``), None without one or outside a replica."""
+    try:
+        return serve.get_replica_context().servable_object.api_key
+    except (RayServeException, AttributeError):
+        return None
+
+
+def _auth_error(missing: bool) -> JSONResponse:
+    msg = ("missing API key: send the header 'Authorization: Bearer <key>'" if missing else
+           "invalid API key (header 'Authorization: Bearer <key>')")
+    body = {"detail": [{"loc": ["header", "Authorization"], "msg": msg,
+                        "type": "missing_api_key" if missing else "invalid_api_key"}]}
+    # RFC 6750 section 3: no error code when the request carried no credentials at all
+    return JSONResponse(status_code=401, content=body,
+                        headers={"WWW-Authenticate": "Bearer" if missing else 'Bearer error="invalid_token"'})
+
+
+class RequireApiKey:
+    """ASGI middleware: with a key configured, a request that is not to an open path and does not carry
+    ``Authorization: Bearer <key>`` (compared with ``hmac.compare_digest``) is answered 401 before the
+    app sees it -- its body is never read."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        key = _replica_api_key() if scope["type"] == "http" else None
+        if key is not None and not self._open(scope):
+            given = dict(scope.get("headers") or []).get(b"authorization")
+            scheme, _, token = (given or b"").strip().partition(b" ")
+            if not given or scheme.lower() != b"bearer" or not token.strip():
+                await _auth_error(missing=True)(scope, receive, send)
+                return
+            if not hmac.compare_digest(token.strip(), key):
+                await _auth_error(missing=False)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _open(scope) -> bool:
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):  # under a Serve route_prefix
+            path = path[len(root):] or "/"
+        docs = {app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url} - {None}
+        return (scope["method"], path) in _OPEN or (scope["method"] in ("GET", "HEAD") and path in docs)
+
+
+app.add_middleware(RequireApiKey)
+
+
+def _openapi() -> dict:
+    """FastAPI's document; without a key on this replica, less the ApiKey scheme and the 401s."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)  # generates and caches app.openapi_schema
+        if _replica_api_key() is None:
+            schema.get("components", {}).pop("securitySchemes", None)
+            for ops in schema["paths"].values():
+                for op in ops.values():
+                    op.pop("security", None)
+                    op.get("responses", {}).pop("401", None)
+    return app.openapi_schema
+
+
+app.openapi = _openapi
+AUTH = [Security(BEARER)]
 
 
 @app.exception_handler(RequestValidationError)
@@ -149,6 +237,14 @@ class RewardScorerService:
         from caig_ray.actors.scorer import RewardScorer
 
         self.cfg = ServeConfig.model_validate(cfg)
+        self.api_key = None  # bytes when serve.api_key_env is set: RequireApiKey checks every request with it
+        if self.cfg.api_key_env is not None:
+            # from the runtime_env build_app gave this replica (or the node's own environment)
+            key = os.environ.get(self.cfg.api_key_env, "").strip()
+            if not key:
+                raise RuntimeError(f"serve.api_key_env: the environment variable {self.cfg.api_key_env!r} is not "
+                                   "set (or empty) in this replica")
+            self.api_key = key.encode()
         where = ReplicaPlacement.model_validate(placement)
         self.model_path = model_path
         self.scorer = RewardScorer(model_path, batch_size=self.cfg.max_batch_size, device=where.device,
@@ -186,6 +282,13 @@ class RewardScorerService:
                 raise http_error(413, ["body", "product", "attributes", key], f"attribute {key[:40]!r} is over the "
                                  f"serve.max_attribute_chars limit of {cfg.max_attribute_chars}", "too_large")
 
+    # Why a hand-written counter and not Serve's own `max_queued_requests` deployment option (measured,
+    # `python bench/serve_load.py --backpressure`, bench/results/serve_backpressure.json, docs/serving.md):
+    # in a burst of 64 against one replica holding 8, Serve's proxy rejects faster (503s p50 126 ms vs
+    # 300 ms here: the body never reaches the replica) and, with backpressure_config.retry_after_s, sends
+    # Retry-After -- but its body is the plain text "Request dropped due to backpressure (...)"
+    # (text/plain), not the ErrorBody JSON this API documents for its 503 and every other error, and
+    # Serve (2.60) has no hook to change that body. This counter's 503s all met the contract.
     @contextlib.asynccontextmanager
     async def _admitted(self):
         """Hold one of the replica's ``max_queued_requests`` places, or answer 503 + Retry-After now."""
@@ -203,7 +306,7 @@ class RewardScorerService:
         return {"status": "ok", "model_path": self.model_path, "started_at": self.started_at,
                 "requests_held": self.held}
 
-    @app.post("/v1/score", response_model=ScoreResponse, responses=ERRORS)
+    @app.post("/v1/score", response_model=ScoreResponse, responses=ERRORS, dependencies=AUTH)
     async def score(self, req: ScoreRequest) -> ScoreResponse:
         async with self._admitted():
             self._check_product(req.product)
@@ -212,7 +315,7 @@ class RewardScorerService:
         return ScoreResponse(p_first_better=r["p_left"], p_first_better_debiased=r["p_left_debiased"],
                              ctr_first=r["ctr_left"], ctr_second=r["ctr_right"])
 
-    @app.post("/v1/rank", response_model=RankResponse, responses=ERRORS)
+    @app.post("/v1/rank", response_model=RankResponse, responses=ERRORS, dependencies=AUTH)
     async def rank(self, req: RankRequest) -> RankResponse:
         async with self._admitted():
             return await self._rank(req)
@@ -228,22 +331,54 @@ class RewardScorerService:
         return RankResponse(ranking=[RankedImage(index=k, win_rate=win_rate[k], ctr=ctr[k]) for k in order])
 
 
+def api_key_env_vars(cfg: ServeConfig) -> dict[str, str]:
+    """``{serve.api_key_env: key}`` from this process's environment, for the replicas' runtime_env; ``{}``
+    without ``serve.api_key_env``. A variable that is not set, empty, or not a header-safe key is a
+    ``ConfigError`` (one line), raised before any replica starts."""
+    name = cfg.api_key_env
+    if name is None:
+        return {}
+    value = os.environ.get(name)
+    if value is None or not value.strip():
+        raise ConfigError(f"serve.api_key_env: the environment variable {name!r} is "
+                          f"{'not set' if value is None else 'empty'}; set it to the API key before starting "
+                          "the endpoint (the replicas get it from this process)")
+    if not all(33 <= ord(c) <= 126 for c in value.strip()):
+        raise ConfigError(f"serve.api_key_env: the key in {name!r} must be printable ASCII without spaces "
+                          "(it travels in an HTTP header)")
+    return {name: value}
+
+
+def application(full: CaigConfig, **options):
+    """The bound Serve application for a resolved config; ``options`` override the deployment options
+    (bench/serve_load.py --backpressure uses this to try Serve's own ``max_queued_requests``)."""
+    check_model_folder(full.reward.model_path, "reward.model_path (the trained RM)", kind="reward")
+    cfg, where = full.serve, full.resources.serve
+    # The API key travels to the replicas in their runtime_env, copied from this (deploying) process.
+    # Trade-off: the replicas need nothing set on their nodes and always get the key the deployer checked,
+    # but a runtime_env is stored in the cluster's GCS and shown by the Ray dashboard / state API (actor
+    # and job details), so anyone who can read the cluster can read the key -- even where the pods already
+    # hold it from a Kubernetes Secret (cluster/rayservice.yaml). Keep the dashboard and GCS as closed as
+    # the key (Ray token auth, ClusterIP Services), and rotate the key by redeploying.
+    env_vars = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **api_key_env_vars(cfg)}
+    return RewardScorerService.options(**{
+        # a little above the replica's own bound, so the excess reaches it and gets its 503 at once
+        # rather than waiting in the proxy's queue
+        "max_ongoing_requests": cfg.max_queued_requests + 8,
+        "autoscaling_config": {"min_replicas": where.min_replicas, "max_replicas": where.max_replicas,
+                               "target_ongoing_requests": cfg.target_ongoing_requests},
+        "ray_actor_options": {"num_cpus": where.num_cpus, "num_gpus": where.num_gpus,
+                              "runtime_env": {"env_vars": env_vars}},
+        **options,
+    }).bind(cfg.model_dump(mode="json"), where.model_dump(mode="json"), str(full.reward.model_path))
+
+
 def build_app(args: dict):
     """Application builder (``serve build`` / RayService ``import_path: caig_ray.jobs.serve_rm:build_app``):
     ``args`` is a caig-ray config holding ``reward.model_path`` (the trained RM), the ``serve:`` block
-    and ``resources: {serve: ...}`` (where the replicas run); every other block keeps its defaults."""
-    full = config_from_dict(args, "serve application args")
-    check_model_folder(full.reward.model_path, "reward.model_path (the trained RM)", kind="reward")
-    cfg, where = full.serve, full.resources.serve
-    return RewardScorerService.options(
-        # a little above the replica's own bound, so the excess reaches it and gets its 503 at once
-        # rather than waiting in the proxy's queue
-        max_ongoing_requests=cfg.max_queued_requests + 8,
-        autoscaling_config={"min_replicas": where.min_replicas, "max_replicas": where.max_replicas,
-                            "target_ongoing_requests": cfg.target_ongoing_requests},
-        ray_actor_options={"num_cpus": where.num_cpus, "num_gpus": where.num_gpus,
-                           "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}}},
-    ).bind(cfg.model_dump(mode="json"), where.model_dump(mode="json"), str(full.reward.model_path))
+    and ``resources: {serve: ...}`` (where the replicas run); every other block keeps its defaults.
+    With ``serve.api_key_env`` set, that variable must hold the key in this process (ConfigError otherwise)."""
+    return application(config_from_dict(args, "serve application args"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         full = load_config(args.config or args.preset, overrides={**({"serve": over} if over else {}),
                                                                   **({"reward": {"model_path": args.rm}} if args.rm else {})})
         check_model_folder(full.reward.model_path, "reward.model_path (--rm)", kind="reward")
+        api_key_env_vars(full.serve)  # the key's variable is set: checked before Ray starts
     except (ConfigError, ModelFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -271,7 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.run(build_app({"reward": {"model_path": full.reward.model_path}, "serve": cfg.model_dump(mode="json"),
                          "resources": {"serve": full.resources.serve.model_dump(mode="json")}}),
               name="caig-rm", route_prefix="/")
-    print(f"serving on http://{cfg.host}:{cfg.port} (POST /v1/score, /v1/rank; GET /healthz; /docs). Ctrl-C stops.")
+    key = (f"API key required: 'Authorization: Bearer <${cfg.api_key_env}>'" if cfg.api_key_env else
+           "no API key: keep it behind an authenticating ingress (docs/serving.md)")
+    print(f"serving on http://{cfg.host}:{cfg.port} (POST /v1/score, /v1/rank; GET /healthz; /docs); {key}. "
+          "Ctrl-C stops.")
     try:
         while True:
             time.sleep(3600)

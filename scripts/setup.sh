@@ -7,13 +7,14 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=.venv/.caig-ray-installed
-if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt constraints.txt ]; then
   echo "setup: .venv is up to date"; exit 0
 fi
 start=$(date +%s)
 .venv/bin/pip install -q --disable-pip-version-check -U pip 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+# constraints.txt: the exact versions CI ran with (torch aside), so a fresh machine gets the same
+.venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import torch, ray, deepspeed, transformers, diffusers, trl, caig_ray, cv2; print('setup: torch', torch.__version__, '| ray', ray.__version__)"
 touch "$stamp"
 echo "setup: done in $(( $(date +%s) - start )) s"

@@ -105,6 +105,32 @@ def test_two_rounds_account_for_every_pair(uninterrupted):
     assert model.config.model_type == "qwen2_vl"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_finished_run_is_not_resumed_and_its_folder_not_reused(uninterrupted, quick_world, capsys):
+    """Re-applied next week with the same --out: refused, named, before Ray starts; nothing changes."""
+    import hashlib
+
+    import ray
+
+    from caig_ray.jobs.caig import main
+    from caig_ray.online import RunRecord
+
+    out, _ = uninterrupted
+    record = RunRecord.from_json((out / "run.json").read_text())
+    assert record.status == "finished" and record.rounds_done == ROUNDS and record.finished_at
+    files = lambda: {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
+    common = ["--preset", "quick", "--catalog", str(quick_world.catalog), "--policy", str(quick_world.policy),
+              "--rm", str(quick_world.reward), "--out", str(out)]
+    assert main([*common, "--resume"]) == 2
+    assert f"run {record.run_id} finished at round {ROUNDS}" in capsys.readouterr().err
+    assert main(common) == 2
+    err = capsys.readouterr().err
+    assert f"it holds run {record.run_id} finished at round {ROUNDS}; pass a new --out" in err
+    assert files() == before and not ray.is_initialized()
+
+
 def _same_weights(ref_out: Path, out: Path, world) -> None:
     """The two runs' final policies agree to float tolerance, and both moved away from the start."""
     a = load_file(ref_out / "policy" / "model.safetensors")

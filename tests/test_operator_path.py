@@ -154,3 +154,16 @@ def test_a_model_is_read_from_object_storage_through_one_cached_copy_per_node(qu
     assert (local_model(uri) / "extra.txt").read_bytes() == b"new file"
     with pytest.raises(ModelFolderError, match="--rm: model s3://caig-runs/storage/models/nope"):
         check_model_folder(model_location("s3://caig-runs/storage/models/nope", s3_store), "--rm", kind="reward")
+
+
+def test_the_entrypoints_install_under_the_projects_name_only(tmp_path):
+    """Outside the checkout nothing called ``jobs`` or ``actors`` is importable; ``caig_ray.jobs`` is."""
+    import subprocess
+    import sys
+
+    for name in ("jobs", "actors"):
+        res = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=tmp_path, capture_output=True, text=True)
+        assert res.returncode != 0 and f"No module named '{name}'" in res.stderr, (name, res.stdout)
+    res = subprocess.run([sys.executable, "-c", "import caig_ray.jobs.cli, caig_ray.actors.stream"], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr

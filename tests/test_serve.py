@@ -231,3 +231,122 @@ def test_fuzzed_requests_from_the_openapi_schema_get_documented_answers(endpoint
 
             check()
         assert client.get(f"{endpoint}/healthz").json()["status"] == "ok"
+
+
+KEY_ENV, KEY = "CAIG_TEST_SERVE_KEY", "test-key-0123456789abcdef"
+
+
+def test_an_api_key_env_that_is_not_set_is_refused_before_anything_starts(quick_world, tmp_path, monkeypatch, capsys):
+    """build_app and `caig-ray serve` refuse a serve.api_key_env naming an unset or empty variable, in
+    one line, before Ray (let alone a replica) starts."""
+    import caig_ray.jobs._ray
+    from caig_ray.config import ConfigError
+    from caig_ray.jobs.serve_rm import build_app, main
+
+    args = {"reward": {"model_path": str(quick_world.reward)}, "serve": {"api_key_env": "CAIG_TEST_UNSET_KEY"}}
+    monkeypatch.delenv("CAIG_TEST_UNSET_KEY", raising=False)
+    with pytest.raises(ConfigError, match=r"^serve.api_key_env: the environment variable 'CAIG_TEST_UNSET_KEY' is "
+                                          r"not set; set it to the API key"):
+        build_app(args)
+    monkeypatch.setenv("CAIG_TEST_UNSET_KEY", "  ")
+    with pytest.raises(ConfigError, match="'CAIG_TEST_UNSET_KEY' is empty"):
+        build_app(args)
+    monkeypatch.setenv("CAIG_TEST_UNSET_KEY", "two words")
+    with pytest.raises(ConfigError, match="printable ASCII"):
+        build_app(args)
+    monkeypatch.delenv("CAIG_TEST_UNSET_KEY")
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(caig_ray.jobs._ray, "init_ray", no_ray)
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("base: quick\nserve:\n  api_key_env: CAIG_TEST_UNSET_KEY\n")
+    assert main(["--config", str(cfg), "--rm", str(quick_world.reward)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: serve.api_key_env: the environment variable 'CAIG_TEST_UNSET_KEY' is not set; set it to "
+                   "the API key before starting the endpoint (the replicas get it from this process)"], err
+
+
+@pytest.fixture(scope="module")
+def keyed_endpoint(endpoint, quick_world):
+    """A second application in the same Serve instance, under /keyed, with serve.api_key_env set. The
+    variable exists only in this (deploying) process while build_app runs: the Ray workers were started
+    before it, so the replica can only have it from the runtime_env build_app gives it."""
+    from ray import serve
+
+    from caig_ray.jobs.serve_rm import build_app
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(KEY_ENV, KEY)
+        app = build_app({"reward": {"model_path": str(quick_world.reward)},
+                         "serve": {"max_batch_size": 8, "max_image_bytes": 50_000, "max_queued_requests": 8,
+                                   "api_key_env": KEY_ENV},
+                         "resources": {"serve": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5}}})
+    serve.run(app, name="caig-rm-keyed", route_prefix="/keyed")
+    yield f"{endpoint}/keyed"
+    serve.delete("caig-rm-keyed")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_api_key_is_checked_before_any_work(keyed_endpoint, endpoint):
+    """With serve.api_key_env: no key or a wrong one is 401 (documented body, WWW-Authenticate: Bearer),
+    even for a body that would be 413 or 422 -- the key is checked before the body is read; the right
+    key is served; /healthz and the API's documents need none; the document lists 401 and the scheme.
+    Without a key configured (the other app) the document has neither."""
+    ok = _b64(_ads(1)[0])
+    big = _b64(Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8)))
+    score = {"product": {"title": "red shoe"}, "image_a": ok, "image_b": ok}
+    rank = {"product": {"title": "red shoe"}, "images": [ok, ok]}
+    too_large = {"product": {"title": "red shoe"}, "image_a": big, "image_b": ok}
+    not_json = b"{not json" + b" x" * 4_000_000  # 8 MB of invalid JSON
+    bearer = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(timeout=60) as client:
+        health = client.get(f"{keyed_endpoint}/healthz")
+        assert health.status_code == 200 and health.json()["requests_held"] == 0
+        assert client.get(f"{keyed_endpoint}/docs").status_code == 200
+        doc = client.get(f"{keyed_endpoint}/openapi.json")
+        assert doc.status_code == 200
+        schema = doc.json()
+        assert schema["components"]["securitySchemes"]["ApiKey"] == {
+            "type": "http", "scheme": "bearer", "description": schema["components"]["securitySchemes"]["ApiKey"]["description"]}
+        for path in ("/v1/score", "/v1/rank"):
+            op = schema["paths"][path]["post"]
+            assert "401" in op["responses"] and op["security"] == [{"ApiKey": []}], op
+
+        def refused(r, path, missing=True):
+            assert r.status_code == 401, (path, r.status_code, r.text[:300])
+            assert r.headers["www-authenticate"] == ("Bearer" if missing else 'Bearer error="invalid_token"')
+            _assert_documented(schema, path, r)
+            assert r.json()["detail"][0]["loc"] == ["header", "Authorization"]
+
+        refused(client.post(f"{keyed_endpoint}/v1/score", json=score), "/v1/score")
+        refused(client.post(f"{keyed_endpoint}/v1/rank", json=rank), "/v1/rank")
+        refused(client.post(f"{keyed_endpoint}/v1/score", json=too_large), "/v1/score")
+        refused(client.post(f"{keyed_endpoint}/v1/score", content=not_json,
+                            headers={"content-type": "application/json"}), "/v1/score")
+        refused(client.post(f"{keyed_endpoint}/v1/score", json=score, headers={"X-API-Key": KEY}), "/v1/score")
+        refused(client.post(f"{keyed_endpoint}/v1/score", json=score, headers={"Authorization": f"Basic {KEY}"}),
+                "/v1/score")
+        refused(client.post(f"{keyed_endpoint}/v1/score", json=score, headers={"Authorization": "Bearer wrong"}),
+                "/v1/score", missing=False)
+        refused(client.post(f"{keyed_endpoint}/v1/score", json=too_large, headers={"Authorization": f"Bearer {KEY}x"}),
+                "/v1/score", missing=False)
+        assert client.get(f"{keyed_endpoint}/healthz").json()["requests_held"] == 0
+
+        r = client.post(f"{keyed_endpoint}/v1/score", json=score, headers=bearer)
+        assert r.status_code == 200 and set(r.json()) >= {"p_first_better", "ctr_first"}, r.text
+        r = client.post(f"{keyed_endpoint}/v1/rank", json=rank, headers={"Authorization": f"bearer {KEY}"})
+        assert r.status_code == 200 and len(r.json()["ranking"]) == 2, r.text
+        # with the key, the same bodies get their own answers
+        assert client.post(f"{keyed_endpoint}/v1/score", json=too_large, headers=bearer).status_code == 413
+        assert client.post(f"{keyed_endpoint}/v1/score", content=b"{not json", headers={
+            **bearer, "content-type": "application/json"}).status_code == 422
+
+        # the app without a key: no 401 and no scheme in its document, and a key sent anyway is ignored
+        plain = client.get(f"{endpoint}/openapi.json").json()
+        assert "securitySchemes" not in plain.get("components", {})
+        assert all("401" not in plain["paths"][p]["post"]["responses"] and "security" not in plain["paths"][p]["post"]
+                   for p in ("/v1/score", "/v1/rank"))
+        assert client.post(f"{endpoint}/v1/score", json=score, headers=bearer).status_code == 200

@@ -92,3 +92,80 @@ def _run_every_entrypoint(st: list[str], storage: Path, quick_world) -> None:
                       "--rm", str(storage / "rm"), "--out", "runs/online", "--rounds", "1"]) == 0
     summary = json.loads((storage / "runs" / "online" / "summary.json").read_text())
     assert summary["storage"] == str(storage / "runs" / "online")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_whole_chain_runs_on_object_storage_with_models_given_as_uris(quick_world, s3_store, tmp_path,
+                                                                         monkeypatch):
+    """pretrain-pm -> train-rm -> train -> generate -> serve with --storage on the local S3 server and
+    every model a later job reads given as the URI an earlier one wrote (no local model folder passed):
+    each is read through the node's model cache, and the Serve replica answers a real request."""
+    import base64
+    import io
+    import socket
+
+    import httpx
+    import numpy as np
+    import ray
+    from PIL import Image
+    from ray import serve
+
+    from caig_ray.jobs import caig, generate, pretrain_pm, train_rm
+    from caig_ray.jobs.serve_rm import build_app
+    from caig_ray.storage import model_cache_root
+
+    monkeypatch.setenv("CAIG_MODEL_CACHE", str(tmp_path / "model-cache"))  # before Ray starts: workers inherit it
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    cfg = tmp_path / "chain.yaml"
+    cfg.write_text("base: quick\npretrain: {max_examples: 16, epochs: 1}\ntrain_rm: {max_pairs: 16, epochs: 1}\n")
+    st = ["--config", str(cfg), "--storage", s3_store]
+    at = s3_store.split("?")[0]  # s3://caig-runs/storage: what a user types; the storage's endpoint is carried over
+    world = ["--world", str(quick_world.root)]
+    try:
+        assert pretrain_pm.main([*st, *world, "--out", "pm"]) == 0
+        assert train_rm.main([*st, *world, "--init-from", f"{at}/pm", "--out", "rm"]) == 0
+        assert caig.main([*st, "--catalog", str(quick_world.catalog), "--policy", f"{at}/pm", "--rm", f"{at}/rm",
+                          "--out", "runs/week-1", "--rounds", "1"]) == 0
+        assert generate.main([*st, "--catalog", str(quick_world.catalog), "--policy", f"{at}/runs/week-1/policy",
+                              "--rm", f"{at}/rm", "--out", "ads", "--n", "2"]) == 0
+        cached = sorted(p.name for p in model_cache_root().iterdir() if p.is_dir())
+        assert len(cached) >= 3, cached  # pm, rm, the run's policy: each downloaded once to this node
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not ray.is_initialized():
+            ray.init(address="local", num_cpus=2, include_dashboard=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"reward": {"model_path": f"{at}/rm{s3_store[len(at):]}"},
+                             "resources": {"serve": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5}}}),
+                  name="caig-rm", route_prefix="/")
+        ads = []
+        for seed in (1, 2):
+            buf = io.BytesIO()
+            Image.fromarray(np.random.default_rng(seed).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+            ads.append(base64.b64encode(buf.getvalue()).decode())
+        with httpx.Client(timeout=60) as client:
+            r = client.post(f"http://127.0.0.1:{port}/v1/score",
+                            json={"product": {"title": "red sneakers"}, "image_a": ads[0], "image_b": ads[1]})
+            health = client.get(f"http://127.0.0.1:{port}/healthz").json()
+        assert r.status_code == 200, r.text
+        assert 0 < r.json()["p_first_better"] < 1 and health["model_path"].startswith(f"{at}/rm")
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+    assert not any((tmp_path / "cwd").iterdir())  # nothing written where the jobs ran
+    fs_listing = {f for f in _stored(s3_store)}
+    for expected in ("pm/config.json", "rm/config.json", "runs/week-1/run.json", "runs/week-1/policy/config.json",
+                     "ads/generate_summary.json"):
+        assert expected in fs_listing, expected
+
+
+def _stored(storage: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(storage)
+    return [e.path[len(root) + 1:] for e in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+            if e.type == pafs.FileType.File]
