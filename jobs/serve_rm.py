@@ -37,8 +37,7 @@ from pydantic import BaseModel, Field, field_validator
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
-from caig_ray.config import (CaigConfig, ConfigError, ReplicaPlacement, ServeConfig, config_from_dict,
-                             load_config)
+from caig_ray.config import (CaigConfig, ConfigError, ReplicaPlacement, ServeConfig, config_from_dict)
 from caig_ray.data.catalog import to_8bit
 from caig_ray.models.vlm import ModelFolderError, check_model_folder
 from caig_ray.scoring import PairToScore, rank_round_robin, round_robin
@@ -382,20 +381,23 @@ def build_app(args: dict):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from caig_ray.jobs._entry import add_config_args, load_job_config, model_arg, pick
     from caig_ray.jobs._ray import init_ray
 
     p = argparse.ArgumentParser(prog="caig-ray serve", description=__doc__)
-    p.add_argument("--preset", default="quick")
-    p.add_argument("--config", default=None)
-    p.add_argument("--rm", default=None, help="trained RM folder (overrides reward.model_path)")
-    p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
+    add_config_args(p)
+    p.add_argument("--rm", default=None, help="trained RM folder or object-store URI (train-rm --out); default: "
+                                             "reward.model_path")
+    p.add_argument("--host", default=None, help="override serve.host")
+    p.add_argument("--port", type=int, default=None, help="override serve.port")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     over = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     try:
-        full = load_config(args.config or args.preset, overrides={**({"serve": over} if over else {}),
-                                                                  **({"reward": {"model_path": args.rm}} if args.rm else {})})
+        full = load_job_config(args, {**({"serve": over} if over else {}),
+                                      **({"storage": args.storage} if args.storage else {})})
+        rm = pick("--rm", model_arg(args.rm, full), "reward.model_path", model_arg(full.reward.model_path, full))
+        full = full.model_copy(update={"reward": full.reward.model_copy(update={"model_path": rm})})
         check_model_folder(full.reward.model_path, "reward.model_path (--rm)", kind="reward")
         api_key_env_vars(full.serve)  # the key's variable is set: checked before Ray starts
     except (ConfigError, ModelFolderError) as e:

@@ -264,7 +264,8 @@ def test_an_api_key_env_that_is_not_set_is_refused_before_anything_starts(quick_
     cfg.write_text("base: quick\nserve:\n  api_key_env: CAIG_TEST_UNSET_KEY\n")
     assert main(["--config", str(cfg), "--rm", str(quick_world.reward)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: serve.api_key_env: the environment variable 'CAIG_TEST_UNSET_KEY' is not set; set it to "
+    assert err[0] == f"caig-ray serve: config {cfg} on preset quick"  # the job's first line names its config
+    assert err[1:] == ["error: serve.api_key_env: the environment variable 'CAIG_TEST_UNSET_KEY' is not set; set it to "
                    "the API key before starting the endpoint (the replicas get it from this process)"], err
 
 
