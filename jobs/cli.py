@@ -1,4 +1,4 @@
-"""``caig-ray <command> ...``: runs the same entrypoints ``ray job submit -- python -m jobs.<name>``
+"""``caig-ray <command> ...``: runs the same entrypoints ``ray job submit -- python -m caig_ray.jobs.<name>``
 runs on a cluster, here in the local process."""
 
 from __future__ import annotations
