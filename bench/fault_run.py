@@ -33,7 +33,9 @@ def main() -> None:
     from caig_ray.jobs.caig import train
 
     work = Path(args.work or tempfile.mkdtemp(prefix="caig-fault-run-"))
-    storage = args.storage or str(work)
+    from caig_ray.storage import new_run_id
+
+    storage = args.storage or str(work)  # each invocation's runs in their own folders (a used one is refused)
     world = WorldLayout(work / "world")
     make_world(load_config("quick"), world.root, progress=False)
     runs = {}
@@ -45,7 +47,7 @@ def main() -> None:
         cfg = load_config("quick", overrides={"storage": storage, "online": {"faults": faults, "tie_margin": None},
                                               "policy": {"lr": 1e-3}})
         t = time.perf_counter()
-        s = train(cfg, f"runs/{name}", str(world.policy), str(world.reward), str(world.catalog), progress=False)
+        s = train(cfg, f"runs/{name}-{new_run_id()}", str(world.policy), str(world.reward), str(world.catalog), progress=False)
         runs[name] = {k: s[k] for k in ("recoveries", "recoveries_by_kind", "pairs_planned", "pairs_trained",
                                         "pairs_skipped", "pairs_lost", "pairs_duplicated", "steps",
                                         "true_ctr_by_round", "eval_after_rounds")} | {"wall_s": time.perf_counter() - t}

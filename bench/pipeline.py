@@ -56,13 +56,14 @@ def run_one(demo: Path, work: Path, name: str, overrides: dict, reuse: bool = Fa
     if reuse and done.is_file():
         s = json.loads(done.read_text())
     else:
+        # resume: an interrupted run of this bench continues; an absent folder starts a new run
         s = train(cfg, work / name, str(demo / "pm"), str(demo / "rm"), str(WorldLayout(demo / "world").catalog),
-                  progress=False)
+                  resume=True, progress=False)
     lines = [json.loads(x) for x in (work / name / "metrics.jsonl").read_text().splitlines()]
     rounds_s = sum(x["round_s"] for x in lines if x["kind"] == "round")
     alive = _actor_seconds(s["renderer_pool_trace"])
     return {
-        "name": name, "wall_s": s["wall_s"], "rounds_s": rounds_s, "pairs": s["pairs_planned"],
+        "name": name, "wall_s": s["online_wall_s"], "rounds_s": rounds_s, "pairs": s["pairs_planned"],
         "pairs_per_s_rounds": s["pairs_planned"] / rounds_s, "trainer_wait_s": s["driver_wait_s"],
         "train_s": s["train_s"], "render_busy_s": s["render_busy_s"], "renderer_actor_s": alive,
         "renderer_busy_fraction": s["render_busy_s"] / alive if alive else None,

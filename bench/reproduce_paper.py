@@ -156,9 +156,11 @@ class Replicate:
             cfg = self.cfg(market, policy={"pcpo_weight": VARIANTS[variant], "lr": lr},
                            online={"rounds": self.rounds})
             log.info("r%d %s: train %s lr %g", self.r, market, variant, lr)
-            train(cfg, out, str(pm), str(rm), str(WorldLayout(self.world(market)).catalog), progress=False)
+            # resume: a run an interrupted invocation left continues; an absent folder starts a new run
+            train(cfg, out, str(pm), str(rm), str(WorldLayout(self.world(market)).catalog), resume=True,
+                  progress=False)
         s = json.loads((out / "summary.json").read_text())
-        return {"lr": lr, "wall_s": s["wall_s"], "pairs_trained": s["pairs_trained"],
+        return {"lr": lr, "wall_s": s["online_wall_s"], "pairs_trained": s["pairs_trained"],
                 "pairs_skipped_tie": s["pairs_skipped_tie"], **eval_by_split(out)}
 
 
@@ -195,7 +197,9 @@ def main() -> None:
         reps.append({"replicate": r, "overrides": replicate_overrides(r), "lr_chosen": lr,
                      "validation_lift_by_lr": {f"{k:g}": v["validation"]["lift"]["diff"] for k, v in tried.items()},
                      "rm_accuracy": ev["rm_accuracy_logged"], "cnn_baseline_accuracy": ev["cnn_baseline_accuracy_logged"],
-                     "bayes_ceiling": ev.get("bayes_ceiling"), "rm_test_pairs": ev["n_test_pairs"], "runs": runs})
+                     # rm_eval.json's ceiling on its test pairs (an older rm_eval.json: "bayes_ceiling")
+                     "bayes_ceiling": ev.get("bayes_ceiling_test_pairs", ev.get("bayes_ceiling")),
+                     "rm_test_pairs": ev["n_test_pairs"], "runs": runs})
         for m, vs in runs.items():
             for v, x in vs.items():
                 print(f"r{r} {m:14s} {v:9s} lr {lr:g}: test match {[round(a, 3) for a in x['test']['match_rate_by_round']]}"

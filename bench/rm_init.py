@@ -52,7 +52,7 @@ def main() -> None:
                       "rm_debiased_accuracy_logged": ev["rm_debiased_accuracy_logged"],
                       "rm_accuracy_true": ev["rm_accuracy_true"], "n_test_pairs": ev["n_test_pairs"],
                       "cnn_baseline_accuracy_logged": ev["cnn_baseline_accuracy_logged"],
-                      "bayes_ceiling": ev["bayes_ceiling"], "train_and_eval_s": time.perf_counter() - t}
+                      "bayes_ceiling": ev["bayes_ceiling_test_pairs"], "train_and_eval_s": time.perf_counter() - t}
         r = rows[name]
         print(f"{name:>15}: RM {r['rm_accuracy_logged']:.3f} (debiased {r['rm_debiased_accuracy_logged']:.3f}) vs "
               f"CNN {r['cnn_baseline_accuracy_logged']:.3f} on {r['n_test_pairs']} held-out pairs; "

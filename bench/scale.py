@@ -85,7 +85,7 @@ def child(args) -> None:
         from caig_ray.jobs.generate import generate
 
         lay = WorldLayout(args.world)
-        summary = generate(load_config(lay.config), args.catalog, args.out, str(lay.policy), str(lay.reward), n=2)
+        summary = generate(load_config(lay.config, preset="none"), args.catalog, args.out, str(lay.policy), str(lay.reward), n=2)
         result = {"rows": summary["products"], "candidates": summary["candidates"]}
     wall = time.perf_counter() - t0
     result.update(wall_s=wall, rows_per_s=result["rows"] / wall,

@@ -17,11 +17,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from caig_ray.errors import CaigError
+
 PRESETS = ("quick", "demo", "gpu-cluster")
 LrSchedule = Literal["constant", "cosine"]  # cosine: linear warmup over warmup_ratio, then cosine to 0
 
 
-class ConfigError(ValueError):
+class ConfigError(CaigError, ValueError):
     """A config file or preset that cannot be used; the message names the file and the key."""
 
 
@@ -643,7 +645,7 @@ def _read_yaml(path: Path) -> dict:
     return raw
 
 
-def config_layers(source: str | Path, preset: str | None = None) -> tuple[str, dict]:
+def config_layers(source: str | Path, preset: str | None = None, _seen: tuple[Path, ...] = ()) -> tuple[str, dict]:
     """(where the config comes from, in words; its raw mapping with every layer merged). A preset is
     one layer on the field defaults. A file names its base in ``base:`` -- a preset, another YAML file
     (relative to this one) or ``none`` (the field defaults: what ``save_config`` writes) -- and holds
@@ -671,9 +673,10 @@ def config_layers(source: str | Path, preset: str | None = None) -> tuple[str, d
         where, under = f"preset {base}", _read_yaml(preset_path(base))
     else:
         base_path = (path.parent / base).resolve()
-        if base_path == path.resolve():
-            raise ConfigError(f"{path}: base names the file itself")
-        where, under = config_layers(base_path)
+        seen = (*_seen, path.resolve())
+        if base_path in seen:
+            raise ConfigError(f"{path}: base {base} makes a cycle: {' -> '.join(str(p) for p in (*seen, base_path))}")
+        where, under = config_layers(base_path, _seen=seen)
     return f"{path} on {where}", merge_onto(CaigConfig, under, raw)
 
 

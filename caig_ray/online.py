@@ -133,7 +133,7 @@ class RunState:
 class RunRecord:
     """``run.json``: which run a run folder holds and how far it got -- written when the run starts,
     after every checkpoint and when it finishes. A folder holds one run: a fresh run refuses a used
-    folder, ``--resume`` continues only the run named here and refuses one with nothing left to train.
+    folder, ``--resume`` continues only the run named here and refuses a finished one.
 
     ``run_id``: ``caig_ray.storage.new_run_id()``; ``status``: "running" or "finished";
     ``rounds_done``: rounds trained and checkpointed; ``rounds``: the run's ``online.rounds``."""

@@ -130,7 +130,10 @@ class Output:
         """Remove the stored copy (the object-store one; the local one is the caller's)."""
         if self.staged and self.exists():
             fs, path = self.filesystem()
-            fs.delete_dir(path)
+            if fs.get_file_info(path).type == pafs.FileType.File:
+                fs.delete_file(path)
+            else:
+                fs.delete_dir(path)
 
 
 def resolve_output(storage: str | None, out: str | Path, flag: str = "--out") -> Output:
@@ -223,12 +226,13 @@ def model_cache_root() -> Path:
     return Path(os.environ.get("CAIG_MODEL_CACHE") or Path(tempfile.gettempdir()) / "caig-model-cache")
 
 
-def _listing(fs: pafs.FileSystem, path: str) -> dict[str, int]:
-    """{relative path: size} of every file of a stored model folder."""
+def _listing(fs: pafs.FileSystem, path: str) -> dict[str, list]:
+    """{relative path: [size, modification time in ns]} of every file of a stored model folder: a model
+    written again at the same URI (same names, same sizes) still reads as changed."""
     files = {}
     for e in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
         if e.type == pafs.FileType.File:
-            files[str(PurePosixPath(e.path).relative_to(PurePosixPath(path)))] = e.size
+            files[str(PurePosixPath(e.path).relative_to(PurePosixPath(path)))] = [e.size, e.mtime_ns]
     return files
 
 
@@ -244,8 +248,11 @@ def local_model(location: str | Path) -> Path:
     location = str(location)
     if not is_uri(location):
         return Path(location)
-    fs, path = pafs.FileSystem.from_uri(location)
-    info = fs.get_file_info(path)
+    try:
+        fs, path = pafs.FileSystem.from_uri(location)
+        info = fs.get_file_info(path)
+    except (ValueError, OSError) as e:  # pyarrow says ArrowInvalid (a ValueError) for a URI it cannot open
+        raise ConfigError(f"model {location}: not a location pyarrow.fs can read: {e}") from None
     if info.type != pafs.FileType.Directory:
         raise ConfigError(f"model {location}: no such folder in the object store")
     want = _listing(fs, path)
@@ -265,8 +272,8 @@ def local_model(location: str | Path) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             pafs.copy_files(f"{path}/{rel}", str(target), source_filesystem=fs)
         got = {rel: (tmp / rel).stat().st_size for rel in want}
-        if got != want:
-            bad = sorted(r for r in want if got.get(r) != want[r])
+        if got != {rel: size for rel, (size, _) in want.items()}:
+            bad = sorted(r for r in want if got.get(r) != want[r][0])
             raise ConfigError(f"model {location}: downloaded files differ from the store's: {', '.join(bad[:5])}")
         (tmp / MANIFEST).write_text(json.dumps({"uri": _split_uri(location)[0], "files": want}))
         if folder.exists():

@@ -8,8 +8,6 @@ import time
 from pathlib import Path
 
 from caig_ray.config import CaigConfig, save_config
-from caig_ray.data import read_catalog, read_click_logs, write_catalog, write_click_logs
-from caig_ray.market import bayes_ceiling, make_catalog, make_history
 
 
 class WorldLayout:
@@ -30,6 +28,9 @@ class WorldLayout:
 
 def make_world(cfg: CaigConfig, out: str | Path, models: bool = True, progress: bool = True) -> dict:
     """Write the world for ``cfg`` under ``out``; returns a summary with timings (seconds)."""
+    from caig_ray.data import read_catalog, read_click_logs, write_catalog, write_click_logs
+    from caig_ray.market import bayes_ceiling, make_catalog, make_history  # imported here: WorldLayout stays light
+
     lay = WorldLayout(out)
     lay.root.mkdir(parents=True, exist_ok=True)
     times = {}

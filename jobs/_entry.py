@@ -8,18 +8,84 @@ defaults."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import logging
 import os
 import sys
-from typing import Any, Callable
+import time
+from typing import IO, Any, Callable, Iterator
 
 from caig_ray.config import CaigConfig, ConfigError, load_config_described
-from caig_ray.data import DataError
-from caig_ray.models.vlm import ModelFolderError
+from caig_ray.errors import CaigError
 from caig_ray.storage import Output, model_location, refuse_used, resolve_output
 
 # what a job runs on when neither --preset nor --config is given: the laptop demo's world and models
 DEFAULT_PRESET = "demo"
+
+
+def configure_logging() -> None:
+    """The one logging set-up, at the entry point: caig-ray's own progress at INFO, libraries at
+    WARNING, everything on stderr (stdout carries only a job's result)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("caig_ray").setLevel(logging.INFO)
+
+
+@contextlib.contextmanager
+def stdout_for_result() -> Iterator[IO[str]]:
+    """While a job runs, whatever writes to stdout -- a library's logger that holds the stream, a
+    print, a child process -- lands on stderr; the stream yielded is the real stdout, for the result
+    alone, so ``caig-ray JOB ... | jq`` reads one JSON document."""
+    sys.stdout.flush()
+    try:
+        fd = sys.stdout.fileno()
+        sys.stderr.flush()
+        err_fd = sys.stderr.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):  # a captured stream (tests): swap objects
+        real, sys.stdout = sys.stdout, sys.stderr
+        try:
+            yield real
+        finally:
+            sys.stdout = real
+        return
+    keep = os.dup(fd)
+    os.dup2(err_fd, fd)
+    result = open(keep, "w", closefd=False)
+    try:
+        yield result
+    finally:
+        result.flush()
+        sys.stdout.flush()
+        os.dup2(keep, fd)
+        os.close(keep)
+
+
+@contextlib.contextmanager
+def stage(name: str, log: logging.Logger | None = None) -> Iterator[None]:
+    """A long job's stage marker: its start and, at the end, its elapsed time (stderr, INFO)."""
+    log = log or logging.getLogger("caig_ray.stage")
+    t0 = time.perf_counter()
+    log.info("%s ...", name)
+    yield
+    log.info("%s done in %.1f s", name, time.perf_counter() - t0)
+
+
+def clear_local(out: Output) -> None:
+    """Remove ``out``'s local copy: a staging cache, or an output the user asked to replace."""
+    import shutil
+
+    if out.local.is_dir():
+        shutil.rmtree(out.local)
+    elif out.local.exists():
+        out.local.unlink()
+
+
+def print_result(summary: dict, stream: IO[str] | None = None) -> None:
+    """A job's result: one JSON document."""
+    print(json.dumps(summary, indent=1, default=str), file=stream or sys.stdout, flush=True)
 
 
 def add_config_args(p: argparse.ArgumentParser, overwrite: bool = False) -> None:
@@ -46,7 +112,20 @@ def load_job_config(args: argparse.Namespace, overrides: dict[str, Any] | None =
     prog = getattr(args, "prog", None) or os.path.basename(sys.argv[0])
     print(f"{prog}: config {where}" + (f"; storage {cfg.storage}" if cfg.storage else ""), file=sys.stderr,
           flush=True)
-    return cfg
+    return with_model_locations(cfg)
+
+
+def with_model_locations(cfg: CaigConfig) -> CaigConfig:
+    """The config's model paths as every process reads them (``model_location``): a URI under an
+    object-store ``storage`` takes its query, a local folder is made absolute."""
+    loc = lambda v: model_location(v, cfg.storage)  # noqa: E731
+    return cfg.model_copy(update={
+        "policy": cfg.policy.model_copy(update={"model_path": loc(cfg.policy.model_path)}),
+        "reward": cfg.reward.model_copy(update={"model_path": loc(cfg.reward.model_path),
+                                                "backbone_path": loc(cfg.reward.backbone_path)}),
+        "renderer": cfg.renderer.model_copy(update={"sd_path": loc(cfg.renderer.sd_path),
+                                                    "controlnet_path": loc(cfg.renderer.controlnet_path)}),
+    })
 
 
 def model_arg(value: str | None, cfg: CaigConfig) -> str | None:
@@ -60,23 +139,29 @@ def run_job(args: argparse.Namespace, job: Callable[[CaigConfig, Output], dict],
     (a used one refused unless the job has ``--overwrite`` and it is given), run ``job(cfg, out)``,
     upload ``out`` (object store), print the summary."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    configure_logging()
     over = {k: v for k, v in (overrides or {}).items() if v is not None}
-    try:
-        top = {"storage": args.storage} if getattr(args, "storage", None) else {}
-        cfg = load_job_config(args, {**({section: over} if over and section else {}), **top} or None)
-        out = resolve_output(cfg.storage, args.out)
-        overwrite = getattr(args, "overwrite", None)
-        if overwrite is False:
-            refuse_used(out, "pass --overwrite to replace it, or give a new --out")
-        summary = job(cfg, out)
-        if upload:
-            if overwrite:
-                out.delete()  # the user asked to replace it: no file of the old copy stays beside the new
-            out.upload()
-    except (ConfigError, DataError, ModelFolderError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=1, default=str))
+    with stdout_for_result() as result:
+        try:
+            top = {"storage": args.storage} if getattr(args, "storage", None) else {}
+            cfg = load_job_config(args, {**({section: over} if over and section else {}), **top} or None)
+            out = resolve_output(cfg.storage, args.out)
+            overwrite = getattr(args, "overwrite", None)
+            if overwrite is False:
+                refuse_used(out, "pass --overwrite to replace it, or give a new --out")
+            if out.staged:
+                clear_local(out)  # the staging copy is a cache of the store: never mixed into what is uploaded
+            elif overwrite:
+                clear_local(out)  # the user asked to replace it: nothing of the old copy stays beside the new
+            summary = job(cfg, out)
+            if upload:
+                if overwrite:
+                    out.delete()  # the user asked to replace it: no file of the old copy stays beside the new
+                out.upload()
+        except CaigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print_result(summary, result)
     return 0
 
 

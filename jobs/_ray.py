@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from caig_ray.storage import OutputInUse
+
 
 def init_ray(num_cpus: int | None = None) -> bool:
     """Initialise Ray if needed; returns True when this call started it (the caller shuts it down)."""
@@ -15,8 +17,35 @@ def init_ray(num_cpus: int | None = None) -> bool:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)  # resources are the cluster's own
-    else:
+        return True
+    # A private local instance. Its processes must know its address: Ray Train's helpers look the
+    # cluster up themselves (the state API), and with another Ray on the host they find two and fail
+    # ("Found multiple active Ray instances"). So the GCS port is chosen here and RAY_ADDRESS is in the
+    # environment the instance's processes start with -- and only theirs: this process's environment
+    # is restored, so a later init_ray here starts a fresh instance again.
+    import socket
+
+    from ray._private.services import get_node_ip_address
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    env = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"{get_node_ip_address()}:{port}",
+           # a single local node has no preemption to watch; the watcher's actor logs an error-level
+           # line about its restartable arguments at every Ray Train start (Ray's own, not a failure)
+           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+    finally:
+        for k, v in saved.items():
+            if k == "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" and v is None:
+                continue  # read by Ray Train in this process when a trainer starts: kept for this instance
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return True
 
 
@@ -53,8 +82,8 @@ def fit_to_folder(train_func, loop_config: dict, *, run_name: str, placement, ma
     if result.error:
         raise result.error
     out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)  # only with --overwrite (the entrypoint refuses a used --out otherwise)
+    if out.exists() and any(out.iterdir()):  # the entrypoint refused it, or cleared it for --overwrite
+        raise OutputInUse(f"{out} already holds files: the trained model is not written over them")
     with result.checkpoint.as_directory() as d:
-        shutil.copytree(d, out)
+        shutil.copytree(d, out, dirs_exist_ok=True)
     return {**result.metrics, "wall_s": time.perf_counter() - t0}

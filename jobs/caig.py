@@ -41,8 +41,6 @@ from tqdm.auto import tqdm
 
 from caig_ray.config import CaigConfig, ConfigError, load_config, save_config
 from caig_ray.faults import should_fire
-from caig_ray.models.renderer import check_sd_folders
-from caig_ray.models.vlm import check_model_folder
 from caig_ray.online import (
     MarketOracle, RunRecord, RunState, candidate_pairs, match_rate, paired_lift, pm_template, render_seed, round_products,
     split_eval_products,
@@ -129,7 +127,7 @@ def _run_checkpoints(store: Output, run_id: str) -> list[str]:
         if n.startswith("round_") and state.exists() and state.download():
             if RunState.from_json(state.local.read_text()).run_id == run_id:
                 done.append(n)
-    return sorted(done)
+    return sorted(done, key=lambda n: int(n.removeprefix("round_")))  # by round: round_1000 after round_999
 
 
 def _now() -> str:
@@ -423,6 +421,9 @@ class OnlineLoop:
             shutil.rmtree(self.out, ignore_errors=True)
             if resume:
                 out.download(exclude=("checkpoints", "policy"))
+        from caig_ray.models.renderer import check_sd_folders
+        from caig_ray.models.vlm import check_model_folder
+
         check_model_folder(policy, "--policy (the pretrained PM)", kind="policy")
         check_model_folder(rm, "--rm (the trained reward model)", kind="reward")
         if cfg.renderer.kind == "diffusers":
@@ -456,11 +457,14 @@ class OnlineLoop:
             raise OutputInUse(f"--resume: {self.store} holds no caig-ray run (no run.json): give the run's own folder, "
                               "or a new --out")
         elif record is not None:
-            if self.oc.rounds <= record.rounds_done:
-                raise OutputInUse(f"--resume: {record.describe()} of {self.oc.rounds} (online.rounds): nothing left "
-                                  "to train; pass a new --out (or --rounds above it to extend the run)")
-            print(f"--resume: continuing {record.describe()} to round {self.oc.rounds}", file=sys.stderr)
-            record.status, record.rounds = "running", self.oc.rounds
+            if record.status == "finished":
+                raise OutputInUse(f"--resume: {record.describe()}; pass a new --out")
+            if record.rounds_done >= self.oc.rounds:  # stopped after its last checkpoint, before its policy was saved
+                print(f"--resume: finishing {record.describe()}: its policy is saved from the last checkpoint",
+                      file=sys.stderr)
+            else:
+                print(f"--resume: continuing {record.describe()} to round {self.oc.rounds}", file=sys.stderr)
+            record.rounds = self.oc.rounds
             return record
         else:
             print(f"--resume: {self.store} is empty: starting a new run", file=sys.stderr)
@@ -605,7 +609,9 @@ class OnlineLoop:
         summary = {
             "rounds": len(rounds), "steps": self.state.step,
             "true_ctr_by_round": [e.get("true_ctr") for e in evals],
+            "base_true_ctr_by_round": [e.get("base_true_ctr") for e in evals],
             "match_rate_by_round": [e.get("match_rate") for e in evals],
+            "base_match_rate_by_round": [e.get("base_match_rate") for e in evals],
             "rm_win_rate_by_round": [e["rm_win_rate"] for e in evals],
             "eval_after_rounds": [e["after_rounds"] for e in evals],
             "pairs_planned": tot("pairs_planned"), "pairs_rendered": tot("pairs_rendered"),
@@ -618,7 +624,7 @@ class OnlineLoop:
             "pool_sample_errors": self.pool_sample_errors,
             "max_policy_lag": self.oc.max_policy_lag, "policy_lag_steps_max": self.trainer.max_lag_steps,
             "driver_wait_s": wait_s, "render_busy_s": tot("render_busy_s"), "train_s": tot("train_s"),
-            "pipeline": self.oc.pipeline, "wall_s": wall_s, "policy_path": str(self.store.child("policy")),
+            "pipeline": self.oc.pipeline, "online_wall_s": wall_s, "policy_path": str(self.store.child("policy")),
             "recoveries": sum(self.recoveries.values()), "recoveries_by_kind": dict(self.recoveries),
             "storage": str(self.store),
         }

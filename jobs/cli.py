@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 
 COMMANDS = {
@@ -24,8 +25,35 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
+    if argv[:1] == ["--version"]:
+        from importlib.metadata import version
+
+        print(f"caig-ray {version('caig-ray')}")
+        return 0
+    signal.signal(signal.SIGTERM, _stop)  # what Kubernetes, `ray job stop` and `kill` send: like Ctrl-C
+    try:
+        return _run(argv)
+    except BrokenPipeError:  # `caig-ray ... | head`: the reader has what it wanted; no traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit would fail on the closed pipe again
+        return 0
+    except KeyboardInterrupt as e:
+        # the job's own finally blocks ran on the way here: its actors and its local Ray are stopped
+        how = "SIGTERM" if "SIGTERM" in str(e) else "Ctrl-C"
+        print(f"caig-ray {argv[0] if argv else ''}: stopped by {how}; what it started is shut down", file=sys.stderr)
+        return 143 if how == "SIGTERM" else 130
+
+
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt("SIGTERM")
+
+
+def _run(argv: list[str]) -> int:
+    from caig_ray.jobs._entry import configure_logging
+
+    configure_logging()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: caig-ray <command> [options]\n\ncommands:")
+        print("usage: caig-ray [--version] <command> [options]\n\ncommands:")
         for name, (_, help_) in COMMANDS.items():
             print(f"  {name:<12} {help_}")
         if argv and argv[0] not in ("-h", "--help"):

@@ -22,8 +22,6 @@ import pyarrow.parquet as pq
 
 from caig_ray.config import ConfigError, load_config
 from caig_ray.data import DataError, load_log_image, read_catalog, read_click_logs
-from caig_ray.models.renderer import make_renderer
-from caig_ray.report import ad_grid, ctr_heatmap
 from caig_ray.storage import Output, refuse_used
 from caig_ray.world import WorldLayout, make_world
 
@@ -35,16 +33,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     p.add_argument("--skip-training", action="store_true", help="market only: no pretrain-pm / train-rm")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    from caig_ray.models.renderer import make_renderer  # here: `demo --help` loads no model stack
+    from caig_ray.report import ad_grid, ctr_heatmap
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
     out = Path(args.out)
     plots = out / "plots"
     try:
         cfg = load_config(args.preset)
+        print(f"caig-ray demo: config preset {args.preset}", file=sys.stderr, flush=True)
         if not args.overwrite:
             refuse_used(Output(out.resolve()), "pass --overwrite to replace it, or give a new --out")
-        elif out.exists():
+        elif out.is_dir():
             shutil.rmtree(out)  # the user asked to replace it: the old demo's run folders would be refused
+        elif out.exists():
+            out.unlink()
         plots.mkdir(parents=True, exist_ok=True)
         world = make_world(cfg, out / "world")
         lay = WorldLayout(out / "world")
@@ -66,18 +70,19 @@ def main(argv: list[str] | None = None) -> int:
         "kind": "diffusers", "sd_path": str(lay.sd), "controlnet_path": str(lay.controlnet),
         "image_size": cfg.renderer.tiny_sd_size, "steps": 4}))
     ads = proc.render([products[1].image] * 4, descs, [7] * 4) + tiny_sd.render([products[1].image] * 4, descs, [7] * 4)
-    ad_grid([a.image for a in ads], [f"{r.kind[:4]}: {d}" for r in (proc, tiny_sd) for d in descs],
+    ad_grid([a.image for a in ads], [f"{r.kind}: {d}" for r in (proc, tiny_sd) for d in descs],
             plots / "renderers.png", cols=4)
     summary = {
         "preset": args.preset, "n_products": world["n_products"], "n_creatives": world["n_creatives"],
-        "rm_bayes_ceiling": world["bayes_ceiling"], "n_band_pairs": world["n_band_pairs"],
+        # make-world's ceiling is over all band pairs; evaluate-rm's (bayes_ceiling_test_pairs) over its test pairs
+        "bayes_ceiling_all_band_pairs": world["bayes_ceiling"], "n_band_pairs": world["n_band_pairs"],
         "mean_true_ctr": world["mean_true_ctr"], "history_match_rate": world["history_match_rate"],
         "stages_run": ["make-world", "market-overview"], "world_times": world["times"],
     }
     if not args.skip_training:
         summary.update(_train_models(cfg, lay, out, plots))
         summary["stages_run"] += ["pretrain-pm", "train-rm", "evaluate-rm", "train"]
-    summary["wall_s"] = time.perf_counter() - t0
+    summary["demo_wall_s"] = time.perf_counter() - t0  # the whole demo (online_wall_s: the online loop)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     print(f"demo written to {out}: summary.json, plots/*.png", file=sys.stderr)
@@ -88,7 +93,7 @@ def _train_models(cfg, lay: WorldLayout, out: Path, plots: Path) -> dict:
     """pretrain-pm, train-rm and evaluate-rm on the demo world, one local Ray instance for all."""
     import ray
 
-    from caig_ray.report import bar_chart
+    from caig_ray.report import bar_chart, relative_path
     from caig_ray.jobs._ray import init_ray
     from caig_ray.jobs.evaluate_rm import evaluate_rm
     from caig_ray.jobs.pretrain_pm import pretrain_pm
@@ -113,21 +118,23 @@ def _train_models(cfg, lay: WorldLayout, out: Path, plots: Path) -> dict:
     online_s = time.perf_counter() - t
     bar_chart({"chance": 0.5, "CNN baseline": ev["cnn_baseline_accuracy_logged"],
                "RM": ev["rm_accuracy_logged"], "RM debiased": ev["rm_debiased_accuracy_logged"],
-               "Bayes ceiling": ev["bayes_ceiling"]}, plots / "rm_accuracy.png",
+               "Bayes ceiling\n(test pairs)": ev["bayes_ceiling_test_pairs"]}, plots / "rm_accuracy.png",
               "held-out pairwise accuracy vs logged order", ylim=(0.4, 1.0))
     return {
-        "rm_pair_accuracy": ev["rm_accuracy_logged"], "rm_pair_accuracy_debiased": ev["rm_debiased_accuracy_logged"],
-        "rm_pair_accuracy_true_order": ev["rm_accuracy_true"], "rm_baseline_accuracy": ev["cnn_baseline_accuracy_logged"],
-        "rm_test_pairs": ev["n_test_pairs"], "rm_train_s": rm_s, "rm_zero_stage": rm["zero_stage"],
+        # rm_eval.json's names for rm_eval.json's numbers
+        **{k: ev[k] for k in ("rm_accuracy_logged", "rm_debiased_accuracy_logged", "rm_accuracy_true",
+                              "cnn_baseline_accuracy_logged", "bayes_ceiling_test_pairs", "n_test_pairs")},
+        "rm_train_s": rm_s, "rm_zero_stage": rm["zero_stage"],
         "pm_scene_word_share_before": pm["scene_word_share_before"],
         "pm_scene_word_share_after": pm["scene_word_share_after"], "pm_pretrain_s": pm_s,
-        "pm_path": str(out / "pm"), "rm_path": str(out / "rm"),
+        "pm_path": "pm", "rm_path": "rm",  # paths relative to the demo folder
         **{k: online[k] for k in (
             "true_ctr_by_round", "match_rate_by_round", "rm_win_rate_by_round", "eval_after_rounds",
             "pairs_planned", "pairs_rendered", "pairs_scored", "pairs_trained", "pairs_skipped", "pairs_lost",
             "pairs_duplicated", "pairs_skipped_tie", "pairs_skipped_duplicate", "renderer_pool_size_max", "steps")},
-        "true_ctr_lift": online.get("true_ctr_lift"), "online_s": online_s, "online_dir": str(out / "online"),
-        "tuned_policy_path": online["policy_path"],
+        "true_ctr_lift": online.get("true_ctr_lift"), "online_job_s": online_s,
+        "online_wall_s": online.get("online_wall_s", online.get("wall_s")), "online_dir": "online",
+        "tuned_policy_path": relative_path(online["policy_path"], out),
     }
 
 

@@ -2,7 +2,8 @@
 
 Pairwise accuracy (as the paper measures) against the logged order and against the true order
 (market oracle), next to chance, an image-only CNN baseline trained on the same pairs, and the
-market's Bayes ceiling on the same test pairs. Written to ``rm_eval.json``.
+market's Bayes ceiling on the same test pairs (``bayes_ceiling_test_pairs``; make-world's
+``bayes_ceiling`` is over all band pairs). Written to ``rm_eval.json``.
 """
 
 from __future__ import annotations
@@ -16,18 +17,19 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from caig_ray.baselines import cnn_p_left, to_tensor, train_pair_cnn
 from caig_ray.config import CaigConfig
 from caig_ray.data import DataError, load_log_image, read_click_logs
-from caig_ray.models.reward import load_reward_model
-from caig_ray.models.vlm import check_model_folder
 from caig_ray.pairs import mine_rm_pairs
-from caig_ray.scoring import PairScorer, PairToScore
 from caig_ray.world import WorldLayout
 from caig_ray.jobs._entry import add_config_args, model_arg, pick, run_job
 
 
 def evaluate_rm(cfg: CaigConfig, world_dir: str | Path | None, rm_path: str | Path, out: str | Path) -> dict:
+    from caig_ray.baselines import cnn_p_left, to_tensor, train_pair_cnn
+    from caig_ray.models.reward import load_reward_model
+    from caig_ray.models.vlm import check_model_folder
+    from caig_ray.scoring import PairScorer, PairToScore
+
     lay = WorldLayout(world_dir) if world_dir else None
     check_model_folder(rm_path, "--rm", kind="reward")
     # --world's logs win over data.click_logs; the Bayes ceiling needs a simulated world's true CTRs
@@ -69,7 +71,7 @@ def evaluate_rm(cfg: CaigConfig, world_dir: str | Path | None, rm_path: str | Pa
 
     if truth is not None:
         true = np.array([int(truth[p["left_row"]] < truth[p["right_row"]]) for p in test])
-        result["bayes_ceiling"] = float((true == logged).mean())
+        result["bayes_ceiling_test_pairs"] = float((true == logged).mean())  # these test pairs only
         result["rm_accuracy_true"] = float((pred == true).mean())
         result["rm_debiased_accuracy_true"] = float((pred_db == true).mean())
         result["cnn_baseline_accuracy_true"] = float((cnn_pred == true).mean())

@@ -79,9 +79,32 @@ def written_ids(out: Path) -> list[str]:
     return pc.unique(ids).to_pylist()
 
 
+GALLERY_TIE_GAP = 0.01  # RM win rates closer than this (1 point), or printed the same, are a tie, not a "best"
+
+
+def near_tie_places(win_rates: list[float], gap: float = GALLERY_TIE_GAP) -> list[tuple[int, bool]]:
+    """Per candidate, in the order given: ``(place, tied)``. A candidate is clearly ahead of another when
+    its win rate is higher by at least ``gap`` and the two print differently (``win rate 51.2%``);
+    ``place`` = 1 + the candidates clearly ahead of it, ``tied`` = some other candidate is neither clearly
+    ahead of it nor clearly behind it. The gallery calls a candidate "best" only at place 1 untied."""
+    shown = [f"{100 * w:.1f}" for w in win_rates]
+
+    def ahead(j: int, i: int) -> bool:
+        return win_rates[j] - win_rates[i] >= gap - 1e-12 and shown[j] != shown[i]
+
+    idx = range(len(win_rates))
+    return [(1 + sum(ahead(j, i) for j in idx if j != i),
+             any(not ahead(j, i) and not ahead(i, j) for j in idx if j != i)) for i in idx]
+
+
 def write_gallery(out: Path, max_products: int = 200) -> None:
-    """gallery.html: the first ``max_products`` products written, each with its candidates best first."""
+    """gallery.html: the first ``max_products`` products written, each with its candidates best first.
+    Candidates whose win rates are within ``GALLERY_TIE_GAP`` of each other are marked as ties (a tie
+    for #1 is not called best); descriptions are cleaned for display (``caig_ray.report.clean_text``)
+    and marked where they were."""
     import pyarrow.dataset as pads
+
+    from caig_ray.report import clean_text, shown_html
 
     best = pads.dataset(str(out / "best"), format="parquet").head(max_products).to_pylist()
     ids = pa.array([b["product_id"] for b in best], pa.string())
@@ -90,18 +113,28 @@ def write_gallery(out: Path, max_products: int = 200) -> None:
     cards = []
     for b in best:
         cands = sorted((r for r in table if r["product_id"] == b["product_id"]), key=lambda r: r["rank"])
-        figs = "".join(
-            f'<figure class="{"best" if r["rank"] == 0 else "cand"}"><img src="{html.escape(r["ad_path"])}" '
-            f'alt="{html.escape(r["description"])}"><figcaption>#{r["rank"] + 1} · win {r["win_rate"]:.2f}'
-            f'{" · duplicate" if r["duplicate"] else ""}<br>{html.escape(r["description"])}</figcaption></figure>'
-            for r in cands)
-        cards.append(f'<section><h2>{html.escape(b["title"])} <small>{html.escape(b["product_id"])}</small></h2>'
-                     f'{figs}</section>')
+        figs = []
+        for r, (place, tied) in zip(cands, near_tie_places([r["win_rate"] for r in cands])):
+            cls = "tie" if tied and place == 1 else "best" if place == 1 else "cand"
+            mark = " (tie)" if tied else " best" if place == 1 else ""
+            desc = shown_html(r["description"], "candidates/")
+            alt = html.escape(clean_text(r["description"])[0], quote=True)
+            figs.append(
+                f'<figure class="{cls}"><img src="{html.escape(r["ad_path"])}" alt="{alt}">'
+                f'<figcaption>#{place}{mark} · win rate {100 * r["win_rate"]:.1f}%'
+                f'{" · duplicate" if r["duplicate"] else ""}<br>{desc}</figcaption></figure>')
+        cards.append(f'<section><h2>{shown_html(b["title"])} <small>{shown_html(b["product_id"])}</small></h2>'
+                     f'{"".join(figs)}</section>')
     (out / "gallery.html").write_text(
         "<!doctype html><meta charset=utf-8><title>caig-ray generated ads</title><style>"
         "body{font-family:sans-serif;margin:1em}section{margin-bottom:1.5em}figure{display:inline-block;"
         "width:170px;margin:4px;vertical-align:top;font-size:12px}img{width:160px;height:160px}"
-        ".best img{outline:4px solid #2a2}</style><h1>Generated ads, best first</h1>" + "".join(cards))
+        ".best img{outline:4px solid #2a2}.tie img{outline:4px dashed #a80}.cleaned .mark{color:#a60}</style>"
+        "<h1>Generated ads, best first</h1>"
+        f"<p>Ranked by RM win rate (mean debiased P(beats each other candidate)). Candidates whose win rates "
+        f"differ by less than {100 * GALLERY_TIE_GAP:g} point (or print the same) are marked (tie), dashed "
+        "outline: a tie for #1 is not called best. Descriptions marked [cleaned] had undecodable bytes or "
+        "control characters removed for display.</p>" + "".join(cards), encoding="utf-8")
 
 
 def _parts_rows(folder: Path) -> int:
@@ -140,6 +173,17 @@ def generate(cfg: CaigConfig, catalog: str | Path, out: str | Path, policy: str,
         raise ConfigError(f"{out} already holds generated ads: pass --resume to add the products not written "
                           "yet, or give an empty --out")
     out.mkdir(parents=True, exist_ok=True)
+    # what these ads are made from: a --resume with other models or settings would mix two runs' ads
+    inputs = {"catalog": str(catalog), "policy": str(policy), "rm": str(rm), "n": n, "seed": seed,
+              "renderer": cfg.renderer.model_dump(mode="json"), "policy_config": cfg.policy.model_dump(mode="json")}
+    record = out / "generate_inputs.json"
+    if resume and record.is_file():
+        before = json.loads(record.read_text())
+        changed = sorted(k for k in inputs if before.get(k) != inputs[k])
+        if changed:
+            raise ConfigError(f"--resume: {out} holds ads made with other {', '.join(changed)} ({record}): give the "
+                              "same inputs to add to them, or a new --out")
+    record.write_text(json.dumps(inputs, indent=1))
     res = cfg.resources
     started = init_ray()
     try:
@@ -217,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume and out.staged:  # what an earlier run uploaded tells which products are written
             out.child("candidates").download()
             out.child("best").download()
+            out.child("generate_inputs.json").download()
         return generate(cfg, catalog, out.local, model_arg(args.policy, cfg), rm, args.n, args.seed, args.resume,
                         args.on_bad_rows, args.image_root)
 

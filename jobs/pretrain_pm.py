@@ -18,7 +18,6 @@ from pathlib import Path
 from caig_ray.config import CaigConfig
 from caig_ray.data import read_catalog, read_click_logs
 from caig_ray.ds import deepspeed_config
-from caig_ray.models.vlm import check_model_folder
 from caig_ray.pairs import split_products
 from caig_ray.storage import Output, model_location, new_run_id, resolve_output
 from caig_ray.world import WorldLayout
@@ -114,6 +113,8 @@ def pretrain_pm(cfg: CaigConfig, world_dir: str | Path | None, out: str | Path |
     policy = model_location(pick("--world", None, "policy.model_path", cfg.policy.model_path, lay and lay.policy),
                             cfg.storage)
     run_id = new_run_id()
+    from caig_ray.models.vlm import check_model_folder
+
     check_model_folder(policy, "policy.model_path", kind="policy")
     products = read_catalog(catalog)
     read_click_logs(click_logs)  # refuse bad input before any worker starts

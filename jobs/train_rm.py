@@ -23,7 +23,6 @@ from caig_ray.config import CaigConfig
 from caig_ray.data import DataError, read_click_logs
 from caig_ray.data.clicklogs import pair_images
 from caig_ray.ds import deepspeed_config, lr_scheduler
-from caig_ray.models.vlm import check_model_folder
 from caig_ray.pairs import mine_rm_pairs, redraw_pair
 from caig_ray.prompts import template_index
 from caig_ray.storage import Output, model_location, new_run_id, resolve_output
@@ -171,6 +170,8 @@ def train_rm(cfg: CaigConfig, world_dir: str | Path | None, out: str | Path | Ou
         raise DataError(f"{click_logs}: {n_train} training pair(s) for {placement.num_workers} worker(s): a pair is two "
                         f"creatives of one product, each with > {cfg.market.min_impressions} impressions, whose CTR "
                         f"ratio lies in {list(band)} (train_rm.train_band / market.band)")
+    from caig_ray.models.vlm import check_model_folder
+
     check_model_folder(backbone, "reward.backbone_path", kind="backbone")
     init_ray(None if placement.use_gpu else max(2, placement.num_workers))
     from caig_ray.actors.catalog import check_click_log_images

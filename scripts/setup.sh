@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up caig-ray in ./.venv on a fresh CPU machine (idempotent: a second run is quick).
 # torch is pinned to the 2.13.0 CPU wheel: an unpinned torch would pull a multi-GB CUDA build.
-# On a GPU cluster install your CUDA torch first and run: pip install -e .
+# On a GPU cluster install your CUDA torch first and run: pip install -c constraints.txt -e .
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -191,6 +191,10 @@ def test_generate_resumed_after_a_kill_writes_each_product_exactly_once(quick_wo
         proc.wait(timeout=60)
     written_before = pq.read_table(cands).num_rows // 2
     assert 0 < written_before < 24, written_before
+    other = subprocess.run(cmd[:-1] + ["3", "--resume"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=120)  # other settings would mix two runs' ads: refused, nothing written
+    assert other.returncode == 2 and "holds ads made with other n" in other.stderr, other.stderr[-2000:]
+    assert pq.read_table(cands).num_rows // 2 == written_before
     done = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "generate_summary.json").read_text())

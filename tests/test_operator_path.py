@@ -142,6 +142,9 @@ def test_a_model_is_read_from_object_storage_through_one_cached_copy_per_node(qu
     uri = model_location("s3://caig-runs/storage/models/pm", s3_store)  # the storage's endpoint is carried over
     assert uri == stored.uri
     assert check_model_folder(uri, "--policy") == "qwen2_vl"
+    assert not (tmp_path / "cache").exists()  # checked where it is stored: nothing downloaded for the check
+    with pytest.raises(ModelFolderError, match="not a trained reward model"):  # weight names read from the store
+        check_model_folder(uri, "--rm", kind="reward")
     folder = local_model(uri)
     assert _digest(folder) == {**_digest(quick_world.policy), ".caig-model.json": _digest(folder)[".caig-model.json"]}
     stamp = (folder / "config.json").stat().st_mtime_ns
@@ -152,7 +155,7 @@ def test_a_model_is_read_from_object_storage_through_one_cached_copy_per_node(qu
     with fs.open_output_stream(f"{path}/extra.txt") as f:
         f.write(b"new file")
     assert (local_model(uri) / "extra.txt").read_bytes() == b"new file"
-    with pytest.raises(ModelFolderError, match="--rm: model s3://caig-runs/storage/models/nope"):
+    with pytest.raises(ModelFolderError, match="--rm: model folder not found: s3://caig-runs/storage/models/nope"):
         check_model_folder(model_location("s3://caig-runs/storage/models/nope", s3_store), "--rm", kind="reward")
 
 
@@ -167,3 +170,104 @@ def test_the_entrypoints_install_under_the_projects_name_only(tmp_path):
     res = subprocess.run([sys.executable, "-c", "import caig_ray.jobs.cli, caig_ray.actors.stream"], cwd=tmp_path,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_every_flag_wins_over_the_config_key_it_overrides(quick_world, tmp_path, monkeypatch, capsys):
+    """Each job's flags against a config that sets the same keys otherwise: the job receives the
+    flag's value (the job function is replaced by one that records what it was given)."""
+    from caig_ray.jobs import caig, generate, pretrain_pm, train_rm
+
+    seen = {}
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"""base: quick
+storage: {tmp_path / 'configured-storage'}
+train_rm: {{epochs: 7, lr: 0.5, zero_stage: 3, max_pairs: 99}}
+pretrain: {{epochs: 7, zero_stage: 3}}
+online: {{rounds: 7}}
+data: {{catalog: {tmp_path / 'configured.json'}}}
+reward: {{backbone_path: {tmp_path / 'configured-backbone'}, model_path: {tmp_path / 'configured-rm'}}}
+""")
+    monkeypatch.setattr(train_rm, "train_rm", lambda c, world, out: seen.update(cfg=c, out=out) or {})
+    base = ["--config", str(cfg), "--world", str(quick_world.root)]
+    assert train_rm.main([*base, "--out", "rm", "--epochs", "1", "--lr", "0.01", "--zero-stage", "2",
+                          "--max-pairs", "16", "--init-from", str(quick_world.policy),
+                          "--storage", str(tmp_path / "flag-storage")]) == 0
+    tc = seen["cfg"].train_rm
+    assert (tc.epochs, tc.lr, tc.zero_stage, tc.max_pairs) == (1, 0.01, 2, 16)
+    assert seen["cfg"].reward.backbone_path == str(quick_world.policy)
+    assert seen["out"].local == tmp_path / "flag-storage" / "rm"
+    assert train_rm.main([*base, "--out", "rm2"]) == 0  # no flags: the config's values
+    assert (seen["cfg"].train_rm.epochs, seen["cfg"].reward.backbone_path) == (7, str(tmp_path / "configured-backbone"))
+
+    monkeypatch.setattr(pretrain_pm, "pretrain_pm", lambda c, world, out: seen.update(cfg=c) or {})
+    assert pretrain_pm.main([*base, "--out", "pm", "--epochs", "0.5", "--zero-stage", "1"]) == 0
+    assert (seen["cfg"].pretrain.epochs, seen["cfg"].pretrain.zero_stage) == (0.5, 1)
+
+    monkeypatch.setattr(caig, "train", lambda c, out, policy, rm, catalog, resume, **kw: seen.update(
+        cfg=c, rm=rm, catalog=catalog) or {})
+    common = ["--config", str(cfg), "--policy", str(quick_world.policy)]
+    assert caig.main([*common, "--out", "r1", "--rounds", "2", "--catalog", str(quick_world.catalog),
+                      "--rm", str(quick_world.reward)]) == 0
+    assert (seen["cfg"].online.rounds, seen["catalog"], seen["rm"]) == (2, str(quick_world.catalog),
+                                                                       str(quick_world.reward))
+    assert caig.main([*common, "--out", "r2", "--world", str(quick_world.root)]) == 0  # --world's catalog
+    assert seen["catalog"] == str(quick_world.catalog) and seen["rm"] == str(tmp_path / "configured-rm")
+    assert caig.main([*common, "--out", "r3"]) == 0  # neither: the config's data.catalog
+    assert (seen["cfg"].online.rounds, seen["catalog"]) == (7, str(tmp_path / "configured.json"))
+
+    monkeypatch.setattr(generate, "generate", lambda c, catalog, out, policy, rm, *a: seen.update(
+        catalog=catalog, rm=rm) or {})
+    assert generate.main([*common, "--out", "g1", "--catalog", str(quick_world.catalog),
+                          "--rm", str(quick_world.reward)]) == 0
+    assert (seen["catalog"], seen["rm"]) == (str(quick_world.catalog), str(quick_world.reward))
+    assert generate.main([*common, "--out", "g2"]) == 0
+    assert (seen["catalog"], seen["rm"]) == (str(tmp_path / "configured.json"), str(tmp_path / "configured-rm"))
+    capsys.readouterr()
+
+
+def test_resume_finishes_a_run_stopped_after_its_last_checkpoint_and_refuses_a_finished_one(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from caig_ray.config import load_config
+    from caig_ray.jobs.caig import OnlineLoop
+    from caig_ray.online import RunRecord
+    from caig_ray.storage import Output, OutputInUse
+
+    run = Output(tmp_path / "run")
+    loop = SimpleNamespace(store=run, oc=load_config("quick").online)  # online.rounds: 2
+    fresh = OnlineLoop._claim(loop, resume=True)  # absent folder: a new run
+    assert fresh.status == "running" and fresh.rounds_done == 0
+    run.local.mkdir()
+    (run.local / "notes.txt").write_text("a user's file")
+    with pytest.raises(OutputInUse, match="holds no caig-ray run"):
+        OnlineLoop._claim(loop, resume=True)
+    (run.local / "notes.txt").unlink()
+    stopped = RunRecord(run_id="r1", started_at="t", rounds=2, rounds_done=2)  # killed before saving its policy
+    (run.local / "run.json").write_text(stopped.to_json())
+    assert OnlineLoop._claim(loop, resume=True).run_id == "r1"
+    assert "finishing run r1" in capsys.readouterr().err
+    with pytest.raises(OutputInUse, match="a new --out"):
+        OnlineLoop._claim(loop, resume=False)
+    (run.local / "run.json").write_text(RunRecord(run_id="r1", started_at="t", rounds=2, rounds_done=2,
+                                                  status="finished").to_json())
+    with pytest.raises(OutputInUse, match="run r1 finished at round 2; pass a new --out"):
+        OnlineLoop._claim(loop, resume=True)
+
+
+def test_overwrite_replaces_a_stored_single_file_output(quick_world, s3_store, tmp_path, monkeypatch):
+    """evaluate-rm --overwrite onto an object store: the stored file is replaced (not a crash)."""
+    from caig_ray.jobs import evaluate_rm
+    from caig_ray.storage import resolve_output
+
+    stored = resolve_output(s3_store, "evals/rm_eval.json")
+    stored.local.parent.mkdir(parents=True, exist_ok=True)
+    stored.local.write_text('{"old": true}')
+    stored.upload()
+    monkeypatch.setattr(evaluate_rm, "evaluate_rm", lambda cfg, world, rm, out: (
+        out.parent.mkdir(parents=True, exist_ok=True), out.write_text('{"new": true}')) and {"new": True})
+    argv = ["--preset", "quick", "--storage", s3_store, "--world", str(quick_world.root), "--rm",
+            str(quick_world.reward), "--out", "evals/rm_eval.json"]
+    assert evaluate_rm.main(argv) == 2  # used: refused
+    assert evaluate_rm.main([*argv, "--overwrite"]) == 0
+    fetched = type(stored)(tmp_path / "fetched.json", stored.uri)
+    assert fetched.download() and json.loads(fetched.local.read_text()) == {"new": True}

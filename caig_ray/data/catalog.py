@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from caig_ray.errors import CaigError
 from caig_ray.imaging import png_bytes, rgba_from_white_background
 
 
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 MAX_TITLE_CHARS = 2000  # a product title longer than this is refused (a 100k-character one stalls the PM)
 
 
-class DataError(ValueError):
+class DataError(CaigError, ValueError):
     """Input data that cannot be used; the message names the file, the row and the field."""
 
 

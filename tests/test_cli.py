@@ -1,0 +1,83 @@
+"""The CLI as scripts use it: the result alone on stdout (one JSON document), logs on stderr, a fast
+``--help`` that loads no model stack, ``--version``, no traceback on a closed pipe, and a quiet log
+when another Ray runs on the host."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+CLI = [sys.executable, "-m", "caig_ray.jobs.cli"]
+HEAVY = ("torch", "ray", "transformers", "diffusers", "deepspeed", "matplotlib")
+
+
+@pytest.mark.parametrize("command", ["train", "train-rm", "pretrain-pm", "evaluate-rm", "generate", "make-world",
+                                     "demo", "config"])
+def test_help_loads_no_model_stack(command):
+    code = ("import sys\nfrom caig_ray.jobs.cli import main\n"
+            f"try:\n    main([{command!r}, '--help'])\nexcept SystemExit:\n    pass\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "[]", (command, res.stdout[-300:])  # nothing heavy imported
+    assert "usage:" in res.stdout and wall < 10  # the bound that matters is the import list above
+
+
+def test_version_and_a_closed_pipe():
+    res = subprocess.run([*CLI, "--version"], capture_output=True, text=True)
+    assert res.returncode == 0 and re.fullmatch(r"caig-ray \d+\.\d+\.\d+\S*\n", res.stdout)
+    proc = subprocess.Popen([*CLI, "config", "show", "--preset", "gpu-cluster"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # what `| head -1` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_make_world_stdout_is_one_json_document(tmp_path):
+    res = subprocess.run([*CLI, "make-world", "--preset", "quick", "--no-models", "--out", str(tmp_path / "w")],
+                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout)  # the whole of stdout, nothing before or after
+    assert summary["n_products"] == 40
+    assert res.stderr.splitlines()[0] == "caig-ray make-world: config preset quick"
+    assert "world written to" in res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_train_rm_with_another_ray_on_the_host_logs_no_traceback(quick_world, tmp_path):
+    """A second Ray instance runs on this host (started and stopped here). The job's own processes are
+    given its address, so Ray Train's helpers do not find two and fail; the log has no traceback and no
+    error-level line, and stdout is the summary alone."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import ray, sys, time; ray.init(address='local', num_cpus=1, include_dashboard=False);"
+                               " print('up', flush=True); time.sleep(600)"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert other.stdout.readline().strip() == b"up"
+        res = subprocess.run([*CLI, "train-rm", "--preset", "quick", "--world", str(quick_world.root),
+                              "--out", str(tmp_path / "rm"), "--epochs", "1", "--max-pairs", "16"],
+                             capture_output=True, text=True, env=env, timeout=360)
+    finally:
+        other.send_signal(signal.SIGINT)  # its driver shuts its own instance down on the way out
+        try:
+            other.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(other.pid, signal.SIGKILL)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout)["num_workers"] == 2
+    assert "multiple active Ray instances" not in res.stderr
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    # Ray's own error lines ("[2026-12-01 22:19:57,852 E 1072 1122] core_worker.cc...") and logging's ERROR
+    error_lines = [line for line in res.stderr.splitlines()
+                   if re.search(r"\[\d{4}-\d\d-\d\d [\d:,.]+ E \d+ \d+\]| ERROR ", line)]
+    assert not error_lines, error_lines[:5]
