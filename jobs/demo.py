@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from caig_ray.config import ConfigError, load_config
 from caig_ray.data import DataError, load_log_image, read_catalog, read_click_logs
+from caig_ray.jobs._entry import configure_logging, print_result, stage, stdout_for_result
 from caig_ray.storage import Output, refuse_used
 from caig_ray.world import WorldLayout, make_world
 
@@ -33,9 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     p.add_argument("--skip-training", action="store_true", help="market only: no pretrain-pm / train-rm")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    from caig_ray.models.renderer import make_renderer  # here: `demo --help` loads no model stack
-    from caig_ray.report import ad_grid, ctr_heatmap
+    configure_logging()
+    with stdout_for_result() as result:  # the summary alone on stdout; every log line on stderr
+        return _demo(args, result)
 
+
+def _demo(args, result) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -50,13 +54,38 @@ def main(argv: list[str] | None = None) -> int:
         elif out.exists():
             out.unlink()
         plots.mkdir(parents=True, exist_ok=True)
-        world = make_world(cfg, out / "world")
+        with stage(f"demo [1/6] make-world ({cfg.market.n_products} products)"):
+            world = make_world(cfg, out / "world")
         lay = WorldLayout(out / "world")
         logs = read_click_logs(lay.click_logs)
         products = read_catalog(lay.catalog)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    with stage("demo [2/6] a look at the market (plots/)"):
+        _market_overview(cfg, lay, logs, products, plots)
+    summary = {
+        "preset": args.preset, "n_products": world["n_products"], "n_creatives": world["n_creatives"],
+        # make-world's ceiling is over all band pairs; evaluate-rm's (bayes_ceiling_test_pairs) over its test pairs
+        "bayes_ceiling_all_band_pairs": world["bayes_ceiling"], "n_band_pairs": world["n_band_pairs"],
+        "mean_true_ctr": world["mean_true_ctr"], "history_match_rate": world["history_match_rate"],
+        "stages_run": ["make-world", "market-overview"], "world_times": world["times"],
+    }
+    if not args.skip_training:
+        summary.update(_train_models(cfg, lay, out, plots))
+        summary["stages_run"] += ["pretrain-pm", "train-rm", "evaluate-rm", "train"]
+    summary["demo_wall_s"] = time.perf_counter() - t0  # the whole demo (online_wall_s: the online loop)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print_result(summary, result)
+    print(f"demo written to {out}: summary.json, plots/*.png", file=sys.stderr)
+    return 0
+
+
+def _market_overview(cfg, lay: WorldLayout, logs, products, plots: Path) -> None:
+    """True CTR by category x scene, a grid of historical ads, one product rendered by both renderers."""
+    from caig_ray.models.renderer import make_renderer
+    from caig_ray.report import ad_grid, ctr_heatmap
+
     truth = pq.read_table(lay.truth).to_pylist()
     ctr_heatmap(truth, plots / "market_ctr_heatmap.png")
     rng = np.random.default_rng(cfg.seed)
@@ -72,21 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     ads = proc.render([products[1].image] * 4, descs, [7] * 4) + tiny_sd.render([products[1].image] * 4, descs, [7] * 4)
     ad_grid([a.image for a in ads], [f"{r.kind}: {d}" for r in (proc, tiny_sd) for d in descs],
             plots / "renderers.png", cols=4)
-    summary = {
-        "preset": args.preset, "n_products": world["n_products"], "n_creatives": world["n_creatives"],
-        # make-world's ceiling is over all band pairs; evaluate-rm's (bayes_ceiling_test_pairs) over its test pairs
-        "bayes_ceiling_all_band_pairs": world["bayes_ceiling"], "n_band_pairs": world["n_band_pairs"],
-        "mean_true_ctr": world["mean_true_ctr"], "history_match_rate": world["history_match_rate"],
-        "stages_run": ["make-world", "market-overview"], "world_times": world["times"],
-    }
-    if not args.skip_training:
-        summary.update(_train_models(cfg, lay, out, plots))
-        summary["stages_run"] += ["pretrain-pm", "train-rm", "evaluate-rm", "train"]
-    summary["demo_wall_s"] = time.perf_counter() - t0  # the whole demo (online_wall_s: the online loop)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary, indent=1))
-    print(f"demo written to {out}: summary.json, plots/*.png", file=sys.stderr)
-    return 0
 
 
 def _train_models(cfg, lay: WorldLayout, out: Path, plots: Path) -> dict:
@@ -102,19 +116,23 @@ def _train_models(cfg, lay: WorldLayout, out: Path, plots: Path) -> dict:
     started = init_ray(max(2, cfg.resources.reward_training.num_workers, cfg.resources.pretraining.num_workers))
     try:
         t = time.perf_counter()
-        pm = pretrain_pm(cfg, lay.root, out / "pm")
+        with stage("demo [3/6] pretrain-pm (the PM's e-commerce SFT)"):
+            pm = pretrain_pm(cfg, lay.root, out / "pm")
         pm_s = time.perf_counter() - t
         t = time.perf_counter()
-        rm = train_rm(_init_from(cfg, out / "pm"), lay.root, out / "rm")  # CAIG: the RM starts from the pretrained PM
+        with stage("demo [4/6] train-rm (from the pretrained PM)"):
+            rm = train_rm(_init_from(cfg, out / "pm"), lay.root, out / "rm")  # CAIG: the RM starts from the pretrained PM
         rm_s = time.perf_counter() - t
     finally:
         if started:
             ray.shutdown()
-    ev = evaluate_rm(cfg, lay.root, out / "rm", out / "rm_eval.json")
+    with stage("demo [5/6] evaluate-rm (RM vs chance, a CNN and the Bayes ceiling)"):
+        ev = evaluate_rm(cfg, lay.root, out / "rm", out / "rm_eval.json")
     from caig_ray.jobs.caig import train
 
     t = time.perf_counter()
-    online = train(cfg, out / "online", str(out / "pm"), str(out / "rm"), str(lay.catalog))
+    with stage(f"demo [6/6] train: the online DPO+PCPO loop ({cfg.online.rounds} rounds)"):
+        online = train(cfg, out / "online", str(out / "pm"), str(out / "rm"), str(lay.catalog))
     online_s = time.perf_counter() - t
     bar_chart({"chance": 0.5, "CNN baseline": ev["cnn_baseline_accuracy_logged"],
                "RM": ev["rm_accuracy_logged"], "RM debiased": ev["rm_debiased_accuracy_logged"],
