@@ -15,8 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 KUBE_MANIFESTS = ("raycluster.yaml", "rayjob.yaml", "rayjob-online.yaml", "rayservice.yaml")
 JOB_MANIFESTS = ("rayjob.yaml", "rayjob-online.yaml")
-# the Secret every manifest's Ray containers read the Ray token from (docs/cluster.md creates it)
-TOKEN_SECRET = {"name": "ray-auth", "key": "token"}
+# the Secret holding the Ray token (docs/cluster.md creates it): KubeRay's authOptions.secretName, and
+# the key KubeRay reads (its RAY_AUTH_TOKEN_SECRET_KEY); the operator injects RAY_AUTH_TOKEN from it
+TOKEN_SECRET = {"name": "ray-auth", "key": "auth_token"}
+# KubeRay's authOptions of every cluster spec (KubeRay >= v1.6.0: secretName)
+AUTH_OPTIONS = {"mode": "token", "secretName": TOKEN_SECRET["name"]}
+# what KubeRay's authOptions sets on every Ray container, the autoscaler and a RayJob's submitter
+KUBERAY_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
 
 
 def _load(name):
@@ -144,7 +149,8 @@ def test_aws_launcher_installs_this_checkout_on_every_node():
     assert doc["file_mounts"]["~/caig-ray"] == "."
     assert (ROOT / doc["file_mounts"]["~/caig-ray"] / "pyproject.toml").is_file()
     setup = doc["setup_commands"]
-    assert "pip install ~/caig-ray" in setup and not any(" -e " in c or "--editable" in c for c in setup)
+    assert "pip install -c ~/caig-ray/constraints.txt ~/caig-ray" in setup
+    assert not any(" -e " in c or "--editable" in c for c in setup)
     ray_pin = next(c for c in setup if "ray[" in c)
     assert f"=={_dockerfile_ray_version()}" in ray_pin
     assert "/.venv/" in doc["rsync_exclude"] and "/.git/" in doc["rsync_exclude"] and doc["rsync_filter"] == [".gitignore"]
@@ -285,15 +291,68 @@ def _ray_processes(manifest: str):
             yield f"{manifest} submitter/{c['name']}", c.get("env") or []
 
 
-def test_every_ray_process_runs_with_token_auth_from_a_secret():
+def test_every_cluster_spec_turns_on_kuberays_token_auth_with_the_secret():
+    """KubeRay's authOptions on every RayCluster spec (the RayJobs' rayClusterSpec, the RayService's
+    rayClusterConfig): the operator then gives every Ray process the token and presents it itself on
+    its calls to the head (RayJob status, RayService Serve config), which env vars alone cannot do."""
+    from packaging.version import Version
+
+    for manifest, doc in _cluster_specs():
+        spec = doc["spec"]
+        assert spec.get("authOptions") == AUTH_OPTIONS, manifest
+        assert Version(spec["rayVersion"]) >= Version("2.52.0"), manifest  # KubeRay refuses token mode below
+
+
+def test_no_container_sets_the_auth_env_kuberay_injects():
+    """authOptions makes KubeRay add RAY_AUTH_MODE and RAY_AUTH_TOKEN to every group's Ray container,
+    the autoscaler sidecar and a RayJob's submitter; a hand-written copy is at best redundant (KubeRay
+    >= 1.6 skips a name already set) and at worst a duplicate env name (1.5.x appends)."""
+    for manifest in KUBE_MANIFESTS:
+        processes = list(_ray_processes(manifest))
+        assert any("autoscaler" in where for where, _ in processes), manifest
+        for where, env_list in processes:
+            names = {e["name"] for e in env_list}
+            assert not names & {*KUBERAY_AUTH_ENV, "RAY_AUTH_TOKEN_PATH"}, where
+
+
+def _secret_refs(node):
+    for n in _walk(node):
+        if isinstance(n, dict) and isinstance(n.get("secretKeyRef"), dict):
+            yield n["secretKeyRef"]
+
+
+def test_every_hand_set_ray_auth_env_matches_the_secret_key():
+    """Whatever Ray auth env a manifest still sets by hand agrees with the Secret KubeRay reads: mode
+    token, the token from Secret ray-auth, key auth_token (required, never inline); and every
+    reference to that Secret names that key."""
+    for name, doc in _all_docs():
+        for node in _walk(doc):
+            if not (isinstance(node, dict) and isinstance(node.get("env"), list)):
+                continue
+            for e in node["env"]:
+                if e.get("name") == "RAY_AUTH_MODE":
+                    assert e.get("value") == "token", (name, e)
+                if e.get("name") == "RAY_AUTH_TOKEN":
+                    assert "value" not in e, name  # never the token itself in a manifest
+                    ref = (e.get("valueFrom") or {}).get("secretKeyRef") or {}
+                    assert {k: ref.get(k) for k in TOKEN_SECRET} == TOKEN_SECRET and not ref.get("optional"), name
+        for ref in _secret_refs(doc):
+            if ref.get("name") == TOKEN_SECRET["name"]:
+                assert ref.get("key") == TOKEN_SECRET["key"], (name, ref)
+
+
+def test_no_duplicate_env_names_in_any_container():
+    """Every env list (each container, init container, the autoscaler's) names each variable once --
+    also after KubeRay adds its auth variables the way v1.5.x does (appending)."""
+    for name, doc in _all_docs():
+        for node in _walk(doc):
+            if isinstance(node, dict) and isinstance(node.get("env"), list):
+                names = [e["name"] for e in node["env"]]
+                assert len(names) == len(set(names)), (name, names)
     for manifest in KUBE_MANIFESTS:
         for where, env_list in _ray_processes(manifest):
-            env = {e["name"]: e for e in env_list}
-            assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", where
-            token = env.get("RAY_AUTH_TOKEN", {})
-            assert "value" not in token, where  # never the token itself in a manifest
-            ref = token.get("valueFrom", {}).get("secretKeyRef", {})
-            assert {k: ref.get(k) for k in TOKEN_SECRET} == TOKEN_SECRET and not ref.get("optional"), where
+            names = [e["name"] for e in env_list] + list(KUBERAY_AUTH_ENV)
+            assert len(names) == len(set(names)), where
 
 
 def _walk(node):
@@ -315,12 +374,15 @@ def _all_docs():
 def test_no_manifest_disables_auth():
     for name in (*KUBE_MANIFESTS, "serve.yaml", "aws-launcher.yaml"):
         text = (CLUSTER / name).read_text()
+        assert not re.search(r"disabled", re.sub(r"#.*", "", text)), name  # no `disabled` mode anywhere
         assert not re.search(r"RAY_AUTH_MODE\s*=\s*\"?disabled", text), name
-        assert not re.search(r"value:\s*\"?disabled", text), name
+        assert not re.search(r"(value|mode):\s*[\"']?disabled", text), name
     for name, doc in _all_docs():
         for node in _walk(doc):
             if isinstance(node, dict) and node.get("name") == "RAY_AUTH_MODE":
                 assert node.get("value") == "token", name
+            if isinstance(node, dict) and "authOptions" in node:
+                assert (node["authOptions"] or {}).get("mode") == "token", name
             if isinstance(node, str):
                 assert not re.search(r"RAY_AUTH_MODE=(?!token\b)", node), (name, node)
     launcher = _load("aws-launcher.yaml")
@@ -398,9 +460,75 @@ def test_dockerfile_installs_the_project_offline_ready_and_not_editable():
     major, minor = (int(x) for x in re.match(r"pytorch/pytorch:(\d+)\.(\d+)\.\d+-cuda", base).groups())
     assert (major, minor) >= (2, 6)  # pyproject: torch>=2.6, a CUDA build
     assert re.search(r"^ENV HF_HUB_OFFLINE=1\b", text, re.M)
-    installs = [line for line in text.splitlines() if "pip install" in line]
-    assert installs and not any(" -e " in line or "--editable" in line for line in installs)
-    assert any(re.search(r"pip install .* \.(\s|$)", line) for line in installs)
+    installs = [run for run in _dockerfile_runs() if "pip install" in run]
+    assert installs and not any(" -e " in run or "--editable" in run for run in installs)
+    assert any(re.search(r"pip install .* \.(\s|$)", run) for run in installs)
+
+
+# the build's copy of constraints.txt, less the pins the base image's torch does not accept
+IMAGE_CONSTRAINTS = "/tmp/constraints-image.txt"
+
+
+def _dockerfile_runs() -> list[str]:
+    """Each RUN instruction's shell command, its continuation lines joined as Docker joins them."""
+    joined = re.sub(r"\\\n", "", _dockerfile())
+    return [line[len("RUN "):] for line in joined.splitlines() if line.startswith("RUN ")]
+
+
+def _constraint_pins() -> list[str]:
+    return [s.strip() for s in (ROOT / "constraints.txt").read_text().splitlines()
+            if s.strip() and not s.startswith("#")]
+
+
+def test_the_image_and_the_launcher_install_with_the_repos_constraints():
+    """Both installs pin every dependency to constraints.txt (what CI ran with): the Dockerfile copies it
+    into the build and installs with it (through the build's copy, see the next test); the launcher's
+    nodes install with the checkout's copy."""
+    copied = [src for srcs, dest in _dockerfile_copies() for src in srcs if dest == "./"]
+    assert "constraints.txt" in copied
+    (make,) = [r for r in _dockerfile_runs() if f"constraints.txt {IMAGE_CONSTRAINTS}" in r]
+    (install,) = [r for r in _dockerfile_runs() if re.search(r"pip install .* \.(\s|$)", r)]
+    assert re.search(rf"pip install -c {IMAGE_CONSTRAINTS} -c /tmp/torch-constraints.txt ", install), install
+    assert _dockerfile_runs().index(make) < _dockerfile_runs().index(install)  # made before it is used
+    ray_pin = [p for p in _constraint_pins() if p.lower().startswith("ray==")]
+    assert ray_pin == [f"ray=={_dockerfile_ray_version()}"]  # the image's Ray is the constraints' Ray
+    assert not [p for p in _constraint_pins() if p.lower().startswith("torch==")]  # the base's CUDA torch stays
+    setup = _load("aws-launcher.yaml")["setup_commands"]
+    installs = [c for c in setup if "pip install" in c]
+    assert installs and all(c.startswith("pip install -c ~/caig-ray/constraints.txt ") for c in installs), installs
+
+
+def _run_image_constraints_step(tmp_path, pythonpath=None):
+    (make,) = [r for r in _dockerfile_runs() if f"constraints.txt {IMAGE_CONSTRAINTS}" in r]
+    out = tmp_path / "constraints-image.txt"
+    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    if pythonpath:
+        env["PYTHONPATH"] = str(pythonpath)
+    res = subprocess.run(["/bin/sh", "-c", make.replace(IMAGE_CONSTRAINTS, str(out))], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout, out.read_text().splitlines()
+
+
+def test_the_image_keeps_every_constraint_the_base_torch_accepts(tmp_path):
+    """The Dockerfile's step that makes the build's constraints, run as Docker runs it: with CI's own torch
+    (this venv's) it keeps every pin; with torch 2.6.0 (the default base image's, which requires
+    sympy==1.13.1) it leaves out only the sympy pin, and says so."""
+    stdout, kept = _run_image_constraints_step(tmp_path)
+    assert kept == _constraint_pins(), stdout
+    fake = tmp_path / "site"
+    (fake / "torch-2.6.0.dist-info").mkdir(parents=True)
+    (fake / "torch-2.6.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: torch\nVersion: 2.6.0\nRequires-Dist: filelock\n"
+        "Requires-Dist: typing-extensions>=4.10.0\nRequires-Dist: networkx\n"
+        "Requires-Dist: triton==3.2.0; platform_system == \"Linux\" and platform_machine == \"x86_64\"\n"
+        "Requires-Dist: setuptools; python_version >= \"3.12\"\n"
+        "Requires-Dist: sympy==1.13.1; python_version >= \"3.9\"\n"
+        "Requires-Dist: opt-einsum>=3.3; extra == \"opt-einsum\"\n")
+    stdout, kept = _run_image_constraints_step(tmp_path, pythonpath=fake)
+    (sympy,) = [p for p in _constraint_pins() if p.lower().startswith("sympy==")]
+    assert sympy != "sympy==1.13.1"  # else this case tests nothing
+    assert kept == [p for p in _constraint_pins() if p != sympy] and sympy in stdout, stdout
 
 
 def _dockerfile_copies() -> list[tuple[list[str], str]]:
