@@ -3,7 +3,8 @@
 Per round (CAIG): the policy samples N=2 descriptions per product (T=1.0); both are rendered with
 the same seed by a Ray Data renderer pool; the frozen RM (a scorer pool) picks chosen/rejected;
 duplicates are skipped and counted; DPO+PCPO steps train the policy (DeepSpeed ZeRO in a
-``PolicyGroup``) as soon as scored blocks arrive; the reference stays the pretrained PM. The pools
+``PolicyGroup``) as soon as scored blocks arrive; the reference stays the ``--policy`` the run started
+from (the pretrained PM, or an earlier run's policy a weekly run continues from). The pools
 live for the whole job (``actors/stream.py``). ``online.max_policy_lag`` rounds may be sampled
 ahead of training (0 = CAIG's strict rounds).
 
@@ -11,13 +12,15 @@ Every ``online.eval_every`` rounds (and before the first) the policy writes one 
 held-out product with a fixed sampling seed; its ad is rendered beside the pretrained PM's (same
 render seed) and scored by the RM (win rate); on the simulated market the oracle gives true CTR
 and match. Checkpoints (policy, optimizer, round, data position, pending samples) every
-``online.checkpoint_every`` rounds; ``--resume`` continues from the last one.
+``online.checkpoint_every`` rounds; a run folder holds one run (``run.json``: id, status, rounds done):
+a fresh run refuses a used folder, ``--resume`` continues the folder's run from its last checkpoint and
+refuses a finished one (docs/operations.md).
 
 The driver is the control plane: the catalog is validated on the cluster (``catalog/valid`` and
 ``catalog/rejects`` parts, actors/catalog.py) and the driver keeps ids, titles and an image reference
 per product; product images are opened by the renderers and the policy ranks from that reference.
 
-Run folder: config.yaml, metrics.jsonl, summary.json, checkpoints/, tensorboard/, catalog/, pairs/
+Run folder: run.json, config.yaml, metrics.jsonl, summary.json, checkpoints/, tensorboard/, catalog/, pairs/
 (round_XXX.parquet, eval_XXX.parquet: one row per pair, its ads in the ads/ part it names),
 plots/, report.html.
 """
