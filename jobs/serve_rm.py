@@ -6,13 +6,17 @@ uses; requests are batched with ``@serve.batch``; replicas autoscale from config
 API: ``POST /v1/score`` (a product and two base64 images -> P(first gets more clicks), the
 position-debiased P, the two predicted CTRs), ``POST /v1/rank`` (a product and 2-16 images -> best
 first), ``GET /healthz``; the OpenAPI schema is at ``/openapi.json``. Bad input is a 4xx naming the
-field and, for a limit, the limit (413 too large, 422 invalid), never a 500; every error body is
-``{"detail": [{"loc": [...], "msg": ..., "type": ...}]}``, FastAPI's validation-error shape. A replica
+field and, for a limit, the limit (413 too large, 422 invalid), never a 500; every error body --
+FastAPI's and Starlette's own answers too (a body that is not UTF-8 JSON: 422; 404; 405) -- is
+``{"detail": [{"loc": [...], "msg": ..., "type": ...}]}``, FastAPI's validation-error shape, and the
+OpenAPI document lists every status with that body and declares the serve limits. An image is
+decoded in full (a truncated PNG/JPEG is a 422) before anything is scored. A replica
 holding ``serve.max_queued_requests`` requests answers the next one 503 with ``Retry-After`` at once.
 With ``serve.api_key_env`` set, every request but ``GET /healthz`` and the API's own documents
 (``/openapi.json``, ``/docs``, ``/redoc``) must carry ``Authorization: Bearer <key>``, checked before
 anything else runs (401 otherwise). The model's forward runs in a worker thread, off the replica's
 event loop (health checks stay live). docs/serving.md describes the API, every status and the key.
+``caig-ray serve`` stops cleanly on SIGTERM as on Ctrl-C (Serve, and the Ray it started, shut down).
 """
 
 # no `from __future__ import annotations` here: FastAPI resolves the request models from real annotations
@@ -20,13 +24,16 @@ import argparse
 import asyncio
 import base64
 import binascii
+import contextlib
 import hmac
 import io
 import os
+import signal
+import struct
 import sys
 import time
-
-import contextlib
+import zlib
+from typing import Annotated
 
 from fastapi import FastAPI, HTTPException, Security
 from fastapi.exceptions import RequestValidationError
@@ -36,6 +43,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field, field_validator
 from ray import serve
 from ray.serve.exceptions import RayServeException
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from caig_ray.config import (CaigConfig, ConfigError, ReplicaPlacement, ServeConfig, config_from_dict)
 from caig_ray.data.catalog import to_8bit
@@ -76,10 +84,28 @@ class ErrorBody(BaseModel):
 
 
 ERRORS = {401: {"model": ErrorBody, "description": "no or a wrong API key (only with serve.api_key_env): send "
-                                                  "'Authorization: Bearer <key>'"},
-          413: {"model": ErrorBody, "description": "a field over a serve limit (the message names it)"},
-          422: {"model": ErrorBody, "description": "invalid input (the location names the field)"},
-          503: {"model": ErrorBody, "description": "the replica is full: retry after the Retry-After seconds"}}
+                                                  "'Authorization: Bearer <key>'",
+                "headers": {"WWW-Authenticate": {"description": "Bearer", "required": True,
+                                                 "schema": {"type": "string"}}}},
+          413: {"model": ErrorBody, "description": "a field over a serve limit (the message names it and the "
+                                                  "limit): the maxLength / maxProperties this document declares, "
+                                                  "or an image over serve.max_image_bytes / max_image_side"},
+          422: {"model": ErrorBody, "description": "invalid input (the location names the field): a body that is "
+                                                  "not UTF-8 JSON, a missing or mistyped field, an image that is not "
+                                                  "base64, not PNG/JPEG, or not complete"},
+          503: {"model": ErrorBody, "description": "the replica is full: retry after the Retry-After seconds",
+                "headers": {"Retry-After": {"description": "seconds", "required": True,
+                                            "schema": {"type": "string"}}}}}
+# Answered for paths and methods the document does not list (so they cannot sit under an operation):
+# in components.responses, with the same body, and said in info.description.
+OTHER_ANSWERS = {
+    "NotFound": {"description": "404: no such path (the paths are the ones this document lists)",
+                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}},
+    "MethodNotAllowed": {"description": "405: a method the path does not take (the Allow header lists those it "
+                                        "does)",
+                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+                         "headers": {"Allow": {"description": "the path's methods", "required": True,
+                                               "schema": {"type": "string"}}}}}
 
 
 def http_error(status: int, loc: list, msg: str, kind: str, headers: dict | None = None) -> HTTPException:
@@ -97,12 +123,17 @@ BEARER = HTTPBearer(auto_error=False, scheme_name="ApiKey",
 _OPEN = {("GET", "/healthz")}  # besides the API's own documents (app.openapi_url, docs_url, redoc_url)
 
 
-def _replica_api_key() -> bytes | None:
-    """The key this replica requires (``RewardScorerService.api_key``), None without one or outside a replica."""
+def _replica():
+    """This replica's ``RewardScorerService`` instance; None outside a replica."""
     try:
-        return serve.get_replica_context().servable_object.api_key
+        return serve.get_replica_context().servable_object
     except (RayServeException, AttributeError):
         return None
+
+
+def _replica_api_key() -> bytes | None:
+    """The key this replica requires (``RewardScorerService.api_key``), None without one or outside a replica."""
+    return getattr(_replica(), "api_key", None)
 
 
 def _auth_error(missing: bool) -> JSONResponse:
@@ -148,21 +179,83 @@ class RequireApiKey:
 app.add_middleware(RequireApiKey)
 
 
+DOCUMENT_NOTE = (
+    "Every error answer has the ErrorBody shape ({\"detail\": [{\"loc\", \"msg\", \"type\"}]}). Each operation "
+    "lists its statuses; a body that is not UTF-8 JSON is its 422 (type json_invalid). A path this document does "
+    "not list is 404 (components.responses.NotFound) and a method a path does not take 405 with an Allow header "
+    "(MethodNotAllowed); with an API key configured, a request without it is 401 first. The limits are "
+    "declared as maxLength / maxProperties: over one is 413. Outside this contract, from Ray Serve itself: a "
+    "plain-text 503 while the deployment is unavailable and a plain-text 500 if a replica dies mid-request.")
+
+
+def max_image_chars(max_image_bytes: int) -> int:
+    """The longest base64 text that can decode to ``max_image_bytes`` bytes: a longer one is refused (413)
+    before it is decoded; one within it still is when it decodes to more (by 1 or 2 bytes at most)."""
+    return 4 * -(-max_image_bytes // 3)
+
+
+def _declare_limits(schema: dict, cfg: ServeConfig) -> None:
+    """This replica's serve limits into the document, as the JSON Schema bounds they are (over one: 413)."""
+    models = schema["components"]["schemas"]
+    product = models["Product"]["properties"]
+    product["title"]["maxLength"] = cfg.max_title_chars
+    attrs = next(s for s in product["attributes"]["anyOf"] if s.get("type") == "object")
+    attrs["maxProperties"] = cfg.max_attributes
+    attrs["propertyNames"] = {"maxLength": cfg.max_attribute_chars}
+    attrs["additionalProperties"]["maxLength"] = cfg.max_attribute_chars
+    for image in (models["ScoreRequest"]["properties"]["image_a"], models["ScoreRequest"]["properties"]["image_b"],
+                  models["RankRequest"]["properties"]["images"]["items"]):
+        image["maxLength"] = max_image_chars(cfg.max_image_bytes)
+        image["description"] = (image.get("description", "base64 PNG/JPEG of an ad") + f" (at most serve."
+                                f"max_image_bytes = {cfg.max_image_bytes} bytes once decoded, sides at most serve."
+                                f"max_image_side = {cfg.max_image_side} px: 413 over either)")
+
+
 def _openapi() -> dict:
-    """FastAPI's document; without a key on this replica, less the ApiKey scheme and the 401s."""
+    """FastAPI's document, plus this replica's limits and the 404/405 answers; without a key on this
+    replica, less the ApiKey scheme and the 401s."""
     if app.openapi_schema is None:
         schema = FastAPI.openapi(app)  # generates and caches app.openapi_schema
-        if _replica_api_key() is None:
+        replica = _replica()
+        if getattr(replica, "api_key", None) is None:
             schema.get("components", {}).pop("securitySchemes", None)
             for ops in schema["paths"].values():
                 for op in ops.values():
                     op.pop("security", None)
                     op.get("responses", {}).pop("401", None)
+        if getattr(replica, "cfg", None) is not None:
+            _declare_limits(schema, replica.cfg)
+        schema["components"]["responses"] = OTHER_ANSWERS
+        schema["info"]["description"] = DOCUMENT_NOTE
     return app.openapi_schema
 
 
 app.openapi = _openapi
 AUTH = [Security(BEARER)]
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request, exc: StarletteHTTPException) -> JSONResponse:
+    """Every HTTP error as ``ErrorBody``. Ours (``http_error``) already carry that detail; FastAPI's and
+    Starlette's own carry a string, and get it here: the 400 FastAPI answers for a body it cannot
+    parse (not UTF-8, nesting too deep) becomes the 422 of any other invalid JSON; 404 and 405 (its
+    Allow header kept) name what was wrong without echoing the path back."""
+    headers = dict(exc.headers or {})
+    if isinstance(exc.detail, list):
+        return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail}, headers=headers)
+    status = exc.status_code
+    if status == 400:  # FastAPI: "There was an error parsing the body"
+        status = 422
+        item = {"loc": ["body"], "msg": "the body is not valid UTF-8 JSON" if isinstance(exc.__cause__, UnicodeDecodeError)
+                else "the body could not be parsed as JSON", "type": "json_invalid"}
+    elif status == 404:
+        item = {"loc": ["path"], "msg": "no such path (the API's paths are listed in /openapi.json)", "type": "not_found"}
+    elif status == 405:
+        item = {"loc": ["method"], "msg": f"method not allowed on this path; allowed: {headers.get('Allow', '')}",
+                "type": "method_not_allowed"}
+    else:
+        item = {"loc": [], "msg": str(exc.detail), "type": "http_error"}
+    return JSONResponse(status_code=status, content={"detail": [item]}, headers=headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -174,10 +267,21 @@ async def _validation_error(request, exc: RequestValidationError) -> JSONRespons
     return JSONResponse(status_code=422, content={"detail": items})
 
 
+# base64 text (standard alphabet, no data: URI prefix) of a whole PNG or JPEG file
+ImageB64 = Annotated[str, Field(min_length=1, json_schema_extra={"contentEncoding": "base64", "format": "byte"})]
+
+
+class Health(BaseModel):
+    status: str = Field(description="'ok'")
+    model_path: str
+    started_at: float = Field(description="when this replica started (Unix time)")
+    requests_held: int = Field(description="requests this replica holds now")
+
+
 class ScoreRequest(BaseModel):
     product: Product
-    image_a: str = Field(description="base64 PNG/JPEG of the first ad")
-    image_b: str = Field(description="base64 PNG/JPEG of the second ad")
+    image_a: ImageB64 = Field(description="base64 PNG/JPEG of the first ad")
+    image_b: ImageB64 = Field(description="base64 PNG/JPEG of the second ad")
 
 
 class ScoreResponse(BaseModel):
@@ -189,7 +293,7 @@ class ScoreResponse(BaseModel):
 
 class RankRequest(BaseModel):
     product: Product
-    images: list[str] = Field(min_length=2, max_length=16, description="2-16 base64 PNG/JPEG ads")
+    images: list[ImageB64] = Field(min_length=2, max_length=16, description="2-16 base64 PNG/JPEG ads")
 
 
 class RankedImage(BaseModel):
@@ -202,10 +306,73 @@ class RankResponse(BaseModel):
     ranking: list[RankedImage]
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by IHDR colour type
+_ADAM7 = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
+
+
+def png_problem(raw: bytes) -> str | None:
+    """Why the PNG file ``raw`` is not whole, or None. Pillow decodes a PNG whose compressed pixel data
+    ends early (a file cut after a few rows and closed again) without an error, the missing rows
+    black; so here: every chunk complete with its CRC, IHDR first, the IDAT stream complete and
+    holding exactly the bytes the header's size, depth, colour type and interlacing need, IEND present.
+    Inflating to count costs one more pass over the pixel data, 64 KiB held at a time."""
+    pos, header, expected, got = len(PNG_SIGNATURE), None, 0, 0
+    stream = zlib.decompressobj()
+    while True:
+        if pos + 12 > len(raw):
+            return "the file ends inside a chunk, before IEND"
+        length, kind = struct.unpack(">I4s", raw[pos:pos + 8])
+        end = pos + 12 + length
+        if end > len(raw):
+            return f"the file ends inside the {kind.decode('latin-1')!r} chunk"
+        data = raw[pos + 8:end - 4]
+        if zlib.crc32(kind + data) != struct.unpack(">I", raw[end - 4:end])[0]:
+            return f"the {kind.decode('latin-1')!r} chunk fails its CRC"
+        pos = end
+        if header is None:
+            if kind != b"IHDR" or length != 13:
+                return "no IHDR chunk first"
+            w, h, depth, colour, _, _, interlace = header = struct.unpack(">IIBBBBB", data)
+            if colour not in _PNG_CHANNELS or interlace not in (0, 1):
+                return "an invalid IHDR chunk"
+            bits = _PNG_CHANNELS[colour] * depth
+            passes = _ADAM7 if interlace else [(0, 0, 1, 1)]
+            for x0, y0, dx, dy in passes:
+                pw, ph = max(0, -(-(w - x0) // dx)), max(0, -(-(h - y0) // dy))
+                if pw and ph:
+                    expected += ph * (1 + (pw * bits + 7) // 8)  # each row: a filter byte and its pixels
+        elif kind == b"IDAT":
+            try:
+                while not stream.eof and got <= expected:
+                    out = stream.decompress(data, 1 << 16)
+                    got, data = got + len(out), stream.unconsumed_tail
+                    if not data and len(out) < 1 << 16:  # (a full buffer may leave output pending: go on)
+                        break
+            except zlib.error:
+                return "its compressed pixel data is corrupt"
+        elif kind == b"IEND":
+            break
+    if not stream.eof:
+        return "its compressed pixel data is cut short"
+    if got != expected:
+        return (f"its pixel data holds {got} of the {expected} bytes its header needs" if got < expected else
+                "its pixel data holds more bytes than its header needs")
+    return None
+
+
 def decode_image(value: str, field: str, max_bytes: int, max_side: int) -> Image.Image:
-    """base64 -> RGB image; any failure is an HTTP 4xx naming ``field`` (and the limit, for a limit)."""
+    """base64 -> RGB image, decoded in full; any failure is an HTTP 4xx naming ``field`` (and the limit,
+    for a limit)."""
     loc = ["body", *field.replace("]", "").split("[")]
     loc = [int(x) if x.isdigit() else x for x in loc]
+    if value[:5].lower() == "data:":
+        raise http_error(422, loc, f"field '{field}': a data: URI; send only the base64 text after its "
+                                   "'base64,' (no 'data:image/png;base64,' prefix)", "data_uri")
+    if len(value) > max_image_chars(max_bytes):  # refused before decoding anything
+        raise http_error(413, loc, f"field '{field}': base64 of {len(value)} characters is over the "
+                                   f"{max_image_chars(max_bytes)} that serve.max_image_bytes ({max_bytes}) allows",
+                         "too_large")
     try:
         raw = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
@@ -220,11 +387,17 @@ def decode_image(value: str, field: str, max_bytes: int, max_side: int) -> Image
         if max(img.size) > max_side:  # checked on the header, before any pixel is decoded
             raise http_error(413, loc, f"field '{field}': image side {max(img.size)} px is over the "
                                        f"serve.max_image_side limit of {max_side} px", "too_large")
-        img.load()
+        problem = png_problem(raw) if img.format == "PNG" else None
+        if problem:
+            raise http_error(422, loc, f"field '{field}': incomplete PNG: {problem}", "image_truncated")
+        img.load()  # every pixel: a JPEG cut short raises here ("image file is truncated")
     except Image.DecompressionBombError:  # a header claiming a gigantic size, refused by Pillow before decoding
         raise http_error(413, loc, f"field '{field}': image size over the serve.max_image_side limit of {max_side} px",
                          "too_large") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except (UnidentifiedImageError, SyntaxError, ValueError, OSError) as e:  # (UnidentifiedImageError is an OSError)
+        if isinstance(e, OSError) and "truncated" in str(e) and not isinstance(e, UnidentifiedImageError):
+            raise http_error(422, loc, f"field '{field}': incomplete image: the file is cut short",
+                             "image_truncated") from None
         raise http_error(422, loc, f"field '{field}': not a PNG/JPEG image", "image") from None
     return to_8bit(img).convert("RGB")  # 16-bit grayscale scaled, not clipped to white
 
@@ -300,7 +473,7 @@ class RewardScorerService:
         finally:
             self.held -= 1
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health)
     async def healthz(self) -> dict:
         return {"status": "ok", "model_path": self.model_path, "started_at": self.started_at,
                 "requests_held": self.held}
@@ -380,6 +553,20 @@ def build_app(args: dict):
     return application(config_from_dict(args, "serve application args"))
 
 
+class StopServing(Exception):
+    """Raised in the main thread by SIGTERM or SIGINT (Ctrl-C): ``caig-ray serve`` shuts down and exits 0."""
+
+
+def _stop_serving(signum, frame):
+    raise StopServing(f"{signal.Signals(signum).name} received")
+
+
+def _stop_now(signum, frame):
+    print(f"caig-ray serve: a second {signal.Signals(signum).name} during the shutdown: exiting without finishing "
+          "it", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     from caig_ray.jobs._entry import add_config_args, load_job_config, model_arg, pick
     from caig_ray.jobs._ray import init_ray
@@ -404,21 +591,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg = full.serve
-    init_ray()
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app({"reward": {"model_path": full.reward.model_path}, "serve": cfg.model_dump(mode="json"),
-                         "resources": {"serve": full.resources.serve.model_dump(mode="json")}}),
-              name="caig-rm", route_prefix="/")
-    key = (f"API key required: 'Authorization: Bearer <${cfg.api_key_env}>'" if cfg.api_key_env else
-           "no API key: keep it behind an authenticating ingress (docs/serving.md)")
-    print(f"serving on http://{cfg.host}:{cfg.port} (POST /v1/score, /v1/rank; GET /healthz; /docs); {key}. "
-          "Ctrl-C stops.")
+    started_ray = init_ray()
+    # SIGTERM (Kubernetes, `kill`) stops like Ctrl-C. Installed after ray.init, which sets its own
+    # SIGTERM handler (sys.exit(15), nothing shut down); a second signal during the shutdown exits at once.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop_serving)
     try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        serve.run(build_app({"reward": {"model_path": full.reward.model_path}, "serve": cfg.model_dump(mode="json"),
+                             "resources": {"serve": full.resources.serve.model_dump(mode="json")}}),
+                  name="caig-rm", route_prefix="/")
+        key = (f"API key required: 'Authorization: Bearer <${cfg.api_key_env}>'" if cfg.api_key_env else
+               "no API key: keep it behind an authenticating ingress (docs/serving.md)")
+        print(f"serving on http://{cfg.host}:{cfg.port} (POST /v1/score, /v1/rank; GET /healthz; /docs); {key}. "
+              "Ctrl-C or SIGTERM stops.", flush=True)
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
+    except StopServing as stop:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _stop_now)
         serve.shutdown()
-    return 0
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+        print(f"caig-ray serve: {stop}: stopped Serve{' and the local Ray instance it started' if started_ray else ''}"
+              "; exiting", file=sys.stderr, flush=True)
+        return 0
 
 
 if __name__ == "__main__":
