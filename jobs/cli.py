@@ -16,7 +16,7 @@ COMMANDS = {
     "train": ("caig_ray.jobs.caig", "the online loop: sample, render, RM-score, DPO+PCPO train (Ray Data + DeepSpeed)"),
     "report": ("caig_ray.jobs.report", "write report.html for an online run folder"),
     "generate": ("caig_ray.jobs.generate", "write, render and rank ads for every product of a catalog"),
-    "serve": ("caig_ray.jobs.serve_rm", "live RM scoring over HTTP (Ray Serve + FastAPI)"),
+    "serve": ("caig_ray.jobs.serve", "live RM scoring over HTTP (Ray Serve + FastAPI)"),
     "evaluate-rm": ("caig_ray.jobs.evaluate_rm", "RM pairwise accuracy vs chance, a CNN baseline and the Bayes ceiling"),
     "config": ("caig_ray.jobs.config_show", "config show --preset NAME: the resolved config and where each job runs"),
 }

@@ -20,7 +20,6 @@ event loop (health checks stay live). docs/serving.md describes the API, every s
 """
 
 # no `from __future__ import annotations` here: FastAPI resolves the request models from real annotations
-import argparse
 import asyncio
 import base64
 import binascii
@@ -28,7 +27,6 @@ import contextlib
 import hmac
 import io
 import os
-import signal
 import struct
 import sys
 import time
@@ -47,7 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from caig_ray.config import (CaigConfig, ConfigError, ReplicaPlacement, ServeConfig, config_from_dict)
 from caig_ray.data.catalog import to_8bit
-from caig_ray.models.vlm import ModelFolderError, check_model_folder
+from caig_ray.models.vlm import check_model_folder
 from caig_ray.scoring import PairToScore, rank_round_robin, round_robin
 
 app = FastAPI(title="caig-ray reward model", version="1")
@@ -475,7 +473,8 @@ class RewardScorerService:
 
     @app.get("/healthz", response_model=Health)
     async def healthz(self) -> dict:
-        return {"status": "ok", "model_path": self.model_path, "started_at": self.started_at,
+        # the model's location without a URI's query (an endpoint, maybe credentials, stay private)
+        return {"status": "ok", "model_path": self.model_path.split("?")[0], "started_at": self.started_at,
                 "requests_held": self.held}
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=ERRORS, dependencies=AUTH)
@@ -524,6 +523,9 @@ def api_key_env_vars(cfg: ServeConfig) -> dict[str, str]:
 def application(full: CaigConfig, **options):
     """The bound Serve application for a resolved config; ``options`` override the deployment options
     (bench/serve_load.py --backpressure uses this to try Serve's own ``max_queued_requests``)."""
+    from caig_ray.jobs._entry import with_model_locations
+
+    full = with_model_locations(full)  # a model URI under an object-store storage takes its query
     check_model_folder(full.reward.model_path, "reward.model_path (the trained RM)", kind="reward")
     cfg, where = full.serve, full.resources.serve
     # The API key travels to the replicas in their runtime_env, copied from this (deploying) process.
@@ -553,71 +555,7 @@ def build_app(args: dict):
     return application(config_from_dict(args, "serve application args"))
 
 
-class StopServing(Exception):
-    """Raised in the main thread by SIGTERM or SIGINT (Ctrl-C): ``caig-ray serve`` shuts down and exits 0."""
-
-
-def _stop_serving(signum, frame):
-    raise StopServing(f"{signal.Signals(signum).name} received")
-
-
-def _stop_now(signum, frame):
-    print(f"caig-ray serve: a second {signal.Signals(signum).name} during the shutdown: exiting without finishing "
-          "it", file=sys.stderr, flush=True)
-    os._exit(1)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from caig_ray.jobs._entry import add_config_args, load_job_config, model_arg, pick
-    from caig_ray.jobs._ray import init_ray
-
-    p = argparse.ArgumentParser(prog="caig-ray serve", description=__doc__)
-    add_config_args(p)
-    p.add_argument("--rm", default=None, help="trained RM folder or object-store URI (train-rm --out); default: "
-                                             "reward.model_path")
-    p.add_argument("--host", default=None, help="override serve.host")
-    p.add_argument("--port", type=int, default=None, help="override serve.port")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    over = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
-    try:
-        full = load_job_config(args, {**({"serve": over} if over else {}),
-                                      **({"storage": args.storage} if args.storage else {})})
-        rm = pick("--rm", model_arg(args.rm, full), "reward.model_path", model_arg(full.reward.model_path, full))
-        full = full.model_copy(update={"reward": full.reward.model_copy(update={"model_path": rm})})
-        check_model_folder(full.reward.model_path, "reward.model_path (--rm)", kind="reward")
-        api_key_env_vars(full.serve)  # the key's variable is set: checked before Ray starts
-    except (ConfigError, ModelFolderError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    cfg = full.serve
-    started_ray = init_ray()
-    # SIGTERM (Kubernetes, `kill`) stops like Ctrl-C. Installed after ray.init, which sets its own
-    # SIGTERM handler (sys.exit(15), nothing shut down); a second signal during the shutdown exits at once.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _stop_serving)
-    try:
-        serve.start(http_options={"host": cfg.host, "port": cfg.port})
-        serve.run(build_app({"reward": {"model_path": full.reward.model_path}, "serve": cfg.model_dump(mode="json"),
-                             "resources": {"serve": full.resources.serve.model_dump(mode="json")}}),
-                  name="caig-rm", route_prefix="/")
-        key = (f"API key required: 'Authorization: Bearer <${cfg.api_key_env}>'" if cfg.api_key_env else
-               "no API key: keep it behind an authenticating ingress (docs/serving.md)")
-        print(f"serving on http://{cfg.host}:{cfg.port} (POST /v1/score, /v1/rank; GET /healthz; /docs); {key}. "
-              "Ctrl-C or SIGTERM stops.", flush=True)
-        while True:
-            time.sleep(3600)
-    except StopServing as stop:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, _stop_now)
-        serve.shutdown()
-        if started_ray:
-            import ray
-
-            ray.shutdown()
-        print(f"caig-ray serve: {stop}: stopped Serve{' and the local Ray instance it started' if started_ray else ''}"
-              "; exiting", file=sys.stderr, flush=True)
-        return 0
+from caig_ray.jobs.serve import main  # noqa: E402,F401  (`python -m caig_ray.jobs.serve_rm` as before)
 
 
 if __name__ == "__main__":

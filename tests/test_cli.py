@@ -17,7 +17,7 @@ HEAVY = ("torch", "ray", "transformers", "diffusers", "deepspeed", "matplotlib")
 
 
 @pytest.mark.parametrize("command", ["train", "train-rm", "pretrain-pm", "evaluate-rm", "generate", "make-world",
-                                     "demo", "config"])
+                                     "demo", "config", "serve", "report"])
 def test_help_loads_no_model_stack(command):
     code = ("import sys\nfrom caig_ray.jobs.cli import main\n"
             f"try:\n    main([{command!r}, '--help'])\nexcept SystemExit:\n    pass\n"
