@@ -69,7 +69,7 @@ class PolicyWorker:
                           # Ray gives each actor its own GPU as cuda:0 (CUDA_VISIBLE_DEVICES), so local rank 0
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         if not self.placement.use_gpu:
-            # gloo on CPU needs no shm comm op; its JIT build costs ~100 s (DESIGN.md §7)
+            # gloo on CPU needs no shm comm op; its JIT build costs ~100 s (docs/development.md, known traps)
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend="nccl" if self.placement.use_gpu else "gloo")
         self.policy = PolicyEngine(self.model_path, self.cfg, self.placement, self.rank, self.total_steps)

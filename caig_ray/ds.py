@@ -18,7 +18,7 @@ def deepspeed_config(zero_stage: int, dtype: str, micro_batch_size: int = 1, gra
     cfg = {
         "zero_optimization": {"stage": zero_stage},
         "gradient_clipping": "auto" if for_trl else gradient_clipping,
-        # a client torch optimizer (no JIT-built FusedAdam/CPUAdam; DESIGN.md §7)
+        # a client torch optimizer (no JIT-built FusedAdam/CPUAdam; docs/development.md, known traps)
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
     }

@@ -1,7 +1,7 @@
 """The policy on one rank, without Ray: a DeepSpeed ZeRO engine around the prompt model, its frozen
 reference, ZeRO-3 generation, micro-batched DPO+PCPO steps, checkpoints and the final model folder.
 
-DESIGN.md 8.2 is the memory budget this follows: micro-batches with gradient accumulation inside one
+docs/models.md, memory per GPU is the memory budget this follows: micro-batches with gradient accumulation inside one
 optimizer step, optional gradient checkpointing, selective log-softmax (``policy_ops.response_logps``),
 the whole model gathered once per ``generate`` call under ZeRO-3, loading under ``zero.Init``
 (``HfDeepSpeedConfig``) so no rank holds the whole model, and a reference that costs nothing with
@@ -46,7 +46,7 @@ class PolicyEngine:
         self._zero3_init = None
         if cfg.zero_stage == 3:
             # every from_pretrained below runs under deepspeed.zero.Init: each rank holds its shard
-            # only, never the whole model (DESIGN.md 8.2); keep the object alive while engines live
+            # only, never the whole model (docs/models.md, memory per GPU); keep the object alive while engines live
             from transformers.integrations import HfDeepSpeedConfig
 
             self._zero3_init = HfDeepSpeedConfig(ds_config)
@@ -85,7 +85,7 @@ class PolicyEngine:
         images = [as_image(p["image"], self.cfg.image_size) for p in products]
         ins = [pm_instruction(p["title"], p.get("attributes"), p.get("template", 0)) for p in products]
         size, out = self.cfg.generate_batch_size, []
-        # ZeRO-3: the whole model gathered once for this call (DESIGN.md 8.2), ranks decode independently;
+        # ZeRO-3: the whole model gathered once for this call (docs/models.md, memory per GPU), ranks decode independently;
         # products in chunks of generate_batch_size so the KV cache fits
         with gathered_for_generation(self.engine, self.cfg.zero_stage) as module:
             if self.cfg.gradient_checkpointing:

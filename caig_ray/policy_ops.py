@@ -82,7 +82,7 @@ def response_logps(model, batch: dict) -> torch.Tensor:
     """Summed log π(response | image, instruction) per row, computed only where it is needed: the
     model returns logits for the last positions that predict response tokens (``logits_to_keep``),
     and TRL's ``selective_log_softmax`` gathers each token's log-prob without a full-vocabulary fp32
-    tensor for every position (DESIGN.md 8.2: 384 MB for one 3,000-token LLaVA-NeXT sequence)."""
+    tensor for every position (docs/models.md, memory per GPU: 384 MB for one 3,000-token LLaVA-NeXT sequence)."""
     from trl.trainer.utils import selective_log_softmax
 
     inputs = {k: v for k, v in batch.items() if k != "response_mask"}

@@ -1,4 +1,4 @@
-"""Where a job's outputs live: ``storage`` (config) / ``--storage`` (flag). DESIGN.md §8.3.
+"""Where a job's outputs live: ``storage`` (config) / ``--storage`` (flag). docs/online-loop.md, storage.
 
 - unset: ``--out`` is a folder on this machine, as on a laptop.
 - a POSIX path -- a shared volume (NFS/EFS/Filestore PVC) mounted at the same path on every pod: a

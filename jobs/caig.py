@@ -170,7 +170,7 @@ class RoundPlan:
 class Feed:
     """Feed and stream: samples with the policy group a block at a time and puts each block into the
     pipeline as soon as it is sampled (renderers start on a round's first block while the policy
-    samples the next, DESIGN.md §8.4); takes scored blocks back by segment (kind, round). One per
+    samples the next, docs/online-loop.md, the driver is the control plane); takes scored blocks back by segment (kind, round). One per
     pipeline: a recovery builds a new one."""
 
     def __init__(self, cfg: CaigConfig, group, stream):

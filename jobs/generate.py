@@ -1,6 +1,6 @@
 """Batch ad generation for a catalog: ``python -m caig_ray.jobs.generate`` / ``caig-ray generate``.
 
-One streaming Ray Data pipeline (DESIGN.md §8.4); the driver holds ids and counts, never the catalog,
+One streaming Ray Data pipeline (docs/online-loop.md, the driver is the control plane); the driver holds ids and counts, never the catalog,
 an image or a model:
 
     catalog (actors/catalog.py: read lazily, validated in parallel; bad rows stop the job or go to

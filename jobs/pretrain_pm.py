@@ -48,7 +48,7 @@ def train_func(loop: dict) -> None:
     cfg = CaigConfig.model_validate(loop["cfg"])
     pc, placement = cfg.pretrain, cfg.resources.pretraining
     if not placement.use_gpu:
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # DESIGN.md §7
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # docs/development.md, known traps
     products = read_catalog(loop["catalog"])
     train_products, _ = _held_out(products, cfg)
     logs = read_click_logs(loop["click_logs"], check_images=False)

@@ -36,7 +36,7 @@ PAIR_FIELDS = ("left_row", "right_row", "left_creative", "right_creative", "ctr_
 
 def _skip_shm_comm_build() -> None:
     """DeepSpeed JIT-builds its shm comm op (~100 s on 2 cores) on first init; gloo on CPU does
-    not use it. Patched through importlib so the real module is changed (DESIGN.md §7)."""
+    not use it. Patched through importlib so the real module is changed (docs/development.md, known traps)."""
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 

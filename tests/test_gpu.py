@@ -121,7 +121,7 @@ def test_renderer_fp16_variant_tiny(hub_models):
 
 def test_renderer_sd15_size_random_weights_time(tmp_path):
     """SD1.5-size UNet + ControlNet (random weights) at 512 px, 30 Euler-a steps, CFG 7.5: seconds
-    per ad at batch 8 ads -- the number DESIGN.md 8.5's throughput model needs."""
+    per ad at batch 8 ads -- the number the round-time model (docs/models.md, GPU check) needs."""
     from caig_ray.config import RendererConfig
     from caig_ray.models.hub_families import make_sd15_random
     from caig_ray.models.renderer import make_renderer

@@ -130,7 +130,7 @@ def product_image(image_path: str | None, image_bytes: bytes | None, where: str 
 @dataclass
 class ProductRecord:
     """What the online loop's driver keeps of a product: text and where its image is, never the pixels
-    (DESIGN.md 8.4: the driver is the control plane). ``image_ref``: see ``image_ref``."""
+    (docs/online-loop.md, the driver is the control plane: the driver is the control plane). ``image_ref``: see ``image_ref``."""
 
     id: str
     title: str

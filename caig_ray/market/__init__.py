@@ -1,4 +1,4 @@
-"""The simulated ad market (DESIGN.md §3): catalog, description language, procedural renderer,
+"""The simulated ad market (docs/market.md): catalog, description language, procedural renderer,
 hidden click model, historical click logs and the evaluation oracles."""
 
 from caig_ray.market.catalog import make_catalog

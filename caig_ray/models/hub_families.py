@@ -1,4 +1,4 @@
-"""Tiny random checkpoints of the REAL families, saved in the hub's own folder layout (DESIGN.md 8.6).
+"""Tiny random checkpoints of the REAL families, saved in the hub's own folder layout (docs/models.md, the real families).
 
 No real checkpoint can be downloaded here, so the real path is tested with models built from the
 stock transformers/diffusers classes at toy sizes and written exactly as the hub repos lay them out:
@@ -257,7 +257,7 @@ def make_sd_folders(sd_dir: str | Path, controlnet_dir: str | Path, variant: str
 def make_sd15_random(sd_dir: str | Path, controlnet_dir: str | Path, device: str = "cuda") -> tuple[Path, Path]:
     """SD1.5-SIZE inpainting + ControlNet canny with random weights (UNet 860M, ControlNet 360M, VAE,
     CLIP ViT-L text encoder), saved as fp16-variant folders: measures real render time and memory on
-    a GPU without the real weights (DESIGN.md 8.6). The tokenizer is the tiny one (ids < 600)."""
+    a GPU without the real weights (docs/models.md, the real families). The tokenizer is the tiny one (ids < 600)."""
     from diffusers import (
         AutoencoderKL, ControlNetModel, PNDMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel,
     )

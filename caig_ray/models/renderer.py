@@ -1,4 +1,4 @@
-"""The diffusers renderer, done as CAIG does it (DESIGN.md §2): SD inpainting + ControlNet canny.
+"""The diffusers renderer, done as CAIG does it (docs/models.md, the diffusers renderer): SD inpainting + ControlNet canny.
 
 The product is cropped to its alpha box and centred at ``product_fill`` of the side; the control
 image is the canny edge map of the product only; the inpaint mask is the inverse alpha dilated;
