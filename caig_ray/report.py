@@ -287,6 +287,10 @@ def online_plots(run_dir: str | Path, rounds: list[dict], evals: list[dict],
         pct = lambda v: np.nan if v is None else 100 * v  # noqa: E731 -- no ad set a scene: no match rate
         axes[1].plot(x, [pct(e["match_rate"]) for e in evals], "o-", label="tuned PM")
         axes[1].plot(x, [pct(e["base_match_rate"]) for e in evals], "--", color="grey", label="pretrained PM")
+        if all(e["match_rate"] is None and e["base_match_rate"] is None for e in evals):
+            axes[1].set_xlim(axes[0].get_xlim())  # nothing plotted: keep the rounds axis, and say why
+            axes[1].text(0.5, 0.5, "no ad set a scene:\nno match rate", ha="center", va="center",
+                         transform=axes[1].transAxes, color="grey")
     axes[0].set_title("true CTR % on held-out products")
     axes[1].set_title("match rate % (scene suits product)")
     axes[2].plot(x, [100 * e["rm_win_rate"] for e in evals], "o-")
