@@ -17,7 +17,7 @@ the ratios are of the medians over repeats.
 
 Then the pool: on 2 CPU cores the procedural renderer is CPU-bound, so more renderer actors only
 share the same cores (measured: 35 / 33 / 27 pairs/s at 1 / 2 / 4). A GPU renderer is
-latency-bound instead (DESIGN.md §8.5), so here each renderer actor also waits
+latency-bound instead (docs/models.md, GPU check), so here each renderer actor also waits
 ``renderer.simulated_latency_s`` (``--latency``) per image -- a stand-in for a remote GPU's render
 time, said wherever the numbers appear. With it:
 - scaling: a fixed pool of 1, 2, 4 and 8 actors, pairs/s over the rounds (lag 1, small blocks so

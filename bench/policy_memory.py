@@ -1,5 +1,5 @@
 """Peak memory of one policy rank under the gpu-cluster settings, measured, and a 7B's from
-DeepSpeed's own estimators (issue 12, DESIGN.md 8.2).
+DeepSpeed's own estimators (issue 12; docs/models.md, memory per GPU).
 
     python bench/policy_memory.py                 # on a CUDA machine (bf16, NCCL, 1 rank)
     python bench/policy_memory.py --device cpu --examples 2 4 --images 336   # a CPU smoke run

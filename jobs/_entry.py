@@ -32,6 +32,7 @@ def configure_logging() -> None:
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("caig_ray").setLevel(logging.INFO)
+    logging.getLogger("__main__").setLevel(logging.INFO)  # a job run as `python -m caig_ray.jobs.<name>`
 
 
 @contextlib.contextmanager
@@ -57,8 +58,10 @@ def stdout_for_result() -> Iterator[IO[str]]:
     try:
         yield result
     finally:
-        result.flush()
-        sys.stdout.flush()
+        with contextlib.suppress(BrokenPipeError):  # the reader left (`| head`): restore the streams all the same
+            result.flush()
+        with contextlib.suppress(BrokenPipeError):
+            sys.stdout.flush()
         os.dup2(keep, fd)
         os.close(keep)
 

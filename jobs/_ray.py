@@ -17,6 +17,7 @@ def init_ray(num_cpus: int | None = None) -> bool:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)  # resources are the cluster's own
+        _stop_on_sigterm()
         return True
     # A private local instance. Its processes must know its address: Ray Train's helpers look the
     # cluster up themselves (the state API), and with another Ray on the host they find two and fail
@@ -46,7 +47,23 @@ def init_ray(num_cpus: int | None = None) -> bool:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    _stop_on_sigterm()
     return True
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (Kubernetes, ``ray job stop``, ``kill``) stops a job like Ctrl-C: the job's ``finally``
+    blocks shut down what it started, and ``caig-ray`` prints one line. Installed after ``ray.init``,
+    which sets its own SIGTERM handler (``sys.exit``, nothing shut down)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt("SIGTERM")
 
 
 def fit_to_folder(train_func, loop_config: dict, *, run_name: str, placement, max_failures: int, storage,

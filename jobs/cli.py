@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"caig-ray {version('caig-ray')}")
         return 0
-    signal.signal(signal.SIGTERM, _stop)  # what Kubernetes, `ray job stop` and `kill` send: like Ctrl-C
+    # what Kubernetes, `ray job stop` and `kill` send: like Ctrl-C (caig_ray.jobs._ray installs it again after ray.init)
+    signal.signal(signal.SIGTERM, _stop)
     try:
         return _run(argv)
     except BrokenPipeError:  # `caig-ray ... | head`: the reader has what it wanted; no traceback

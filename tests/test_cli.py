@@ -81,3 +81,32 @@ def test_train_rm_with_another_ray_on_the_host_logs_no_traceback(quick_world, tm
     error_lines = [line for line in res.stderr.splitlines()
                    if re.search(r"\[\d{4}-\d\d-\d\d [\d:,.]+ E \d+ \d+\]| ERROR ", line)]
     assert not error_lines, error_lines[:5]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_stops_a_running_job_like_ctrl_c(quick_world, tmp_path):
+    """SIGTERM while train-rm trains (after ray.init, which installs a handler of its own): the job's
+    clean-up runs, one line says so, exit 143; no traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    err = tmp_path / "stderr.txt"
+    with open(err, "wb") as e:
+        proc = subprocess.Popen([*CLI, "train-rm", "--preset", "quick", "--world", str(quick_world.root),
+                                 "--out", str(tmp_path / "rm"), "--epochs", "50"],
+                                stdout=subprocess.PIPE, stderr=e, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "Started a local Ray instance" not in err.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, err.read_text(errors="replace")[-2000:]
+            time.sleep(0.5)
+        time.sleep(5)  # inside the job (Ray Train starting its workers)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = err.read_text(errors="replace")
+    assert proc.returncode == 143, (proc.returncode, log[-3000:])
+    assert "caig-ray train-rm: stopped by SIGTERM; what it started is shut down" in log
+    assert "Traceback" not in log and out == b""  # no result: the job did not finish
+    assert not (tmp_path / "rm").exists()

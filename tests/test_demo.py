@@ -15,6 +15,9 @@ def test_demo_end_to_end_on_quick_preset(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert json.loads(res.stdout) == summary  # stdout is the summary alone; every log line went to stderr
+    assert "Traceback" not in res.stderr and "multiple active Ray instances" not in res.stderr
+    assert "demo [6/6] train: the online DPO+PCPO loop (2 rounds) done in" in res.stderr  # stage markers
     assert summary["n_products"] == 40 and 0.5 < summary["bayes_ceiling_all_band_pairs"] < 1.0
     assert 0.0 <= summary["bayes_ceiling_test_pairs"] <= 1.0  # both ceilings, each named by its pairs
     assert summary["stages_run"][-4:] == ["pretrain-pm", "train-rm", "evaluate-rm", "train"]

@@ -73,12 +73,14 @@ def _fake_run(run_dir):
     plots = online_plots(run_dir, [], evals, trace)
     summary = {
         "rounds": 2, "steps": 4, "true_ctr_by_round": [e["true_ctr"] for e in evals],
-        "match_rate_by_round": [e["match_rate"] for e in evals], "rm_win_rate_by_round": [e["rm_win_rate"] for e in evals],
+        "base_true_ctr_by_round": [e["base_true_ctr"] for e in evals],
+        "match_rate_by_round": [e["match_rate"] for e in evals],
+        "base_match_rate_by_round": [e["base_match_rate"] for e in evals], "rm_win_rate_by_round": [e["rm_win_rate"] for e in evals],
         "eval_after_rounds": [0, 1, 2], "pairs_planned": 6, "pairs_rendered": 6, "pairs_scored": 6, "pairs_trained": 4,
         "pairs_skipped": 2, "pairs_lost": 0, "pairs_skipped_tie": 0, "pairs_skipped_duplicate": 2, "pairs_duplicated": 0,
         "renderer_pool_size_max": 2, "renderer_pool_trace": trace, "pool_sample_errors": 0, "max_policy_lag": 1,
         "policy_lag_steps_max": 1, "driver_wait_s": 0.49999999165534975, "render_busy_s": 12.345678901234567,
-        "train_s": 3.1415926535897931, "pipeline": "streaming", "wall_s": 101.23456789012345,
+        "train_s": 3.1415926535897931, "pipeline": "streaming", "online_wall_s": 101.23456789012345,
         "policy_path": str((run_dir / "policy").resolve()), "recoveries": 0, "recoveries_by_kind": {},
         "storage": str(run_dir.resolve()), "true_ctr_lift": evals[-1]["lift"], "plots": plots, "report": "report.html",
     }
@@ -134,19 +136,19 @@ def test_report_renders_in_chromium_with_the_result_first(tmp_path):
     tuned, lift = summary["true_ctr_by_round"][-1], summary["true_ctr_lift"]
     pct = lambda x, d: f"{100 * x:.{d}f}%"  # noqa: E731
     assert headline["tuned-ctr"] == pct(tuned, 2) == "4.24%"
-    assert headline["base-ctr"] == pct(tuned - lift["diff"], 2) == "3.72%"
+    assert headline["base-ctr"] == pct(summary["base_true_ctr_by_round"][-1], 2) == pct(tuned - lift["diff"], 2) == "3.72%"
     assert headline["lift"] == f"{100 * lift['diff']:+.2f} pts" == "+0.52 pts"
     assert headline["lift-ci"] == f"[{100 * lift['ci95'][0]:+.2f}, {100 * lift['ci95'][1]:+.2f}]" == "[+0.32, +0.73]"
     assert headline["lift-rel"] == f"{100 * lift['relative']:+.1f}%" == "+14.0%"
     assert headline["match"] == pct(summary["match_rate_by_round"][-1], 1) == "90.0%"
-    assert headline["base-match"] == "75.0%"  # the final evaluation's pretrained ads: 3 of 4 match
+    assert headline["base-match"] == pct(summary["base_match_rate_by_round"][-1], 1) == "75.0%"
     assert headline["rm-win"] == pct(summary["rm_win_rate_by_round"][-1], 1) == "61.4%"
     assert headline["rm-acc"] == pct(rm_eval["rm_accuracy_logged"], 1) == "61.2%"
     assert headline["cnn-acc"] == pct(rm_eval["cnn_baseline_accuracy_logged"], 1) == "58.4%"
     assert headline["ceiling"] == pct(rm_eval["bayes_ceiling_test_pairs"], 1) == "82.7%"
     assert f"on {N_EVAL} held-out products" in headline_text and "after 2 rounds trained" in headline_text
     assert "37 held-out band pairs" in headline_text and "../rm_eval.json" in headline_text
-    assert f"online loop {fmt_seconds(summary['wall_s'])}" in headline_text and fmt_seconds(101.2) == "1 min 41 s"
+    assert f"online loop {fmt_seconds(summary['online_wall_s'])}" in headline_text and fmt_seconds(101.2) == "1 min 41 s"
     # no raw float, no JSON quoting, no absolute path anywhere on the page
     page_text = body + " " + titles
     assert not re.search(r"\d\.\d{6,}", page_text), re.findall(r"\d\.\d{6,}", page_text)
