@@ -62,7 +62,11 @@ def _stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
+SIGTERM_RECEIVED: list[bool] = []  # set when SIGTERM arrived: a library may re-raise the interrupt without its text
+
+
 def _raise_interrupt(signum, frame) -> None:
+    SIGTERM_RECEIVED.append(True)
     raise KeyboardInterrupt("SIGTERM")
 
 

@@ -40,12 +40,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt as e:
         # the job's own finally blocks ran on the way here: its actors and its local Ray are stopped
-        how = "SIGTERM" if "SIGTERM" in str(e) else "Ctrl-C"
+        from caig_ray.jobs._ray import SIGTERM_RECEIVED
+
+        how = "SIGTERM" if SIGTERM_RECEIVED or "SIGTERM" in str(e) else "Ctrl-C"
         print(f"caig-ray {argv[0] if argv else ''}: stopped by {how}; what it started is shut down", file=sys.stderr)
         return 143 if how == "SIGTERM" else 130
 
 
 def _stop(signum, frame) -> None:
+    from caig_ray.jobs._ray import SIGTERM_RECEIVED
+
+    SIGTERM_RECEIVED.append(True)
     raise KeyboardInterrupt("SIGTERM")
 
 
