@@ -19,6 +19,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from caig_ray.config import PolicyConfig, WorkerGroupPlacement
+from caig_ray.losses import pcpo_kind_means
 from caig_ray.data.catalog import load_product_image
 from caig_ray.faults import BatchFault
 from caig_ray.storage import Output
@@ -190,7 +191,8 @@ class PolicyGroup:
             raise ValueError(f"a train step needs at least one example per rank ({self.n}), got {len(examples)}")
         shards = self._split(examples)
         n_micro = self._micro_batches_per_rank(shards)
-        return self._weighted(self._gather([w.train_step.remote(s, n_micro) for w, s in zip(self.workers, shards)]))
+        return pcpo_kind_means(self._weighted(self._gather([w.train_step.remote(s, n_micro)
+                                                             for w, s in zip(self.workers, shards)])))
 
     def _micro_batches_per_rank(self, shards: list[list]) -> int:
         """Forwards every rank runs in a step: the largest shard's micro-batch count."""
@@ -202,7 +204,8 @@ class PolicyGroup:
             raise ValueError(f"eval needs at least one example per rank ({self.n}), got {len(examples)}")
         shards = self._split(examples)
         n_micro = self._micro_batches_per_rank(shards)
-        return self._weighted(self._gather([w.eval_loss.remote(s, n_micro) for w, s in zip(self.workers, shards)]))
+        return pcpo_kind_means(self._weighted(self._gather([w.eval_loss.remote(s, n_micro)
+                                                             for w, s in zip(self.workers, shards)])))
 
     def logps(self, examples: list[dict]) -> list[float]:
         outs = self._gather([w.logps.remote(s) for w, s in zip(self.workers, self._split(examples))])

@@ -50,6 +50,9 @@ def write_ads(batch: dict[str, np.ndarray], ads: Output) -> dict[str, np.ndarray
     return batch
 
 
+SCORE_KEYS = ("p_left", "p_left_debiased", "ctr_left", "ctr_right")
+
+
 class RewardScorer:
     def __init__(self, model_path: str, pair_image_size: int | None = None, batch_size: int = 16,
                  device: str = "cpu", dtype: str = "float32", debias: bool = True, fault: dict | None = None,
@@ -66,10 +69,15 @@ class RewardScorer:
     def __call__(self, batch: dict[str, np.ndarray] | pa.Table) -> dict[str, np.ndarray] | pa.Table:
         if isinstance(batch, pa.Table):
             return self._rank_candidates(batch)
-        pairs = [PairToScore(_image(left), _image(right), str(title))
-                 for left, right, title in zip(batch["left_image"], batch["right_image"], batch["title"])]
-        for key, values in self.score(pairs).items():
-            batch[key] = np.asarray(values, dtype=np.float32)
+        n = len(batch["title"])
+        # the online loop's evaluation marks the ads only the market judges (rm_score False): not scored
+        wanted = np.flatnonzero(batch["rm_score"]) if "rm_score" in batch else np.arange(n)
+        pairs = [PairToScore(_image(batch["left_image"][i]), _image(batch["right_image"][i]), str(batch["title"][i]))
+                 for i in wanted]
+        for key, values in (self.score(pairs) if pairs else {k: [] for k in SCORE_KEYS}).items():
+            column = np.full(n, np.nan, dtype=np.float32)
+            column[wanted] = values
+            batch[key] = column
         self.fault.tick()
         return write_ads(batch, self.ads) if self.ads is not None else batch
 

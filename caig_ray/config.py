@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from caig_ray.errors import CaigError
 
-PRESETS = ("quick", "demo", "gpu-cluster")
+PRESETS = ("quick", "demo", "gpu-cluster", "demo-no-attention", "demo-never-mismatch")
 LrSchedule = Literal["constant", "cosine"]  # cosine: linear warmup over warmup_ratio, then cosine to 0
 
 
@@ -52,8 +52,9 @@ class MarketConfig(_Strict):
     """[min, max] historical creatives per product (inclusive, drawn uniformly; 2 <= min <= max)."""
     impressions: tuple[int, int] = (800, 20000)
     """[lo, hi] impressions of a historical creative, drawn log-uniformly (0 < lo <= hi)."""
-    designer_match_rate: float = Field(0.95, ge=0.0, le=1.0)
-    """Probability that a designer in the history picks a scene that suits the category (else any scene)."""
+    designer_match_rate: float = Field(0.99, ge=0.0, le=1.0)
+    """Probability that a designer in the history picks a scene that suits the category (else any scene):
+    world v2 0.99, so the unsuitable cells of the history are nearly empty (docs/market.md)."""
     base_logit: float = -3.6
     """Hidden click model: the intercept of logit(CTR) = base_logit + category_bias + ...
     (see ``caig_ray/market/clicks.py``)."""
@@ -62,31 +63,46 @@ class MarketConfig(_Strict):
     }
     """Logit offset per category (every category needs an entry)."""
     compatible_scenes: dict[str, list[str]] = {
-        "sneakers": ["stadium", "street", "studio"],
-        "cosmetics": ["vanity", "marble", "studio"],
-        "electronics": ["desk", "neon", "studio"],
+        "sneakers": ["stadium", "street", "studio", "neon", "beach"],
+        "cosmetics": ["vanity", "marble", "studio", "beach"],
+        "electronics": ["desk", "neon", "studio", "street"],
         "kitchen": ["kitchen", "marble", "studio"],
-        "toys": ["playroom", "beach", "studio"],
+        "toys": ["playroom", "beach", "studio", "neon"],
     }
-    """Scenes that suit each category (the match oracle; every category needs an entry)."""
+    """Scenes that suit each category (the match oracle; every category needs an entry). World v2: each
+    eye-catching scene suits three categories and not the other two."""
     match_bonus: float = 0.25
     """Logit bonus when the ad's scene suits the product's category."""
     mismatch_penalty: float = 0.6
     """Logit penalty when the scene does not suit the category (a plain background gets neither)."""
-    attention_bonus: dict[str, float] = {"stadium": 0.35, "beach": 0.3, "neon": 0.3}
-    """Logit bonus of eye-catching scenes for every category -- smaller than the mismatch penalty by design."""
+    attention_bonus: dict[str, float] = {"neon": 0.35, "beach": 0.3}
+    """Logit bonus of eye-catching scenes in every category: a main effect, learnt from the categories they
+    suit; smaller than the mismatch penalty, so an eye-catching scene that does not suit still loses."""
     palette_effect: dict[str, float] = {
-        "vivid": 0.2, "warm": 0.1, "pastel": 0.05, "neutral": 0.0, "cool": 0.0, "dark": -0.15,
+        "vivid": 0.1, "warm": 0.05, "pastel": 0.05, "neutral": 0.0, "cool": 0.0, "dark": -0.05,
     }
     """Logit offset per colour palette of the background."""
     category_palette: dict[str, dict[str, float]] = {
         "cosmetics": {"pastel": 0.2, "dark": -0.1},
-        "electronics": {"dark": 0.25, "cool": 0.1},
+        "electronics": {"dark": 0.2, "cool": 0.1},
         "toys": {"vivid": 0.2},
         "kitchen": {"warm": 0.15},
         "sneakers": {"vivid": 0.1},
     }
     """Category x palette preferences (logit), added on top of ``palette_effect``."""
+    tiers: dict[str, list[str]] = {
+        "premium": ["premium", "luxury", "deluxe", "designer"],
+        "value": ["budget", "value", "basic", "everyday"],
+    }
+    """Product tiers and the title words that name them: each product draws a tier (equally likely) and
+    one of its words opens its title; the tier is in the title and attributes, never in the image."""
+    tier_effect: dict[str, dict[str, float]] = {
+        "premium": {"dark": 0.3, "neutral": 0.1, "vivid": -0.25, "dramatic": 0.15, "bright": -0.1,
+                    "minimal": 0.1, "busy": -0.1},
+        "value": {"vivid": 0.25, "warm": 0.1, "dark": -0.3, "bright": 0.15, "dramatic": -0.15},
+    }
+    """Tier x background preferences (logit), keyed by a palette, lighting or clutter value: the
+    information only the product text carries (the oracle reads the tier from the title)."""
     lighting_effect: dict[str, float] = {"bright": 0.15, "soft": 0.05, "dramatic": 0.1, "dim": -0.2}
     """Logit offset per lighting of the background."""
     clutter_effect: dict[str, float] = {"minimal": 0.1, "some": 0.0, "busy": -0.2}
@@ -114,6 +130,9 @@ class MarketConfig(_Strict):
             missing = set(self.categories) - set(getattr(self, key))
             if missing:
                 raise ValueError(f"{key} has no entry for categories {sorted(missing)}")
+        unknown = set(self.tier_effect) - set(self.tiers)
+        if unknown:
+            raise ValueError(f"tier_effect names tiers {sorted(unknown)} that tiers does not define")
         return self
 
 
@@ -439,6 +458,25 @@ class PretrainConfig(_Strict):
     """Seed of the held-out split, the instruction templates drawn and the SFT trainer."""
 
 
+class PerceptionConfig(_Strict):
+    """Perception pretraining of the tiny PM's vision tower in ``make-world`` (``caig_ray/perception.py``):
+    on fresh renders of the world (no clicks) the tower learns to recover the rendered attributes --
+    the analogue of the pretrained tower a real MLLM starts from. Real checkpoints skip it."""
+
+    train_renders: int = Field(0, ge=0)
+    """Rendered ads it trains on (0 = no perception pretraining: the tower keeps its random weights)."""
+    probe_renders: int = Field(400, ge=20)
+    """Held-out renders of the linear probe (fitted on one half, scored on the other)."""
+    epochs: int = Field(3, ge=1)
+    """Passes over the training renders."""
+    batch_size: int = Field(32, ge=1)
+    """Renders per optimizer step."""
+    lr: float = Field(2e-3, gt=0)
+    """AdamW learning rate of the tower, the projector and the attribute heads."""
+    seed: int = 0
+    """Seed of the renders (products, descriptions, render seeds) and of the heads' init."""
+
+
 class FaultConfig(_Strict):
     """Injected faults, for tests only (issue: proof under stress). Each fires once per job: a
     marker file under ``marker_dir`` records that it fired, so a restarted actor does not die again."""
@@ -478,6 +516,10 @@ class OnlineConfig(_Strict):
     """Products held out for evaluation: never sampled for training."""
     eval_every: int = Field(1, ge=1)
     """Evaluate after every k rounds (and before the first, and after the last)."""
+    eval_samples: int = Field(1, ge=1)
+    """Descriptions sampled per held-out product at each evaluation (fixed seeds): the market's
+    metrics (true CTR, lift, match, mismatch share) are over all of them, the RM's win rate over the
+    first (the others are rendered and judged by the market, not scored by the RM)."""
     pairs_per_batch: int = Field(8, ge=1)
     """Rows per streamed block (the render and score batch)."""
     train_batch_size: int = Field(16, ge=1)
@@ -576,6 +618,8 @@ class CaigConfig(_Strict):
     """``train-rm``: RM training."""
     pretrain: PretrainConfig = PretrainConfig()
     """``pretrain-pm``: the PM's e-commerce SFT."""
+    perception: PerceptionConfig = PerceptionConfig()
+    """``make-world``: perception pretraining of the tiny vision tower (before the PM's SFT)."""
     serve: ServeConfig = ServeConfig()
     """``serve``: the RM scoring endpoint."""
     online: OnlineConfig = OnlineConfig()
@@ -654,7 +698,12 @@ def config_layers(source: str | Path, preset: str | None = None, _seen: tuple[Pa
     if str(source) in PRESETS and not Path(str(source)).is_file():
         if preset and preset != str(source):
             raise ConfigError(f"--preset {preset} and preset {source} both given: give one")
-        return f"preset {source}", _read_yaml(preset_path(str(source)))
+        raw = _read_yaml(preset_path(str(source)))
+        base = raw.pop("base", None)  # a control world: a preset on another preset, holding what differs
+        if base is None:
+            return f"preset {source}", raw
+        where, under = config_layers(base)
+        return f"preset {source} on {where}", merge_onto(CaigConfig, under, raw)
     path = Path(source)
     raw = _read_yaml(path)
     base = raw.pop("base", None)

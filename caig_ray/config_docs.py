@@ -158,9 +158,12 @@ def _preset_section(name: str) -> list[str]:
             break
         header.append(line.lstrip("#").strip())
     raw = yaml.safe_load(text) or {}
+    base = raw.pop("base", None)  # a control world: the keys it sets on another preset
     out = [f"### {name}", "", f"`caig_ray/presets/{path.name}`" + (":" if header else "."), ""]
     if header:
         out += ["> " + _one_line(" ".join(header)), ""]
+    if base:
+        out += [f"On preset `{base}`: every key of `{base}` and these.", ""]
     out += ["| key | preset value | field default |", "| --- | --- | --- |"]
     for key, value in _flatten(CaigConfig, raw):
         out.append(f"| `{key}` | `{_cell(_value(value))}` | `{_cell(_value(_default_at(key)))}` |")

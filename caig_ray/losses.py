@@ -71,3 +71,40 @@ def dpo_pcpo_loss(dpo: tuple[torch.Tensor, ...], pcpo: tuple[torch.Tensor, ...] 
         metrics.update(pcpo_metrics)
     metrics["loss"] = loss.item()
     return loss, metrics
+
+
+PCPO_KINDS = ("masked_image", "other_caption")
+
+
+def pcpo_kind_parts(pcpo: tuple[torch.Tensor, ...], kinds: list[str], beta: float) -> dict[str, float]:
+    """The PCPO term split by negative kind, as *parts*: linear in the rows, so micro-batches and ranks
+    average them by example count like every other metric; ``pcpo_kind_means`` turns them into means.
+
+    - ``pcpo/<kind>_share``: share of rows whose negative is of that kind
+    - ``pcpo/<kind>/loss_part``: sum over those rows of -log σ(β·margin) / rows
+    - ``pcpo/<kind>/correct_part``: sum over those rows of [margin > 0] / rows"""
+    pi_pos, pi_neg, ref_pos, ref_neg = (t.detach().float() for t in pcpo)
+    margin = beta * ((pi_pos - ref_pos) - (pi_neg - ref_neg))
+    n, out = len(kinds), {}
+    for kind in PCPO_KINDS:
+        mine = torch.tensor([k == kind for k in kinds])
+        out[f"pcpo/{kind}_share"] = float(mine.float().mean())
+        out[f"pcpo/{kind}/loss_part"] = float(-F.logsigmoid(margin[mine]).sum()) / n
+        out[f"pcpo/{kind}/correct_part"] = float((margin[mine] > 0).float().sum()) / n
+    return out
+
+
+def pcpo_kind_means(metrics: dict[str, float]) -> dict[str, float]:
+    """Per negative kind, from ``pcpo_kind_parts`` averaged over a step's rows:
+
+    - ``pcpo/<kind>/loss``: mean over the step's rows with that kind of -log σ(β·margin)
+    - ``pcpo/<kind>/accuracy``: mean over those rows of [margin > 0], margin = β·[(logπ(y+|x) -
+      logπ_ref(y+|x)) - (logπ(y+|x_neg) - logπ_ref(y+|x_neg))]
+    (absent when the step had no row of that kind). Other metrics pass through."""
+    out = {k: v for k, v in metrics.items() if not k.endswith("_part")}
+    for kind in PCPO_KINDS:
+        share = metrics.get(f"pcpo/{kind}_share", 0.0)
+        if share > 0:
+            out[f"pcpo/{kind}/loss"] = metrics[f"pcpo/{kind}/loss_part"] / share
+            out[f"pcpo/{kind}/accuracy"] = metrics[f"pcpo/{kind}/correct_part"] / share
+    return out

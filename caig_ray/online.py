@@ -89,16 +89,46 @@ def paired_lift(tuned: list[float], base: list[float]) -> dict:
             "relative": float(t.mean() / b.mean() - 1.0), "n": int(d.size)}
 
 
+def eval_market_metrics(rows: list[dict], verdicts: list[dict]) -> dict:
+    """The market's metrics of one evaluation over every ad (rows: ``product_id``, ``category``; verdicts:
+    ``market_verdicts``' keys, a = tuned PM, b = pretrained PM). ``lift`` pairs by product: each
+    product's mean over its samples, so products, not ads, are the independent units of its CI."""
+    by_product: dict[str, list[tuple[float, float]]] = {}
+    for x, v in zip(rows, verdicts):
+        by_product.setdefault(x["product_id"], []).append((v["true_ctr_a"], v["true_ctr_b"]))
+    means = np.array([np.mean(ab, axis=0) for ab in by_product.values()])  # per product: (tuned, base)
+    lift = paired_lift(means[:, 0].tolist(), means[:, 1].tolist()) if len(means) > 1 else None
+
+    def mismatch(side: str, vs: list[dict]) -> float:
+        return float(np.mean([v[f"has_scene_{side}"] and not v[f"match_{side}"] for v in vs]))
+
+    cats = sorted({x["category"] for x in rows})
+    in_cat = {c: [v for x, v in zip(rows, verdicts) if x["category"] == c] for c in cats}
+    return {
+        "true_ctr": float(np.mean([v["true_ctr_a"] for v in verdicts])),
+        "base_true_ctr": float(np.mean([v["true_ctr_b"] for v in verdicts])),
+        "lift": lift, "n_ads": len(verdicts),
+        "match_rate": match_rate([{"match": v["match_a"], "has_scene": v["has_scene_a"]} for v in verdicts]),
+        "base_match_rate": match_rate([{"match": v["match_b"], "has_scene": v["has_scene_b"]} for v in verdicts]),
+        "mismatch_share": mismatch("a", verdicts), "base_mismatch_share": mismatch("b", verdicts),
+        "mismatch_share_by_category": {c: mismatch("a", vs) for c, vs in in_cat.items()},
+        "base_mismatch_share_by_category": {c: mismatch("b", vs) for c, vs in in_cat.items()},
+        "scene_rate": float(np.mean([v["has_scene_a"] for v in verdicts])),
+    }
+
+
 class MarketOracle:
     """The market's verdict on rendered ads (evaluation only; the RM and the policy never see it)."""
 
     def __init__(self, cfg: MarketConfig):
         self.model = ClickModel(cfg)
 
-    def verdict(self, category: str, latent: str | dict, description: str, seed: int) -> dict:
-        """True CTR, scene, match and whether a scene was set, for one ad from its rendered latent."""
+    def verdict(self, category: str, latent: str | dict, description: str, seed: int, title: str = "") -> dict:
+        """True CTR, scene, match and whether a scene was set, for one ad from its rendered latent
+        (``title``: the product's, where its tier is named)."""
         lat = json.loads(latent) if isinstance(latent, str) else latent
-        return {"true_ctr": self.model.true_ctr(category, lat, noise_key(description, seed)), "scene": lat["scene"],
+        return {"true_ctr": self.model.true_ctr(category, lat, noise_key(description, seed), title),
+                "scene": lat["scene"],
                 "match": self.model.match(category, lat["scene"]), "has_scene": lat["scene"] != "plain"}
 
 
@@ -109,14 +139,14 @@ class RunState:
     ``next_round``: the first round not yet trained; ``step``: optimizer steps taken; ``pending``:
     round (as text, a JSON key) -> the candidate pairs sampled for it and not yet trained (rounds
     sampled ahead under ``max_policy_lag`` keep their samples across a resume); ``eval_base``: the
-    pretrained PM's held-out descriptions, kept for every evaluation; ``rounds`` / ``evals``: the
+    pretrained PM's held-out descriptions (``online.eval_samples`` per product), kept for every evaluation; ``rounds`` / ``evals``: the
     per-round and per-evaluation records so far (summary.json's history); ``run_id``: the run it
     belongs to (``RunRecord``): checkpoint rotation and ``--resume`` touch only the run's own."""
 
     next_round: int = 0
     step: int = 0
     pending: dict[str, list[dict]] = field(default_factory=dict)
-    eval_base: list[str] | None = None
+    eval_base: list[list[str]] | None = None
     rounds: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     run_id: str | None = None

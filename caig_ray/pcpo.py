@@ -1,6 +1,9 @@
 """Product-centric preference negatives (PCPO, CAIG): per example a seeded coin flip between
 (a) the same instruction and chosen description with the product image's 32×32 patches 75% zeroed,
-and (b) the current image with another product's instruction and chosen description."""
+and (b) the current image with another product's instruction and chosen description.
+
+As CAIG does it, the mask is cut from the product image at its native resolution, before the
+processor's resize: 32-px patches of the image as stored, not of the model's input."""
 
 from __future__ import annotations
 
@@ -20,12 +23,19 @@ def mask_patches(image: Image.Image, rng: np.random.Generator, frac: float = 0.7
 
 
 def pcpo_negative(index: int, images: list[Image.Image], instructions: list[str], chosen: list[str],
-                  rng: np.random.Generator, frac: float = 0.75, patch: int = 32) -> dict:
+                  rng: np.random.Generator, frac: float = 0.75, patch: int = 32,
+                  native: list[Image.Image] | None = None, size: int | None = None) -> dict:
     """The PCPO negative context for example ``index`` of a batch: ``kind`` "masked_image" or
     "other_caption", the ``image`` and ``instruction`` of the negative, and the chosen description
-    ``response`` it is scored with. With a one-product batch only the masked-image kind is possible."""
+    ``response`` it is scored with. With a one-product batch only the masked-image kind is possible.
+    ``images`` are the model's inputs; ``native`` (when given) the same images as stored, which the
+    mask is cut from before resizing to ``size`` (CAIG's order)."""
     if len(images) < 2 or rng.random() < 0.5:
-        return {"kind": "masked_image", "image": mask_patches(images[index], rng, frac, patch),
+        source = native[index] if native is not None else images[index]
+        masked = mask_patches(source, rng, frac, patch)
+        if size:
+            masked = masked.resize((size, size))
+        return {"kind": "masked_image", "image": masked,
                 "instruction": instructions[index], "response": chosen[index]}
     other = int(rng.choice([j for j in range(len(images)) if j != index]))
     # CAIG's (b): the current image with another product's instruction and chosen description

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from caig_ray.losses import dpo_pcpo_loss, sequence_logps
+from caig_ray.losses import dpo_pcpo_loss, pcpo_kind_parts, sequence_logps
 from caig_ray.pcpo import pcpo_negative
 
 
@@ -170,7 +170,8 @@ def preference_rows(examples: list[dict], image_size: int | None, pcpo_weight: f
     the whole list, so that micro-batching never changes it -- its PCPO negative. Each example:
     ``image`` (bytes or PIL), ``instruction``, ``chosen``, ``rejected``, ``seed`` (its coin flip and mask),
     and optionally ``chosen_ids`` / ``rejected_ids``: the sampled token ids, trained on instead of the text."""
-    images = [as_image(e["image"], image_size) for e in examples]
+    native = [as_image(e["image"]) for e in examples]  # as stored: PCPO's mask is cut at this size
+    images = [im.resize((image_size, image_size)) if image_size else im for im in native]
     ins = [e["instruction"] for e in examples]
     # the sampled token ids when the example has them (the online loop), else the text
     chosen = [e["chosen"] if e.get("chosen_ids") is None else e["chosen_ids"] for e in examples]
@@ -179,7 +180,8 @@ def preference_rows(examples: list[dict], image_size: int | None, pcpo_weight: f
         rejected = e["rejected"] if e.get("rejected_ids") is None else e["rejected_ids"]
         row = {"image": images[i], "instruction": ins[i], "chosen": chosen[i], "rejected": rejected}
         if pcpo_weight > 0:
-            row["negative"] = pcpo_negative(i, images, ins, chosen, np.random.default_rng(int(e["seed"])))
+            row["negative"] = pcpo_negative(i, images, ins, chosen, np.random.default_rng(int(e["seed"])),
+                                            native=native, size=image_size)
         rows.append(row)
     return rows
 
@@ -210,7 +212,7 @@ def preference_loss_on_rows(model, reference, processor, rows: list[dict], beta:
     pcpo = (pi[:n], pi[2 * n:], ref[:n], ref[2 * n:]) if pcpo_weight > 0 else None
     loss, metrics = dpo_pcpo_loss(dpo, pcpo, beta, pcpo_weight)
     if pcpo_weight > 0:
-        metrics["pcpo/masked_image_share"] = float(np.mean([r["negative"]["kind"] == "masked_image" for r in rows]))
+        metrics.update(pcpo_kind_parts(pcpo, [r["negative"]["kind"] for r in rows], beta))
     return loss, metrics
 
 

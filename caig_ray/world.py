@@ -19,11 +19,18 @@ class WorldLayout:
         self.click_logs = self.root / "click_logs.parquet"
         self.truth = self.root / "market_truth.parquet"
         self.market = self.root / "market.json"
+        self.perception = self.root / "perception.json"
         self.config = self.root / "config.yaml"
         self.policy = self.root / "models" / "policy"
         self.reward = self.root / "models" / "reward_init"
         self.sd = self.root / "models" / "sd"
         self.controlnet = self.root / "models" / "controlnet"
+
+
+def _same_tower(cfg: CaigConfig) -> bool:
+    """The tiny RM's tower has the PM's shape, so it can start from the pretrained one too."""
+    keys = ("vision_depth", "vision_embed_dim", "vision_patch_size", "hidden_size")
+    return all(getattr(cfg.policy.tiny, k) == getattr(cfg.reward.tiny, k) for k in keys)
 
 
 def make_world(cfg: CaigConfig, out: str | Path, models: bool = True, progress: bool = True) -> dict:
@@ -33,10 +40,10 @@ def make_world(cfg: CaigConfig, out: str | Path, models: bool = True, progress: 
 
     lay = WorldLayout(out)
     lay.root.mkdir(parents=True, exist_ok=True)
-    times = {}
+    times, perception = {}, None
     t = time.perf_counter()
     m = cfg.market
-    products = make_catalog(m.categories, m.n_products, m.product_image_size, m.seed)
+    products = make_catalog(m.categories, m.n_products, m.product_image_size, m.seed, m.tiers)
     write_catalog(products, lay.catalog)
     times["catalog_s"] = time.perf_counter() - t
 
@@ -58,6 +65,15 @@ def make_world(cfg: CaigConfig, out: str | Path, models: bool = True, progress: 
         make_tiny_reward(cfg.reward.tiny, lay.reward, cfg.reward.pair_image_size)
         make_tiny_sd(lay.sd, lay.controlnet, market_corpus(), seed=cfg.seed)
         times["models_s"] = time.perf_counter() - t
+        if cfg.perception.train_renders:
+            from caig_ray.perception import pretrain_tower
+
+            t = time.perf_counter()
+            perception = pretrain_tower(
+                lay.policy, products, m.categories, cfg.perception, m, cfg.policy.image_size or cfg.policy.tiny.image_size,
+                also=[lay.reward] if _same_tower(cfg) else [], progress=progress)
+            lay.perception.write_text(json.dumps(perception, indent=1))
+            times["perception_s"] = time.perf_counter() - t
 
     # Read everything back through the users' readers: a world that does not load is not written.
     t = time.perf_counter()
@@ -72,5 +88,8 @@ def make_world(cfg: CaigConfig, out: str | Path, models: bool = True, progress: 
         "history_match_rate": sum(r["match"] for r in history.truth) / len(history.truth),
         **ceiling, "times": times,
     }
+    if perception is not None:
+        summary["perception"] = {k: perception[k] for k in (
+            "probe_accuracy_before", "probe_accuracy", "probe_majority_rate", "train_renders", "image_size")}
     lay.market.write_text(json.dumps(summary, indent=1))
     return summary

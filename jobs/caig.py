@@ -45,7 +45,8 @@ from tqdm.auto import tqdm
 from caig_ray.config import CaigConfig, ConfigError, load_config, save_config
 from caig_ray.faults import should_fire
 from caig_ray.online import (
-    MarketOracle, RunRecord, RunState, candidate_pairs, match_rate, paired_lift, pm_template, render_seed, round_products,
+    MarketOracle, RunRecord, RunState, candidate_pairs, eval_market_metrics, pm_template,
+    render_seed, round_products,
     split_eval_products,
 )
 from caig_ray.pairs import account, preference_examples
@@ -75,12 +76,18 @@ class RunLog:
     - ``render_busy_s``: sum of the renderer's seconds on this round's blocks
     - ``first_step_after_s``: seconds from the round's start to its first train step
     - ``wait_s``: seconds of the round the driver spent blocked waiting for scored blocks
-    kind "eval" (held-out products, one description each, fixed seeds):
+    kind "eval" (held-out products, ``online.eval_samples`` descriptions each, fixed seeds): the RM's
+    metric over each product's first sample, the market's over all (``caig_ray.online.eval_market_metrics``):
     - ``rm_win_rate``: mean P_RM(tuned PM's ad beats the pretrained PM's ad), position-debiased
     - ``true_ctr`` / ``base_true_ctr``: mean market true CTR of the tuned / pretrained PM's ads
-    - ``lift``: mean paired difference true_ctr - base_true_ctr, 95% CI mean ± 1.96·sd/√n
+    - ``lift``: mean over products of the paired difference (mean over the product's samples of
+      true_ctr - base_true_ctr), 95% CI mean ± 1.96·sd/√n, n = products
     - ``match_rate``: of the ads that set a scene, the share whose scene suits the product
+    - ``mismatch_share`` / ``base_mismatch_share``: of *all* ads, the share whose scene does not suit
+      the product (a plain background is no mismatch); ``mismatch_share_by_category``: the same per category
     - ``scene_rate``: share of ads whose description sets a scene
+    kind "train" also carries, with PCPO on, ``pcpo/<kind>/loss`` and ``pcpo/<kind>/accuracy`` per
+    negative kind (``caig_ray.losses.pcpo_kind_means``)
     kind "recovery" (one per in-job recovery): ``lost`` = "policy" (a PolicyWorker died) or "feed" (the
     PairFeed actor died), ``from_round`` = the round the loop restarts at (the last checkpoint's next round);
     records of the lost attempt's later rounds stay in this file, summary.json counts each round once
@@ -162,7 +169,7 @@ class RoundPlan:
         """Blocks still to come from ``state`` on: every round's and every evaluation's."""
         oc, start = self.oc, state.next_round
         per_round = _blocks(min(oc.products_per_round, len(self.train_ids)), oc.pairs_per_batch)
-        per_eval = _blocks(len(self.eval_ids), oc.pairs_per_batch)
+        per_eval = _blocks(len(self.eval_ids) * oc.eval_samples, oc.pairs_per_batch)
         evals = sum(self.eval_after(r) for r in range(start, oc.rounds)) + (state.eval_base is None)
         return per_round * (oc.rounds - start) + per_eval * evals
 
@@ -234,7 +241,7 @@ def market_verdicts(oracle: MarketOracle | None, row: dict) -> dict:
         return {}
     out = {}
     for side in ("a", "b"):
-        v = oracle.verdict(row["category"], row[f"latent_{side}"], row[f"desc_{side}"], row["seed"])
+        v = oracle.verdict(row["category"], row[f"latent_{side}"], row[f"desc_{side}"], row["seed"], row["title"])
         out.update({f"true_ctr_{side}": v["true_ctr"], f"scene_{side}": v["scene"], f"match_{side}": v["match"],
                     f"has_scene_{side}": v["has_scene"]})
     return out
@@ -326,40 +333,39 @@ class RoundTrainer:
 
 
 class Evaluator:
-    """Evaluate: one description per held-out product (fixed sampling seed), its ad rendered beside the
-    pretrained PM's (same render seed), scored by the RM and, on the simulated market, by the oracle."""
+    """Evaluate: ``online.eval_samples`` descriptions per held-out product (fixed sampling seed), each
+    ad rendered beside the pretrained PM's sample of the same index (same render seed); the market
+    judges every ad, the RM the first sample's pair."""
 
     def __init__(self, cfg: CaigConfig, out: Path, oracle: MarketOracle | None):
         self.cfg, self.oc, self.out, self.oracle = cfg, cfg.online, out, oracle
 
     def sample(self, after_rounds: int, plan: RoundPlan, group, feed: Feed, state: RunState) -> None:
-        prods = plan.eval_products()
-        gens = group.generate([policy_input(p) for p in prods], n=1,
+        prods, k = plan.eval_products(), self.oc.eval_samples
+        gens = group.generate([policy_input(p) for p in prods], n=k,
                               temperature=self.cfg.policy.temperature, seed=self.oc.seed * 7919 + 99991)
-        mine = [g["descriptions"][0] for g in gens]
+        mine = [g["descriptions"][:k] for g in gens]
         if state.eval_base is None:  # the pretrained PM's descriptions, kept for every evaluation
             state.eval_base = mine
         rows = []
-        for p, a, b in zip(prods, mine, state.eval_base):
-            rows.append({"pair_id": f"eval-e{after_rounds:03d}-{p.id}", "kind": "eval", "round": after_rounds,
-                         "product_id": p.id, "title": p.title, "category": p.category or "",
-                         "instruction": "", "desc_a": clean_prompt(a), "desc_b": clean_prompt(b),
-                         "seed": render_seed(self.oc.seed, p.id, EVAL_SEED_ROUND), "policy_version": state.step})
+        for p, a_s, b_s in zip(prods, mine, state.eval_base):
+            for j, (a, b) in enumerate(zip(a_s, b_s)):
+                rows.append({"pair_id": f"eval-e{after_rounds:03d}-{p.id}-s{j}", "kind": "eval",
+                             "round": after_rounds, "product_id": p.id, "title": p.title, "category": p.category or "",
+                             "instruction": "", "desc_a": clean_prompt(a), "desc_b": clean_prompt(b), "sample": j,
+                             "rm_score": j == 0, "seed": render_seed(self.oc.seed, p.id, EVAL_SEED_ROUND + j),
+                             "policy_version": state.step})
         feed.put(rows, plan.products)
 
     def collect(self, after_rounds: int, plan: RoundPlan, feed: Feed, state: RunState) -> dict:
-        rows = [x for block in feed.take("eval", after_rounds, len(plan.eval_ids)) for x in block]
+        n = len(plan.eval_ids) * self.oc.eval_samples
+        rows = [x for block in feed.take("eval", after_rounds, n) for x in block]
         p_key = "p_left_debiased" if self.oc.debias_rm else "p_left"
         ev = {"after_rounds": after_rounds, "step": state.step,
-              "rm_win_rate": float(np.mean([x[p_key] for x in rows]))}
+              "rm_win_rate": float(np.mean([x[p_key] for x in rows if x["sample"] == 0]))}
         verdicts = [market_verdicts(self.oracle, x) for x in rows]
         if verdicts and verdicts[0]:
-            a = [{"match": v["match_a"], "has_scene": v["has_scene_a"]} for v in verdicts]
-            b = [{"match": v["match_b"], "has_scene": v["has_scene_b"]} for v in verdicts]
-            tuned, base = [v["true_ctr_a"] for v in verdicts], [v["true_ctr_b"] for v in verdicts]
-            ev.update(true_ctr=float(np.mean(tuned)), base_true_ctr=float(np.mean(base)),
-                      lift=paired_lift(tuned, base), match_rate=match_rate(a), base_match_rate=match_rate(b),
-                      scene_rate=float(np.mean([v["has_scene_a"] for v in verdicts])))
+            ev.update(eval_market_metrics(rows, verdicts))
         table = [{k: v for k, v in x.items() if k not in ("latent_a", "latent_b")} | verd
                  for x, verd in zip(rows, verdicts)]
         pq.write_table(pa.Table.from_pylist(table), self.out / "pairs" / f"eval_{after_rounds:03d}.parquet")
@@ -615,6 +621,11 @@ class OnlineLoop:
             "base_true_ctr_by_round": [e.get("base_true_ctr") for e in evals],
             "match_rate_by_round": [e.get("match_rate") for e in evals],
             "base_match_rate_by_round": [e.get("base_match_rate") for e in evals],
+            "mismatch_share_by_round": [e.get("mismatch_share") for e in evals],
+            "base_mismatch_share_by_round": [e.get("base_mismatch_share") for e in evals],
+            "mismatch_share_by_category": evals[-1].get("mismatch_share_by_category") if evals else None,
+            "base_mismatch_share_by_category": evals[-1].get("base_mismatch_share_by_category") if evals else None,
+            "eval_samples": self.oc.eval_samples,
             "rm_win_rate_by_round": [e["rm_win_rate"] for e in evals],
             "eval_after_rounds": [e["after_rounds"] for e in evals],
             "pairs_planned": tot("pairs_planned"), "pairs_rendered": tot("pairs_rendered"),

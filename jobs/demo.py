@@ -71,6 +71,9 @@ def _demo(args, result) -> int:
         "mean_true_ctr": world["mean_true_ctr"], "history_match_rate": world["history_match_rate"],
         "stages_run": ["make-world", "market-overview"], "world_times": world["times"],
     }
+    if "perception" in world:  # the tiny tower's linear probe on held-out renders, before / after pretraining
+        summary["perception_probe_accuracy"] = world["perception"]["probe_accuracy"]
+        summary["perception_probe_accuracy_before"] = world["perception"]["probe_accuracy_before"]
     if not args.skip_training:
         summary.update(_train_models(cfg, lay, out, plots))
         summary["stages_run"] += ["pretrain-pm", "train-rm", "evaluate-rm", "train"]
@@ -141,7 +144,12 @@ def _train_models(cfg, lay: WorldLayout, out: Path, plots: Path) -> dict:
     return {
         # rm_eval.json's names for rm_eval.json's numbers
         **{k: ev[k] for k in ("rm_accuracy_logged", "rm_debiased_accuracy_logged", "rm_accuracy_true",
-                              "cnn_baseline_accuracy_logged", "bayes_ceiling_test_pairs", "n_test_pairs")},
+                              "cnn_baseline_accuracy_logged", "bayes_ceiling_test_pairs", "n_test_pairs",
+                              "rm_title_blanked_accuracy_logged", "mcnemar_rm_vs_cnn")},
+        # E1 of the paper reproduction for this world (docs/results.md): the RM against the image-only CNN
+        # on the same held-out band pairs, and E2's title-blanked RM
+        "rm_pair_accuracy": ev["rm_accuracy_logged"], "rm_baseline_accuracy": ev["cnn_baseline_accuracy_logged"],
+        "rm_minus_baseline": ev["rm_minus_cnn_logged"], "rm_title_blanked_minus_baseline": ev["rm_title_blanked_minus_cnn_logged"],
         "rm_train_s": rm_s, "rm_zero_stage": rm["zero_stage"],
         "pm_scene_word_share_before": pm["scene_word_share_before"],
         "pm_scene_word_share_after": pm["scene_word_share_after"], "pm_pretrain_s": pm_s,
@@ -149,7 +157,8 @@ def _train_models(cfg, lay: WorldLayout, out: Path, plots: Path) -> dict:
         **{k: online[k] for k in (
             "true_ctr_by_round", "match_rate_by_round", "rm_win_rate_by_round", "eval_after_rounds",
             "pairs_planned", "pairs_rendered", "pairs_scored", "pairs_trained", "pairs_skipped", "pairs_lost",
-            "pairs_duplicated", "pairs_skipped_tie", "pairs_skipped_duplicate", "renderer_pool_size_max", "steps")},
+            "pairs_duplicated", "pairs_skipped_tie", "pairs_skipped_duplicate", "renderer_pool_size_max", "steps",
+            "mismatch_share_by_round", "base_mismatch_share_by_round", "mismatch_share_by_category", "eval_samples")},
         "true_ctr_lift": online.get("true_ctr_lift"), "online_job_s": online_s,
         "online_wall_s": online.get("online_wall_s", online.get("wall_s")), "online_dir": "online",
         "tuned_policy_path": relative_path(online["policy_path"], out),

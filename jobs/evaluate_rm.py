@@ -1,7 +1,8 @@
 """Evaluate the RM on held-out band pairs: ``python -m caig_ray.jobs.evaluate_rm`` / ``caig-ray evaluate-rm``.
 
 Pairwise accuracy (as the paper measures) against the logged order and against the true order
-(market oracle), next to chance, an image-only CNN baseline trained on the same pairs, and the
+(market oracle), next to chance, the RM with the product title blanked (what the text adds), an
+image-only CNN baseline trained on the same pairs (with an exact McNemar test RM vs CNN), and the
 market's Bayes ceiling on the same test pairs (``bayes_ceiling_test_pairs``; make-world's
 ``bayes_ceiling`` is over all band pairs). Written to ``rm_eval.json``.
 """
@@ -22,6 +23,18 @@ from caig_ray.data import DataError, load_log_image, read_click_logs
 from caig_ray.pairs import mine_rm_pairs
 from caig_ray.world import WorldLayout
 from caig_ray.jobs._entry import add_config_args, model_arg, pick, run_job
+
+
+def mcnemar(a_right: np.ndarray, b_right: np.ndarray) -> dict:
+    """Exact McNemar test of two classifiers on the same pairs: ``a_only`` / ``b_only`` = pairs only A /
+    only B gets right; ``p_two_sided`` = 2·P(Binomial(a_only + b_only, 1/2) <= min(a_only, b_only)), capped at 1."""
+    from math import comb
+
+    a_only, b_only = int(np.sum(a_right & ~b_right)), int(np.sum(~a_right & b_right))
+    n = a_only + b_only
+    tail = sum(comb(n, k) for k in range(min(a_only, b_only) + 1)) / 2**n if n else 1.0
+    p = min(1.0, 2 * tail)
+    return {"a_only": a_only, "b_only": b_only, "p_two_sided": p}
 
 
 def evaluate_rm(cfg: CaigConfig, world_dir: str | Path | None, rm_path: str | Path, out: str | Path) -> dict:
@@ -60,6 +73,11 @@ def evaluate_rm(cfg: CaigConfig, world_dir: str | Path | None, rm_path: str | Pa
     pred_db = (np.array(scored["p_left_debiased"]) < 0.5).astype(int)
     result["rm_accuracy_logged"] = float((pred == logged).mean())
     result["rm_debiased_accuracy_logged"] = float((pred_db == logged).mean())
+    # the same pairs with the product text blanked: what the RM gets from the title (E2, docs/results.md)
+    blank = PairScorer(model, processor, batch_size=32, device=driver.device).score(
+        [PairToScore(img(p["left_row"]), img(p["right_row"]), "") for p in test])
+    pred_blank = (np.array(blank["p_left"]) < 0.5).astype(int)
+    result["rm_title_blanked_accuracy_logged"] = float((pred_blank == logged).mean())
 
     t0 = time.perf_counter()
     cnn = train_pair_cnn(to_tensor([img(p["left_row"]) for p in train]), to_tensor([img(p["right_row"]) for p in train]),
@@ -68,6 +86,10 @@ def evaluate_rm(cfg: CaigConfig, world_dir: str | Path | None, rm_path: str | Pa
                            to_tensor([img(p["right_row"]) for p in test])) < 0.5).astype(int)
     result["cnn_train_s"] = time.perf_counter() - t0
     result["cnn_baseline_accuracy_logged"] = float((cnn_pred == logged).mean())
+    result["rm_minus_cnn_logged"] = result["rm_accuracy_logged"] - result["cnn_baseline_accuracy_logged"]
+    result["rm_title_blanked_minus_cnn_logged"] = (result["rm_title_blanked_accuracy_logged"]
+                                                   - result["cnn_baseline_accuracy_logged"])
+    result["mcnemar_rm_vs_cnn"] = mcnemar(pred == logged, cnn_pred == logged)
 
     if truth is not None:
         true = np.array([int(truth[p["left_row"]] < truth[p["right_row"]]) for p in test])

@@ -19,7 +19,9 @@ _NOUNS = {
     "kitchen": ["stock pot", "saucepan", "casserole pot", "steamer pot"],
     "toys": ["teddy bear", "plush bear", "cuddly bear", "toy bear"],
 }
-_ADJ = ["classic", "premium", "lightweight", "new", "everyday", "deluxe", "compact", "limited edition"]
+# title words the default tiers use (MarketConfig.tiers) and v1's adjectives: the tokenizer's corpus
+_ADJ = ["classic", "premium", "lightweight", "new", "everyday", "deluxe", "compact", "limited edition",
+        "luxury", "designer", "budget", "value", "basic"]
 
 
 def _shoe(d: ImageDraw.ImageDraw, s: int, c, rng) -> None:
@@ -83,14 +85,23 @@ def draw_product(category: str, rng: np.random.Generator, size: int) -> tuple[Im
     return img, colour
 
 
-def make_catalog(categories: list[str], n_products: int, size: int, seed: int) -> list[Product]:
-    """``n_products`` products spread evenly over ``categories``; seeded and reproducible."""
+def make_catalog(categories: list[str], n_products: int, size: int, seed: int,
+                 tiers: dict[str, list[str]] | None = None) -> list[Product]:
+    """``n_products`` products spread evenly over ``categories``; seeded and reproducible. With
+    ``tiers`` (tier -> title words) each product draws a tier, named by one of its words at the start
+    of the title and in the attributes -- drawn apart from the image, so only the text tells it."""
     products = []
     for i in range(n_products):
         rng = np.random.default_rng([seed, 1, i])
         cat = categories[i % len(categories)]
         image, colour = draw_product(cat, rng, size)
-        title = f"{rng.choice(_ADJ)} {colour} {rng.choice(_NOUNS.get(cat, [cat]))}"
         attrs = {"color": colour, "category": cat}
+        if tiers:
+            tier = str(rng.choice(sorted(tiers)))
+            adjective = str(rng.choice(tiers[tier]))
+            attrs["tier"] = tier
+        else:
+            adjective = str(rng.choice(_ADJ))
+        title = f"{adjective} {colour} {rng.choice(_NOUNS.get(cat, [cat]))}"
         products.append(Product(id=f"p{i:06d}", title=title, image=image, category=cat, attributes=attrs))
     return products

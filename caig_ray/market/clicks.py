@@ -5,12 +5,16 @@ The RM and the policy never see any of this: they see pixels and product text on
 logit(CTR) = base_logit + category_bias[cat]
            + (match_bonus if scene suits cat else -mismatch_penalty if scene != "plain" else 0)
            + attention_bonus[scene] + palette_effect[palette] + category_palette[cat][palette]
+           + tier_effect[tier][palette] + tier_effect[tier][lighting] + tier_effect[tier][clutter]
            + lighting_effect[lighting] + clutter_effect[clutter] + contrast_weight * contrast
            + noise_std * z(seed, description)
+
+where ``tier`` is the product's tier as its title names it (``tier_of``): text, not pixels.
 """
 
 from __future__ import annotations
 
+import re
 import zlib
 from dataclasses import dataclass
 
@@ -32,13 +36,22 @@ class ClickModel:
 
     def __init__(self, cfg: MarketConfig):
         self.cfg = cfg
+        self._tier_words = {w: tier for tier, words in cfg.tiers.items() for w in words}
+
+    def tier_of(self, title: str) -> str | None:
+        """The tier a product's title names (its first tier word), None when it names none."""
+        for tok in re.findall(r"[a-z]+", title.lower()):
+            if tok in self._tier_words:
+                return self._tier_words[tok]
+        return None
 
     def match(self, category: str, scene: str) -> bool:
         """The product-background match oracle: the scene suits the category."""
         return scene in self.cfg.compatible_scenes.get(category, [])
 
-    def logit(self, category: str, latent: dict, noise_key: int = 0) -> float:
+    def logit(self, category: str, latent: dict, noise_key: int = 0, title: str = "") -> float:
         c = self.cfg
+        tier = c.tier_effect.get(self.tier_of(title) or "", {})
         scene, palette = latent["scene"], latent["palette"]
         fit = c.match_bonus if self.match(category, scene) else (0.0 if scene == "plain" else -c.mismatch_penalty)
         z = np.random.default_rng([abs(int(noise_key)), 11]).standard_normal()
@@ -46,13 +59,14 @@ class ClickModel:
             c.base_logit + c.category_bias.get(category, 0.0) + fit
             + c.attention_bonus.get(scene, 0.0)
             + c.palette_effect.get(palette, 0.0) + c.category_palette.get(category, {}).get(palette, 0.0)
+            + sum(tier.get(latent[k], 0.0) for k in ("palette", "lighting", "clutter"))
             + c.lighting_effect.get(latent["lighting"], 0.0) + c.clutter_effect.get(latent["clutter"], 0.0)
             + c.contrast_weight * float(latent.get("contrast", 0.0))
             + c.noise_std * z
         )
 
-    def true_ctr(self, category: str, latent: dict, noise_key: int = 0) -> float:
-        return float(1.0 / (1.0 + np.exp(-self.logit(category, latent, noise_key))))
+    def true_ctr(self, category: str, latent: dict, noise_key: int = 0, title: str = "") -> float:
+        return float(1.0 / (1.0 + np.exp(-self.logit(category, latent, noise_key, title))))
 
 
 def noise_key(description: str, seed: int) -> int:
@@ -90,7 +104,7 @@ def make_history(products: list[Product], cfg: MarketConfig, progress: bool = Tr
             desc = describe(bg, rng)
             seed = int(rng.integers(0, 2**31 - 1))
             ad = renderer.render([product.image], [desc], [seed])[0]
-            ctr = model.true_ctr(product.category, ad.latent, noise_key(desc, seed))
+            ctr = model.true_ctr(product.category, ad.latent, noise_key(desc, seed), product.title)
             lo, hi = np.log(cfg.impressions[0]), np.log(cfg.impressions[1])
             imp = int(np.exp(rng.uniform(lo, hi)))
             clicks = int(rng.binomial(imp, ctr))
@@ -103,7 +117,7 @@ def make_history(products: list[Product], cfg: MarketConfig, progress: bool = Tr
             truth.append({
                 "creative_id": cid, "product_id": product.id, "category": product.category,
                 "true_ctr": ctr, "match": model.match(product.category, ad.latent["scene"]),
-                "seed": seed, **ad.latent,
+                "tier": model.tier_of(product.title) or "", "seed": seed, **ad.latent,
             })
     return History(logs=logs, truth=truth)
 

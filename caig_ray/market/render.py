@@ -30,34 +30,36 @@ _SCENE_BASE = {
 
 
 def _pattern(d: ImageDraw.ImageDraw, scene: str, s: int, rng: np.random.Generator) -> None:
-    """Scene-specific marks; positions jitter with the seed."""
+    """Scene-specific marks; positions jitter with the seed. Every mark is at least ~s/40 wide (3 px
+    at 112): what sets a scene apart must survive the models' input size (docs/market.md)."""
     j = lambda a: a * s + rng.uniform(-0.03, 0.03) * s  # noqa: E731
+    w = max(2, s // 36)  # the thinnest mark
     if scene == "stadium":
-        for k in range(4):
-            d.line([0, j(0.6 + 0.1 * k), s, j(0.6 + 0.1 * k)], fill=(240, 240, 240), width=max(1, s // 60))
-        for _ in range(40):
-            x, y = rng.uniform(0, s), rng.uniform(0, 0.4 * s)
-            d.point((x, y), fill=tuple(int(v) for v in rng.integers(120, 255, 3)))
+        for k in range(3):
+            d.line([0, j(0.6 + 0.13 * k), s, j(0.6 + 0.13 * k)], fill=(240, 240, 240), width=w)
+        for _ in range(14):  # the crowd: blobs, not single pixels
+            x, y, r = rng.uniform(0, s), rng.uniform(0, 0.38 * s), s / 40
+            d.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(v) for v in rng.integers(120, 255, 3)))
     elif scene == "street":
         for k in range(5):
             x0 = j(0.2 * k)
             d.rectangle([x0, j(0.1), x0 + 0.15 * s, 0.55 * s], fill=(110, 115, 130))
-        d.line([0, 0.8 * s, s, 0.8 * s], fill=(240, 220, 60), width=max(1, s // 50))
+        d.line([0, 0.8 * s, s, 0.8 * s], fill=(240, 220, 60), width=w)
     elif scene == "vanity":
-        d.ellipse([j(0.25), j(0.05), j(0.75), j(0.55)], outline=(210, 170, 90), width=max(1, s // 30))
+        d.ellipse([j(0.25), j(0.05), j(0.75), j(0.55)], outline=(210, 170, 90), width=max(w, s // 24))
     elif scene == "marble":
-        for _ in range(6):
+        for _ in range(5):
             pts = [(rng.uniform(0, s), rng.uniform(0, s)) for _ in range(3)]
-            d.line(pts, fill=(160, 160, 165), width=1)
+            d.line(pts, fill=(150, 150, 158), width=w)
     elif scene == "desk":
         d.rectangle([j(0.05), j(0.1), j(0.35), j(0.35)], fill=(30, 30, 35))
-        d.line([0, 0.62 * s, s, 0.62 * s], fill=(90, 60, 35), width=max(1, s // 40))
+        d.line([0, 0.62 * s, s, 0.62 * s], fill=(90, 60, 35), width=max(w, s // 30))
     elif scene == "kitchen":
-        step = max(4, s // 8)
+        step = max(6, s // 6)
         for y in range(0, int(0.6 * s), step):
-            d.line([0, y, s, y], fill=(200, 195, 185), width=1)
+            d.line([0, y, s, y], fill=(190, 185, 172), width=w)
         for x in range(0, s, step):
-            d.line([x, 0, x, 0.6 * s], fill=(200, 195, 185), width=1)
+            d.line([x, 0, x, 0.6 * s], fill=(190, 185, 172), width=w)
     elif scene == "beach":
         d.rectangle([0, j(0.45), s, j(0.6)], fill=(40, 110, 190))
         d.ellipse([j(0.75), j(0.05), j(0.9), j(0.2)], fill=(255, 230, 90))
@@ -70,7 +72,7 @@ def _pattern(d: ImageDraw.ImageDraw, scene: str, s: int, rng: np.random.Generato
         for _ in range(5):
             c = tuple(int(v) for v in rng.choice([(255, 40, 200), (40, 240, 255), (170, 60, 255)]))
             y = rng.uniform(0, s)
-            d.line([0, y, s, y + rng.uniform(-0.3, 0.3) * s], fill=c, width=max(1, s // 40))
+            d.line([0, y, s, y + rng.uniform(-0.3, 0.3) * s], fill=c, width=max(w, s // 20))
 
 
 def _apply_palette(arr: np.ndarray, palette: str) -> np.ndarray:
@@ -96,6 +98,8 @@ def _apply_lighting(arr: np.ndarray, lighting: str) -> np.ndarray:
         arr = arr * 1.2 + 20
     elif lighting == "dim":
         arr = arr * 0.6
+    elif lighting == "soft":  # flat light: contrast pulled towards the mean (visible on any background)
+        arr = 0.75 * arr + 0.25 * arr.mean() + 12
     elif lighting == "dramatic":
         yy, xx = np.mgrid[0:s, 0:s] / max(1, s - 1) - 0.5
         arr = arr * (1.25 - 1.6 * (xx**2 + yy**2))[..., None]
@@ -117,8 +121,8 @@ def render_background(desc: str, size: int, seed: int) -> tuple[Image.Image, dic
         x, y, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(0.04, 0.1) * size
         c = tuple(int(v) for v in rng.integers(0, 255, 3))
         (d.ellipse if rng.random() < 0.5 else d.rectangle)([x - r, y - r, x + r, y + r], fill=c)
-    if bg.lighting == "soft":
-        img = img.filter(ImageFilter.GaussianBlur(radius=max(0.5, size / 128)))
+    if bg.lighting == "soft":  # a visible softening at the models' size (3 px at 112), not a sub-pixel blur
+        img = img.filter(ImageFilter.GaussianBlur(radius=max(1.0, size / 40)))
     arr = _apply_lighting(_apply_palette(np.asarray(img, dtype=np.float32), bg.palette), bg.lighting)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), bg.as_dict()
 
