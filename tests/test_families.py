@@ -20,7 +20,8 @@ def _images():
     return [Image.new("RGB", (96, 96), (200, 30, 30)), Image.new("RGB", (60, 90), (10, 90, 200))]
 
 
-INS = ["Write a background for red sneakers", "Describe a scene for a blue desk lamp with a long title"]
+INS = ["Write a background for red sneakers",
+       "Describe a scene for a blue desk lamp with a long title, a longer one than the first by many words"]
 
 
 def test_policy_loads_with_the_stock_processor_and_keeps_the_checkpoint_padding(hub_models, family):
