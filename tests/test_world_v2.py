@@ -89,7 +89,8 @@ def test_make_world_pretrains_the_tower_and_reports_the_probe(tmp_path):
     from caig_ray.perception import PROBED
     from caig_ray.world import WorldLayout, make_world
 
-    cfg = load_config("quick", overrides={"market": {"n_products": 10}})
+    cfg = load_config("quick", overrides={"market": {"n_products": 10},
+                                          "perception": {"train_renders": 32, "probe_renders": 40, "epochs": 1}})
     plain = make_world(cfg.model_copy(update={"perception": cfg.perception.model_copy(update={"train_renders": 0})}),
                        tmp_path / "plain", progress=False)
     summary = make_world(cfg, tmp_path / "w", progress=False)
