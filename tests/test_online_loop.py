@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from safetensors.torch import load_file
@@ -79,7 +80,11 @@ def test_two_rounds_account_for_every_pair(uninterrupted):
     assert s["eval_after_rounds"] == [0, 1, 2] and len(s["true_ctr_by_round"]) == 3
     assert s["rm_win_rate_by_round"][0] == pytest.approx(0.5, abs=1e-6)  # round 0: the PM against itself
     evals = pq.read_table(out / "pairs" / "eval_002.parquet").to_pylist()
-    assert len(evals) == 4 and all(0 < e["true_ctr_a"] < 1 for e in evals)
+    # 4 held-out products x online.eval_samples (quick: 2); the RM scores each product's first sample only
+    assert len(evals) == 4 * 2 and all(0 < e["true_ctr_a"] < 1 for e in evals)
+    assert sorted(e["sample"] for e in evals) == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert all(np.isnan(e["p_left"]) == (e["sample"] == 1) for e in evals)
+    assert len({e["seed"] for e in evals}) == 8 and 0 <= s["mismatch_share_by_round"][-1] <= 1
     # the driver never held an image: the pipeline wrote each pair's two ads to pairs/ads/ (the part
     # the pair's row names), once per pair; the driver's rows carry no image column
     round_rows = pq.read_table(out / "pairs" / "round_000.parquet").to_pylist()
