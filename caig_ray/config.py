@@ -174,7 +174,8 @@ class Placement(_Strict):
 
     num_gpus: float = Field(0.0, ge=0)
     """GPUs each process of the role asks Ray for; > 0 puts its model on cuda (fractions share a GPU
-    between actors), 0 keeps it on CPU."""
+    between actors; a worker group's ranks take whole GPUs, or a fraction when it has one rank), 0 keeps
+    it on CPU."""
     num_cpus: float = Field(1.0, gt=0)
     """CPUs each process of the role asks Ray for."""
     dtype: Dtype = "float32"
@@ -201,8 +202,11 @@ class WorkerGroupPlacement(Placement):
 
     @model_validator(mode="after")
     def _whole_gpus(self) -> "WorkerGroupPlacement":
-        if self.num_gpus not in (0, 1):
-            raise ValueError(f"num_gpus must be 0 or 1 per rank (one GPU per DeepSpeed rank), got {self.num_gpus}")
+        # NCCL refuses two ranks of one group on the same GPU; a single rank may share its GPU with
+        # the pools (one-GPU machines: scripts/gpu_check.sh's online round)
+        if self.num_gpus not in (0, 1) and not (self.num_workers == 1 and self.num_gpus < 1):
+            raise ValueError(f"num_gpus must be 0 or 1 per rank (one GPU per DeepSpeed rank; a fraction only "
+                             f"with num_workers 1), got {self.num_gpus} with num_workers {self.num_workers}")
         return self
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh) and run the test suite. Extra arguments go to pytest, e.g.
+# Set up (scripts/setup.sh) and run the test suite, then (with no arguments, as CI runs it) the GPU check
+# on CPU (scripts/gpu_check.sh --device cpu). Extra arguments go to pytest alone, e.g.
 #   bash scripts/test.sh -m "not slow"      # the quick subset
 # Every Ray process the tests start (and only those) is stopped on exit, failure included.
 set -uo pipefail
@@ -28,5 +29,11 @@ start=$(date +%s)
 rc=$?
 echo "tests: pytest exited $rc after $(( $(date +%s) - start )) s"
 # pytest exits 5 when it collected no test (e.g. a -m/-k filter matched nothing): not a failure.
-if [ "$rc" -eq 5 ]; then exit 0; fi
+if [ "$rc" -eq 5 ]; then rc=0; fi
+# The whole suite (no arguments, as CI runs it) also runs the GPU check on CPU, so it cannot rot
+if [ "$#" -eq 0 ]; then
+  CAIG_GPU_CHECK_OUT="$RAY_TMPDIR/gpu_check_cpu.json" bash scripts/gpu_check.sh --device cpu
+  gpu_rc=$?
+  [ "$rc" -eq 0 ] && rc=$gpu_rc
+fi
 exit "$rc"

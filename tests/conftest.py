@@ -9,8 +9,9 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` need CUDA and run only with --run-gpu (scripts/gpu_check.sh); everywhere
-    else they are deselected -- reported as deselected, never silently skipped as passed."""
+    """Tests marked ``gpu`` run only with --run-gpu (scripts/gpu_check.sh, on CUDA, or on CPU with
+    ``--device cpu``); everywhere else they are deselected -- reported as deselected, never silently
+    skipped as passed."""
     if config.getoption("--run-gpu"):
         return
     keep = [i for i in items if "gpu" not in i.keywords]
@@ -21,6 +22,38 @@ def pytest_collection_modifyitems(config, items):
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def check_device() -> str:
+    """The GPU check's device: ``cuda`` on the GPU machine, ``cpu`` when scripts/gpu_check.sh runs with
+    ``--device cpu`` (CI: the same tests at tiny sizes, so the check cannot rot)."""
+    device = os.environ.get("CAIG_GPU_CHECK_DEVICE", "cuda")
+    if device not in ("cuda", "cpu"):
+        raise pytest.UsageError(f"CAIG_GPU_CHECK_DEVICE must be cuda or cpu, got {device!r}")
+    return device
+
+
+@pytest.fixture(scope="session")
+def gpu_record(check_device):
+    """What the GPU check measured, one dict for every tests/test_gpu*.py module; written at the end of
+    the session to ``CAIG_GPU_CHECK_OUT`` (default bench/results/gpu_check.json on cuda,
+    gpu_check_cpu.json on cpu) with the device's name."""
+    import json
+    import platform
+    import time
+    from pathlib import Path
+
+    import torch
+
+    name = torch.cuda.get_device_name(0) if check_device == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    record = {"device": name, "check_device": check_device, "torch": torch.__version__, "cuda": torch.version.cuda,
+              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    yield record
+    default = "gpu_check.json" if check_device == "cuda" else "gpu_check_cpu.json"
+    out = Path(os.environ.get("CAIG_GPU_CHECK_OUT", Path(__file__).parents[1] / "bench" / "results" / default))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
 
 
 @pytest.fixture(scope="session")

@@ -50,6 +50,15 @@ def test_device_is_derived_never_set():
         load_config("quick", overrides={"resources": {"policy": {"num_gpus": 2}}})
 
 
+def test_a_worker_group_shares_a_gpu_only_with_one_rank():
+    """NCCL refuses two ranks of a group on one GPU; one rank may take a fraction (a one-GPU machine
+    running every role at once, scripts/gpu_check.sh)."""
+    cfg = load_config("quick", overrides={"resources": {"policy": {"num_workers": 1, "num_gpus": 0.4}}})
+    assert cfg.resources.policy.num_gpus == 0.4 and cfg.resources.policy.device == "cuda"
+    with pytest.raises(ConfigError, match="a fraction only with num_workers 1"):
+        load_config("quick", overrides={"resources": {"policy": {"num_workers": 2, "num_gpus": 0.5}}})
+
+
 def test_zero3_reference_needs_zero_stage_3():
     with pytest.raises(ConfigError, match="reference 'zero3' needs zero_stage 3"):
         load_config("quick", overrides={"policy": {"reference": "zero3", "zero_stage": 2}})

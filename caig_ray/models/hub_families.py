@@ -123,11 +123,19 @@ LLAVA_SIZES = {
     "mid": dict(vision_size=336, vocab=32064, text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
                                                         num_attention_heads=8, num_key_value_heads=8),
                 vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6)),
+    # llava-v1.6-vicuna-7b's shapes: Vicuna-7B (Llama-2-7B) and CLIP ViT-L/14-336 (scripts/gpu_check.sh's
+    # 7B-size step; random weights cost the same time and memory as trained ones)
+    "7b": dict(vision_size=336, vocab=32064, text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                                       num_attention_heads=32, num_key_value_heads=32),
+               vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)),
 }
 
 
-def make_llava_next(out: str | Path, seed: int = 0, size: str = "tiny") -> Path:
-    """A llava-v1.6-vicuna-shaped checkpoint in llava-hf's layout, of ``size`` (``LLAVA_SIZES``)."""
+def make_llava_next(out: str | Path, seed: int = 0, size: str = "tiny", device: str = "cpu",
+                    dtype: str = "float32") -> Path:
+    """A llava-v1.6-vicuna-shaped checkpoint in llava-hf's layout, of ``size`` (``LLAVA_SIZES``); the
+    random weights are drawn on ``device`` in ``dtype`` (a 7B in float32 on CPU would take minutes and
+    28 GB) and saved in that dtype."""
     from transformers import (
         CLIPVisionConfig, LlamaConfig, LlamaTokenizerFast, LlavaNextConfig, LlavaNextForConditionalGeneration,
         LlavaNextProcessor,
@@ -154,7 +162,13 @@ def make_llava_next(out: str | Path, seed: int = 0, size: str = "tiny") -> Path:
         vision_feature_select_strategy="default", projector_hidden_act="gelu", tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            model = LlavaNextForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": vision_size}, crop_size={"height": vision_size, "width": vision_size},
@@ -165,7 +179,8 @@ def make_llava_next(out: str | Path, seed: int = 0, size: str = "tiny") -> Path:
                                    num_additional_image_tokens=1, chat_template=LLAVA_VICUNA_TEMPLATE)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    _legacy_llava_names(out)
+    if size != "7b":  # rewriting 14 GB of shards costs the GPU check a minute; the key names are tested tiny
+        _legacy_llava_names(out)
     _hub_processor_files(out, "LlavaNextImageProcessor", "LlavaNextProcessor")
     return out
 
