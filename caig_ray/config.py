@@ -388,11 +388,29 @@ class RendererConfig(_Strict):
     """A benchmark stand-in, not a model setting: each renderer actor waits this many seconds per image
     it renders, as a remote GPU's render time would (bench/pipeline.py). On 2 CPU cores rendering is
     CPU-bound, so only a latency-bound renderer shows what widening the pool buys. 0 = off."""
+    channels_last: bool = False
+    """Speed option (diffusers): UNet, ControlNet and VAE weights in channels_last memory format, which
+    CUDA's tensor-core convolutions prefer; images equal the default's up to float rounding."""
+    fuse_qkv: bool = False
+    """Speed option (diffusers): one matmul for each attention's q/k/v projections (k/v in cross-attention)
+    in the UNet, ControlNet and VAE (diffusers' ``fuse_qkv_projections``); equal up to float rounding."""
+    compile: bool = False
+    """Speed option (diffusers): ``torch.compile`` the UNet and the ControlNet (full graph, one static
+    graph per batch shape; the first render of each shape compiles, minutes); equal up to float rounding."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile mode with ``compile``: "reduce-overhead" replays CUDA graphs, removing the per-kernel
+    launch cost that bounds a batch-1 render on CUDA (ignored on CPU)."""
+    generator_device: Literal["cpu", "device"] = "cpu"
+    """Where the seeded noise is drawn: "cpu" gives the same images on every device; "device" draws on the
+    render device, sparing Euler-ancestral's host draw and blocking host-to-device copy at every step,
+    but on CUDA from different random numbers, so different images (on CPU the same)."""
 
     @model_validator(mode="after")
     def _check_paths(self) -> "RendererConfig":
         if self.kind == "diffusers" and self.image_size % 8:
             raise ValueError(f"image_size must be a multiple of 8 for diffusers, got {self.image_size}")
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"compile_mode {self.compile_mode!r} needs compile: true")
         return self
 
 

@@ -66,7 +66,7 @@ if [ -n "${WHEELDIR:-}" ]; then
   export PYTHONPATH=$SITE
   PYFLAGS=(-P)  # the checkout's caig_ray/ (without jobs/, actors/) must not shadow the installed one
 elif [ -x .venv/bin/python ]; then
-  PY=.venv/bin/python
+  PY=$PWD/.venv/bin/python
 fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} CAIG_GPU_CHECK_DEVICE=$DEVICE
 export PYTHONUNBUFFERED=1
