@@ -144,7 +144,7 @@ def test_compile_captures_unet_and_controlnet_whole(base, plain, monkeypatch):
     """compile: true wraps both models in torch.compile with a full graph (no graph break) and one
     static graph per batch shape. The inductor backend takes minutes to generate C++ here (2 shared
     cores), so this captures with "aot_eager" (the same Dynamo and AOT graphs, run by eager kernels);
-    inductor itself: ``test_compile_with_inductor_on_cpu`` (slow)."""
+    inductor itself runs in the GPU check (tests/test_gpu_renderer.py: plain vs compiled on the card)."""
     compile_calls = []
     real_compile = torch.compile
 
@@ -158,15 +158,6 @@ def test_compile_captures_unet_and_controlnet_whole(base, plain, monkeypatch):
     assert [name for name, _ in compile_calls] == ["UNet2DConditionModel", "ControlNetModel"]
     assert all(kw == {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False} for _, kw in compile_calls)
     assert isinstance(renderer.pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
-    assert_same_within_rounding(pixels(renderer.render(PRODUCTS, DESCRIPTIONS, SEEDS)), plain[1])
-    torch._dynamo.reset()
-
-
-@pytest.mark.slow
-def test_compile_with_inductor_on_cpu(base, plain):
-    """torch.compile's default backend (inductor, C++ kernels on CPU): minutes here, so slow."""
-    torch._dynamo.reset()
-    renderer = DiffusersRenderer(RendererConfig(**base, compile=True))
     assert_same_within_rounding(pixels(renderer.render(PRODUCTS, DESCRIPTIONS, SEEDS)), plain[1])
     torch._dynamo.reset()
 
