@@ -90,13 +90,27 @@ class FeedDatasource(Datasource):
         return [read_task(i) for i in range(self.n_blocks)]
 
 
+def map_pool(ds, fn, pool: ActorPoolConfig, batch_size: int | None = None, **kwargs):
+    """``ds.map_batches(fn)`` on the actor pool ``pool`` describes (size range, CPUs, GPUs, resources).
+
+    ``batch_size`` None: each call takes one whole block, as the driver (or the catalog source) cut it,
+    so no stage waits to fill a larger batch and a round's short last block is not held back to be
+    bundled with the next round's. Ray's public ``map_batches`` refuses ``batch_size=None`` for a stage
+    that asks for GPUs (a guard against accidental huge batches); ``map_batches_internal`` is the same
+    operator without that guard -- Ray's own ``map_groups`` takes it for GPU stages. With an int the
+    public call is used (it then bundles blocks up to that many rows)."""
+    args = {**pool_args(pool), **kwargs}
+    if batch_size is None:
+        return ds.map_batches_internal(fn, batch_size=None, **args)
+    return ds.map_batches(fn, batch_size=batch_size, **args)
+
+
 def map_renderers(ds, renderer: RendererConfig, pool: ActorPoolConfig, batch_size: int | None,
-                  fault: dict | None = None):
+                  fault: dict | None = None, **kwargs):
     """``ds.map_batches(Renderer)`` on an autoscaling actor pool (``pool``); ``batch_size`` None keeps
     the dataset's blocks as the batches."""
-    return ds.map_batches(Renderer, fn_constructor_args=(renderer.model_dump(mode="json"), fault,
-                                                         pool.device, pool.dtype),
-                          batch_size=batch_size, **pool_args(pool))
+    return map_pool(ds, Renderer, pool, batch_size,
+                    fn_constructor_args=(renderer.model_dump(mode="json"), fault, pool.device, pool.dtype), **kwargs)
 
 
 def map_scorers(ds, cfg: CaigConfig, rm_path: str, batch_size: int | None, ads: Output | None = None):
@@ -106,7 +120,13 @@ def map_scorers(ds, cfg: CaigConfig, rm_path: str, batch_size: int | None, ads: 
     kwargs = {"model_path": rm_path, "batch_size": oc.scorer_batch_size, "dtype": pool.dtype,
               "device": pool.device, "debias": oc.debias_rm, "fault": oc.faults.model_dump(mode="json"),
               "ads": ads}
-    return ds.map_batches(RewardScorer, fn_constructor_kwargs=kwargs, batch_size=batch_size, **pool_args(pool))
+    return map_pool(ds, RewardScorer, pool, batch_size, fn_constructor_kwargs=kwargs)
+
+
+def render_and_score(ds, cfg: CaigConfig, rm_path: str, ads: Output):
+    """The online loop's two model stages on their pools, each call one whole block (``map_pool``)."""
+    ds = map_renderers(ds, cfg.renderer, cfg.resources.renderers, None, cfg.online.faults.model_dump(mode="json"))
+    return map_scorers(ds, cfg, rm_path, None, ads)
 
 
 def pool_args(pool: ActorPoolConfig) -> dict:
@@ -168,8 +188,7 @@ class PairStream(_PoolTrace):
         # (2 hid a round's backlog from a pool of 8: it grew to 3)
         ds = ray.data.read_datasource(FeedDatasource(self.feed, n_blocks), override_num_blocks=n_blocks,
                                       concurrency=max(2, cfg.resources.renderers.max_size), num_cpus=0)
-        ds = map_renderers(ds, cfg.renderer, cfg.resources.renderers, None, oc.faults.model_dump(mode="json"))
-        ds = map_scorers(ds, cfg, rm_path, None, ads)
+        ds = render_and_score(ds, cfg, rm_path, ads)
         self._it = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
 
     def put(self, rows: list[dict]) -> int:

@@ -148,15 +148,31 @@ def _at_least_one(value: str) -> int:
     return n
 
 
+def generate_stages(ds, cfg: CaigConfig, policy: str, rm: str, n: int, seed: int):
+    """Describe, render, score: the three model stages on their pools (``resources.generators``,
+    ``renderers``, ``scorers``), built by the same helper as the online loop's (``map_pool``). Each stage
+    takes whole blocks (a row group of 4 policy batches) and batches inside the actor
+    (policy.generate_batch_size, renderer.batch_size, online.scorer_batch_size)."""
+    from caig_ray.actors.describer import Describer
+    from caig_ray.actors.renderer import Renderer
+    from caig_ray.actors.scorer import RewardScorer
+    from caig_ray.actors.stream import map_pool, map_renderers
+
+    res = cfg.resources
+    ds = map_pool(ds, Describer, res.generators, batch_format="pyarrow",
+                  fn_constructor_args=(policy, cfg.policy.model_dump(mode="json"), n, seed,
+                                       res.generators.device, res.generators.dtype))
+    ds = map_renderers(ds, cfg.renderer, res.renderers, None, None, batch_format="pyarrow")
+    return map_pool(ds, RewardScorer, res.scorers, batch_format="pyarrow", fn_constructor_kwargs={
+        "model_path": rm, "batch_size": cfg.online.scorer_batch_size, "dtype": res.scorers.dtype,
+        "device": res.scorers.device})
+
+
 def generate(cfg: CaigConfig, catalog: str | Path, out: str | Path, policy: str, rm: str, n: int = 4,
              seed: int = 0, resume: bool = False, on_bad_rows: str = "stop", image_root: str | None = None) -> dict:
     import ray
 
     from caig_ray.actors.catalog import ValidCatalogSource, validate_catalog
-    from caig_ray.actors.describer import Describer
-    from caig_ray.actors.renderer import Renderer
-    from caig_ray.actors.scorer import RewardScorer
-    from caig_ray.actors.stream import pool_args
     from caig_ray.models.renderer import check_sd_folders
     from caig_ray.models.vlm import check_model_folder
 
@@ -184,13 +200,10 @@ def generate(cfg: CaigConfig, catalog: str | Path, out: str | Path, policy: str,
             raise ConfigError(f"--resume: {out} holds ads made with other {', '.join(changed)} ({record}): give the "
                               "same inputs to add to them, or a new --out")
     record.write_text(json.dumps(inputs, indent=1))
-    res = cfg.resources
     started = init_ray()
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False  # progress: the log lines below
-        # a block (a row group of 4 policy batches) is the unit that streams from stage to stage: every
-        # map below takes whole blocks (batch_size None; each actor batches inside: policy.generate_batch_size,
-        # renderer.batch_size, online.scorer_batch_size), so no stage waits to fill a larger batch
+        # a block (a row group of 4 policy batches) is the unit that streams from stage to stage
         check = validate_catalog(catalog, out / "catalog", on_bad_rows, image_root,
                                  rows_per_group=4 * cfg.policy.generate_batch_size)
         done = written_ids(out) if resume else []
@@ -199,18 +212,7 @@ def generate(cfg: CaigConfig, catalog: str | Path, out: str | Path, policy: str,
                     check.rejected_rows, len(done), todo)
         skip = ray.put(pa.array(done, pa.string())) if done else None
         ds = ray.data.read_datasource(ValidCatalogSource(check.valid, skip), num_cpus=0.25)
-        ds = ds.map_batches(Describer, fn_constructor_args=(policy, cfg.policy.model_dump(mode="json"), n, seed,
-                                                            res.generators.device, res.generators.dtype),
-                            batch_format="pyarrow", batch_size=None,
-                            **pool_args(res.generators))
-        ds = ds.map_batches(Renderer, fn_constructor_args=(cfg.renderer.model_dump(mode="json"), None,
-                                                           res.renderers.device, res.renderers.dtype),
-                            batch_format="pyarrow", batch_size=None,
-                            **pool_args(res.renderers))
-        ds = ds.map_batches(RewardScorer, fn_constructor_kwargs={
-            "model_path": rm, "batch_size": cfg.online.scorer_batch_size, "dtype": res.scorers.dtype,
-            "device": res.scorers.device}, batch_format="pyarrow",
-            batch_size=None, **pool_args(res.scorers))
+        ds = generate_stages(ds, cfg, policy, rm, n, seed)
         ds = ds.map_batches(write_generated, fn_kwargs={"out": str(out)}, batch_format="pyarrow", batch_size=None,
                             num_cpus=0.25)
         written = 0
