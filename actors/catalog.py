@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from caig_ray.data.catalog import DataError, ProductRecord, find_image, image_ref, image_roots, product_from_row
+from caig_ray.storage import write_part
 
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -114,14 +114,6 @@ def _json_blocks(path: Path, step: int):
         return
     for i in range(0, len(rows), step):
         yield _raw_table(i, rows[i:i + step])
-
-
-def write_part(table: pa.Table, folder: Path, name: str, row_group_size: int | None = None) -> None:
-    """Written under a temporary name and renamed: a part is there whole or not at all."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.tmp"
-    pq.write_table(table, tmp, row_group_size=row_group_size)
-    os.replace(tmp, folder / name)
 
 
 def validate_rows(batch: pa.Table, source: str, roots: list[str], out: str, rows_per_group: int) -> pa.Table:

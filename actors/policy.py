@@ -9,7 +9,6 @@ all ranks (every rank must take part in ZeRO collectives) and gathers the result
 
 from __future__ import annotations
 
-import importlib
 import os
 import socket
 from pathlib import Path
@@ -21,6 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from caig_ray.config import PolicyConfig, WorkerGroupPlacement
 from caig_ray.losses import pcpo_kind_means
 from caig_ray.data.catalog import load_product_image
+from caig_ray.ds import WORKER_ENV
 from caig_ray.faults import BatchFault
 from caig_ray.storage import Output
 
@@ -62,17 +62,13 @@ class PolicyWorker:
         return ray.get_runtime_context().get_node_id()
 
     def init_engine(self, master_addr: str, master_port: int) -> None:
-        import deepspeed
-
+        from caig_ray.ds import init_distributed
         from caig_ray.policy_engine import PolicyEngine
 
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           # Ray gives each actor its own GPU as cuda:0 (CUDA_VISIBLE_DEVICES), so local rank 0
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
-        if not self.placement.use_gpu:
-            # gloo on CPU needs no shm comm op; its JIT build costs ~100 s (docs/development.md, known traps)
-            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-        deepspeed.init_distributed(dist_backend="nccl" if self.placement.use_gpu else "gloo")
+        init_distributed(self.placement.use_gpu)
         self.policy = PolicyEngine(self.model_path, self.cfg, self.placement, self.rank, self.total_steps)
 
     def generate(self, products: list[dict], n: int, temperature: float, seed: int) -> list[dict]:
@@ -82,14 +78,8 @@ class PolicyWorker:
         self.fault.tick()
         return self.policy.train_step(with_images(examples), n_micro)
 
-    def eval_loss(self, examples: list[dict], n_micro: int | None = None) -> dict:
-        return self.policy.eval_loss(with_images(examples), n_micro)
-
     def logps(self, examples: list[dict]) -> list[float]:
         return self.policy.logps(with_images(examples))
-
-    def trainable_parameter_names(self) -> list[str]:
-        return self.policy.trainable_parameter_names()
 
     def save(self, path: str) -> None:
         self.policy.save(path)
@@ -126,7 +116,7 @@ class PolicyGroup:
                 f"PolicyGroup: {self.n} bundles of {bundle} could not be placed within {ready_timeout_s:.0f} s; "
                 f"available now: {ray.available_resources()}") from None
         actor = ray.remote(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_restarts=0)(PolicyWorker)
-        env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}}
+        env = {"env_vars": dict(WORKER_ENV)}
         self.workers = [
             actor.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=self.pg, placement_group_bundle_index=r), runtime_env=env,
@@ -198,14 +188,6 @@ class PolicyGroup:
         """Forwards every rank runs in a step: the largest shard's micro-batch count."""
         size = self.cfg.micro_batch_size or max(len(s) for s in shards)
         return max(-(-len(s) // size) for s in shards)
-
-    def eval_loss(self, examples: list[dict]) -> dict:
-        if len(examples) < self.n:
-            raise ValueError(f"eval needs at least one example per rank ({self.n}), got {len(examples)}")
-        shards = self._split(examples)
-        n_micro = self._micro_batches_per_rank(shards)
-        return pcpo_kind_means(self._weighted(self._gather([w.eval_loss.remote(s, n_micro)
-                                                             for w, s in zip(self.workers, shards)])))
 
     def logps(self, examples: list[dict]) -> list[float]:
         outs = self._gather([w.logps.remote(s) for w, s in zip(self.workers, self._split(examples))])

@@ -3,9 +3,8 @@
 Use it as a Ray Data ``map_batches`` callable class (columns ``left_image``, ``right_image`` as
 encoded image bytes, ``title``; adds ``p_left``, ``p_left_debiased``, ``ctr_left``, ``ctr_right``;
 with ``ads``, the online loop's storage, the ads are written there and replaced by ``ads_part``)
-or on ``generate``'s product rows (a pyarrow batch with ``ads``: the N candidates ranked in the row),
-or as a plain actor (``RewardScorer.as_actor(...)``, with restarts: ``__init__`` reloads from the
-path, so a restarted actor is the same scorer).
+or on ``generate``'s product rows (a pyarrow batch with ``ads``: the N candidates ranked in the row).
+``__init__`` loads from the path, so a restarted pool actor is the same scorer.
 """
 
 from __future__ import annotations
@@ -15,13 +14,12 @@ import json
 
 import numpy as np
 import pyarrow as pa
-import ray
 from PIL import Image
 
 from caig_ray.faults import BatchFault
 from caig_ray.models.reward import load_reward_model
 from caig_ray.scoring import PairScorer, PairToScore, rank_round_robin, round_robin
-from caig_ray.storage import Output
+from caig_ray.storage import Output, part_name, write_part
 
 
 def _image(value) -> Image.Image:
@@ -33,18 +31,11 @@ def write_ads(batch: dict[str, np.ndarray], ads: Output) -> dict[str, np.ndarray
     ``ad_b``) named by a hash of its pair ids (a retried batch rewrites the same part); the block goes
     on with ``ads_part`` (the part's file name, under ``pairs/ads/``) and ``same_ad`` (both ads
     identical: a tie) instead of the image bytes -- the online loop's driver never receives an image."""
-    import hashlib
-
-    import pyarrow.parquet as pq
-
     fs, folder = ads.filesystem()
     ids = [str(i) for i in batch["pair_id"]]
     left, right = [bytes(x) for x in batch.pop("left_image")], [bytes(x) for x in batch.pop("right_image")]
-    name = "part-" + hashlib.sha1("\n".join(ids).encode()).hexdigest()[:20] + ".parquet"
-    fs.create_dir(folder, recursive=True)
-    with fs.open_output_stream(f"{folder}/.{name}.tmp") as stream:
-        pq.write_table(pa.table({"pair_id": ids, "ad_a": left, "ad_b": right}), stream)
-    fs.move(f"{folder}/.{name}.tmp", f"{folder}/{name}")  # whole or not at all
+    name = part_name(ids)
+    write_part(pa.table({"pair_id": ids, "ad_a": left, "ad_b": right}), folder, name, filesystem=fs)
     batch["ads_part"] = np.array([name] * len(ids), dtype=object)
     batch["same_ad"] = np.array([a == b for a, b in zip(left, right)])
     return batch
@@ -100,9 +91,3 @@ class RewardScorer:
             r["rank"] = [order.index(c) for c in range(len(order))]
         self.fault.tick()
         return pa.Table.from_pylist(rows)
-
-    @classmethod
-    def as_actor(cls, *args, num_cpus: float = 1, num_gpus: float = 0, **kwargs):
-        """A plain actor that survives a crash: restarted and its calls retried."""
-        return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=3, max_task_retries=3)(cls).remote(
-            *args, **kwargs)

@@ -6,7 +6,7 @@ DeepSpeed's own estimators (issue 12; docs/models.md, memory per GPU).
 
 Model: LLaVA-NeXT of the real architecture at "mid" size (~70M parameters; the real CLIP-336 anyres
 input, so a 512 px product is ~2,970 tokens, and the real 32,064-token vocabulary), random weights,
-hub layout (caig_ray/models/hub_families.py). Each configuration runs in its own process: a
+hub layout (caig_ray/testing/hub_families.py). Each configuration runs in its own process: a
 PolicyEngine (the same class every Ray PolicyWorker holds) with ZeRO-3, gradient checkpointing,
 selective log-softmax and the ZeRO-3 reference engine, one warm-up step, then one measured DPO+PCPO
 step; peak = torch.cuda.max_memory_allocated over the measured step (CPU: the process's peak RSS).
@@ -129,7 +129,7 @@ def main() -> int:
     if args.one:
         print("RESULT " + json.dumps(one_config(json.loads(args.one))), flush=True)
         return 0
-    from caig_ray.models.hub_families import make_llava_next
+    from caig_ray.testing.hub_families import make_llava_next
 
     work = Path(tempfile.mkdtemp(prefix="policy_memory_"))
     model = str(make_llava_next(work / "llava_mid", size="mid"))

@@ -55,7 +55,7 @@ def sd15_graph_folders(sd_dir: Path, cn_dir: Path) -> tuple[Path, Path]:
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from caig_ray.models.hub_families import market_corpus
+    from caig_ray.testing.hub_families import market_corpus
     from caig_ray.models.tokenizers import build_clip_tokenizer
 
     torch.manual_seed(0)
@@ -209,7 +209,6 @@ def hook_timing(r: DiffusersRenderer, batch: int, repeats: int) -> dict:
     probe = Probe(r)
     calls = []
     for k in range(repeats):
-        n0 = len(probe.events)
         t = time.perf_counter()
         render(r, batch, seed0=k)
         calls.append(time.perf_counter() - t)
@@ -330,7 +329,7 @@ def main() -> None:
                                 capture_output=True, text=True).stdout.strip())
     import diffusers
 
-    from caig_ray.models.hub_families import make_sd_folders
+    from caig_ray.testing.hub_families import make_sd_folders
 
     result = {"command": " ".join(["python", "bench/renderer_profile.py", *sys.argv[1:]]),
               "code": commit + (" + uncommitted changes" if dirty else ""),

@@ -1,4 +1,6 @@
-"""DeepSpeed, in one place: the config every engine is built from, and ZeRO-3 generation.
+"""DeepSpeed and the distributed bootstrap, in one place: the config every engine is built from,
+the process-group backend and its start, the environment every worker process gets, ZeRO-3
+consolidation and ZeRO-3 generation.
 
 Every DeepSpeed engine of the project -- the policy (``actors/policy.py``), RM training
 (``jobs/train_rm.py``) and PM pretraining (``jobs/pretrain_pm.py``, through TRL) -- gets its config
@@ -9,6 +11,42 @@ from ``deepspeed_config``, so bf16/fp16, clipping and the ZeRO stage follow one 
 from __future__ import annotations
 
 import contextlib
+import importlib
+
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+"""Environment of every worker process the jobs start (Ray Train workers, policy ranks, Serve replicas):
+no model hub at run time, no tokenizer thread pool and one OpenMP thread per process (the process
+count, not the thread count, is what the placement sizes)."""
+
+
+def backend(use_gpu: bool) -> str:
+    """The torch.distributed backend of a role: NCCL on GPUs, gloo on CPU."""
+    return "nccl" if use_gpu else "gloo"
+
+
+def skip_shm_build(use_gpu: bool) -> None:
+    """On CPU, DeepSpeed's shm comm op is not built: gloo does not use it and its JIT build on first
+    init costs ~100 s on 2 cores (docs/development.md, known traps). Patched through importlib so the
+    real module is changed. Call before DeepSpeed (or an HF trainer using it) starts the process group."""
+    if not use_gpu:
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def init_distributed(use_gpu: bool) -> None:
+    """``deepspeed.init_distributed`` with the role's backend (the rank/world/master variables are set
+    by Ray Train or by the policy group), the shm op skipped on CPU."""
+    import deepspeed
+
+    skip_shm_build(use_gpu)
+    deepspeed.init_distributed(dist_backend=backend(use_gpu))
+
+
+def consolidated_state(engine, zero_stage: int) -> dict:
+    """Full weights of a DeepSpeed engine's module on rank 0; under ZeRO-3 the partitions are gathered,
+    so every rank must call this."""
+    if zero_stage == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    return engine.module.state_dict()
 
 
 def deepspeed_config(zero_stage: int, dtype: str, micro_batch_size: int = 1, grad_accum: int | str = 1,

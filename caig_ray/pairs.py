@@ -90,11 +90,6 @@ def redraw_pair(p: dict, seed: int, epoch: int) -> dict:
     return swapped
 
 
-def redraw_order(pairs: list[dict], seed: int, epoch: int) -> list[dict]:
-    """``redraw_pair`` over a list."""
-    return [redraw_pair(p, seed, epoch) for p in pairs]
-
-
 def preference_examples(candidates: list[dict], p_first: list[float], tie_margin: float | None = 0.0
                         ) -> tuple[list[dict], list[dict]]:
     """The online loop's DPO examples from scored candidate pairs (CAIG: the RM picks chosen/rejected).

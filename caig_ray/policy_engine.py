@@ -132,10 +132,6 @@ class PolicyEngine:
         metrics["lr"] = float(self.scheduler.get_last_lr()[0]) if self.scheduler else self.cfg.lr
         return metrics
 
-    def eval_loss(self, examples: list[dict], n_micro: int | None = None) -> dict:
-        self.engine.eval()
-        return self._over_micro_batches(examples, n_micro, backward=False)
-
     def logps(self, examples: list[dict]) -> list[float]:
         import torch
 
@@ -147,14 +143,11 @@ class PolicyEngine:
         with torch.no_grad():
             return response_logps(self.engine, batch.to(self.device)).tolist()
 
-    def trainable_parameter_names(self) -> list[str]:
-        return [n for n, p in self.engine.module.named_parameters() if p.requires_grad]
-
     def _consolidated_state(self) -> dict:
         """Full weights on rank 0 (ZeRO-3 gathers the partitions: every rank must call this)."""
-        if self.cfg.zero_stage == 3:
-            return self.engine._zero3_consolidated_16bit_state_dict()
-        return self.engine.module.state_dict()
+        from caig_ray.ds import consolidated_state
+
+        return consolidated_state(self.engine, self.cfg.zero_stage)
 
     def save(self, path: str) -> None:
         """DeepSpeed checkpoint (model + optimizer, every rank) and, from rank 0, the consolidated

@@ -227,10 +227,3 @@ def micro_batches(rows: list, size: int | None, count: int | None = None) -> lis
             raise ValueError(f"{len(rows)} rows need {len(chunks)} micro-batches of {size}, more than {count}")
         chunks += [(rows[:1], 0.0)] * (count - len(chunks))
     return chunks
-
-
-def dpo_pcpo_step_loss(model, ref_model, processor, examples: list[dict], beta: float, pcpo_weight: float,
-                       image_size: int | None, device: str = "cpu") -> tuple[torch.Tensor, dict]:
-    """Loss of one batch in one forward (see ``preference_rows`` for an example's keys)."""
-    rows = preference_rows(examples, image_size, pcpo_weight)
-    return preference_loss_on_rows(model, ref_model, processor, rows, beta, pcpo_weight, device)

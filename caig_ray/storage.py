@@ -290,3 +290,24 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def part_name(ids) -> str:
+    """A parquet part's file name from the ids of the rows it holds, in the order given: a retried
+    batch (same rows) writes the same part again instead of a second copy."""
+    return "part-" + hashlib.sha1("\n".join(ids).encode()).hexdigest()[:20] + ".parquet"
+
+
+def write_part(table, folder: str | Path, name: str, row_group_size: int | None = None,
+               filesystem: pafs.FileSystem | None = None) -> None:
+    """A parquet part, whole or not at all: written under a hidden temporary name in ``folder`` and
+    renamed (over an earlier copy of the same part). ``filesystem``: where ``folder`` is (default:
+    this machine's disk; an object store's ``Output.filesystem()`` for the online loop's ads)."""
+    import pyarrow.parquet as pq
+
+    fs, folder = filesystem or pafs.LocalFileSystem(), str(folder)
+    fs.create_dir(folder, recursive=True)
+    tmp = f"{folder}/.{name}.tmp"
+    with fs.open_output_stream(tmp) as stream:
+        pq.write_table(table, stream, row_group_size=row_group_size)
+    fs.move(tmp, f"{folder}/{name}")

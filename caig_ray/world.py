@@ -59,11 +59,12 @@ def make_world(cfg: CaigConfig, out: str | Path, models: bool = True, progress: 
         from caig_ray.models.policy import make_tiny_policy
         from caig_ray.models.renderer import make_tiny_sd
         from caig_ray.models.reward import make_tiny_reward
-        from caig_ray.models.vlm import market_corpus
+        from caig_ray.market.corpus import market_corpus
 
-        make_tiny_policy(cfg.policy.tiny, lay.policy)
-        make_tiny_reward(cfg.reward.tiny, lay.reward, cfg.reward.pair_image_size)
-        make_tiny_sd(lay.sd, lay.controlnet, market_corpus(), seed=cfg.seed)
+        corpus = market_corpus()
+        make_tiny_policy(cfg.policy.tiny, lay.policy, corpus)
+        make_tiny_reward(cfg.reward.tiny, lay.reward, cfg.reward.pair_image_size, corpus)
+        make_tiny_sd(lay.sd, lay.controlnet, corpus, seed=cfg.seed)
         times["models_s"] = time.perf_counter() - t
         if cfg.perception.train_renders:
             from caig_ray.perception import pretrain_tower

@@ -86,7 +86,8 @@ def fit_to_folder(train_func, loop_config: dict, *, run_name: str, placement, ma
     from ray.train.torch import TorchConfig, TorchTrainer
 
     fs, fs_path = storage.filesystem() if storage.staged else (None, str(storage.local))
-    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    from caig_ray.ds import WORKER_ENV, backend
+
     trainer = TorchTrainer(
         train_func, train_loop_config=loop_config, datasets=datasets,  # each worker: get_dataset_shard
         # one worker per rank, each with the role's placement (resources.reward_training / .pretraining)
@@ -94,9 +95,9 @@ def fit_to_folder(train_func, loop_config: dict, *, run_name: str, placement, ma
                                      resources_per_worker={"CPU": placement.num_cpus,
                                                            **({"GPU": placement.num_gpus} if placement.use_gpu else {})},
                                      placement_strategy=placement.placement_strategy),
-        torch_config=TorchConfig(backend="nccl" if placement.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=backend(placement.use_gpu)),
         run_config=RunConfig(name=run_name, storage_path=fs_path, storage_filesystem=fs, failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1), worker_runtime_env={"env_vars": env}),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1), worker_runtime_env={"env_vars": dict(WORKER_ENV)}),
     )
     t0 = time.perf_counter()
     result = trainer.fit()

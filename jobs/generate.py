@@ -40,9 +40,8 @@ logger = logging.getLogger(__name__)
 def write_generated(batch: pa.Table, out: str) -> pa.Table:
     """Ray Data map (a task): write a batch's ads as PNGs, then its rows as one parquet part in
     ``best/`` and then ``candidates/`` (the part that marks the products done), and return counts."""
-    import hashlib
-
-    from caig_ray.actors.catalog import safe_name, write_part
+    from caig_ray.actors.catalog import safe_name
+    from caig_ray.storage import part_name, write_part
 
     out_dir, candidates, best = Path(out), [], []
     (out_dir / "ads").mkdir(parents=True, exist_ok=True)
@@ -58,7 +57,7 @@ def write_generated(batch: pa.Table, out: str) -> pa.Table:
             candidates.append(row)
             if rank == 0:
                 best.append(row)
-    name = "part-" + hashlib.sha1("\n".join(sorted(r["id"] for r in rows)).encode()).hexdigest()[:20] + ".parquet"
+    name = part_name(sorted(r["id"] for r in rows))
     write_part(pa.Table.from_pylist(best), out_dir / "best", name)
     write_part(pa.Table.from_pylist(candidates), out_dir / "candidates", name)
     return pa.table({"products": [len(rows)], "candidates": [len(candidates)]})
@@ -154,7 +153,6 @@ def generate_stages(ds, cfg: CaigConfig, policy: str, rm: str, n: int, seed: int
     takes whole blocks (a row group of 4 policy batches) and batches inside the actor
     (policy.generate_batch_size, renderer.batch_size, online.scorer_batch_size)."""
     from caig_ray.actors.describer import Describer
-    from caig_ray.actors.renderer import Renderer
     from caig_ray.actors.scorer import RewardScorer
     from caig_ray.actors.stream import map_pool, map_renderers
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from caig_ray.config import CaigConfig
 from caig_ray.data import read_catalog, read_click_logs
-from caig_ray.ds import deepspeed_config
+from caig_ray.ds import backend, deepspeed_config, skip_shm_build
 from caig_ray.pairs import split_products
 from caig_ray.storage import Output, model_location, new_run_id, resolve_output
 from caig_ray.world import WorldLayout
@@ -33,7 +33,6 @@ def _held_out(products, cfg: CaigConfig):
 
 
 def train_func(loop: dict) -> None:
-    import importlib
 
     import ray.train
     from datasets import Dataset
@@ -47,8 +46,7 @@ def train_func(loop: dict) -> None:
 
     cfg = CaigConfig.model_validate(loop["cfg"])
     pc, placement = cfg.pretrain, cfg.resources.pretraining
-    if not placement.use_gpu:
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # docs/development.md, known traps
+    skip_shm_build(placement.use_gpu)
     products = read_catalog(loop["catalog"])
     train_products, _ = _held_out(products, cfg)
     logs = read_click_logs(loop["click_logs"], check_images=False)
@@ -68,7 +66,7 @@ def train_func(loop: dict) -> None:
             output_dir=work, per_device_train_batch_size=pc.batch_size, num_train_epochs=pc.epochs,
             learning_rate=pc.lr, lr_scheduler_type=pc.lr_schedule, warmup_steps=pc.warmup_ratio,
             bf16=placement.dtype == "bfloat16", fp16=placement.dtype == "float16", use_cpu=not placement.use_gpu,
-            ddp_backend="nccl" if placement.use_gpu else "gloo", deepspeed=ds_config if pc.zero_stage else None,
+            ddp_backend=backend(placement.use_gpu), deepspeed=ds_config if pc.zero_stage else None,
             report_to=["tensorboard"], logging_steps=5, save_strategy="no",
             max_length=None, seed=pc.seed, disable_tqdm=rank != 0, dataloader_num_workers=0,
         )

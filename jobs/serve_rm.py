@@ -424,10 +424,6 @@ class RewardScorerService:
         self.held = 0  # requests this replica holds now (admitted, not yet answered)
         self.started_at = time.time()
 
-    def check_health(self) -> None:
-        if self.scorer is None:
-            raise RuntimeError("reward model not loaded")
-
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _score_batch(self, pairs: list[PairToScore]) -> list[dict]:
         # the forward in a worker thread: the event loop keeps answering health checks and 503s meanwhile
@@ -534,7 +530,9 @@ def application(full: CaigConfig, **options):
     # and job details), so anyone who can read the cluster can read the key -- even where the pods already
     # hold it from a Kubernetes Secret (cluster/rayservice.yaml). Keep the dashboard and GCS as closed as
     # the key (Ray token auth, ClusterIP Services), and rotate the key by redeploying.
-    env_vars = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **api_key_env_vars(cfg)}
+    from caig_ray.ds import WORKER_ENV
+
+    env_vars = {**WORKER_ENV, **api_key_env_vars(cfg)}
     return RewardScorerService.options(**{
         # a little above the replica's own bound, so the excess reaches it and gets its 503 at once
         # rather than waiting in the proxy's queue

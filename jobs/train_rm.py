@@ -12,7 +12,6 @@ endpoint load it by path.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 from caig_ray.config import CaigConfig
 from caig_ray.data import DataError, read_click_logs
 from caig_ray.data.clicklogs import pair_images
-from caig_ray.ds import deepspeed_config, lr_scheduler
+from caig_ray.ds import consolidated_state, deepspeed_config, init_distributed, lr_scheduler
 from caig_ray.pairs import mine_rm_pairs, redraw_pair
 from caig_ray.prompts import template_index
 from caig_ray.storage import Output, model_location, new_run_id, resolve_output
@@ -32,12 +31,6 @@ from caig_ray.jobs._ray import fit_to_folder, init_ray
 
 
 PAIR_FIELDS = ("left_row", "right_row", "left_creative", "right_creative", "ctr_left", "ctr_right", "label")
-
-
-def _skip_shm_comm_build() -> None:
-    """DeepSpeed JIT-builds its shm comm op (~100 s on 2 cores) on first init; gloo on CPU does
-    not use it. Patched through importlib so the real module is changed (docs/development.md, known traps)."""
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def train_func(loop: dict) -> None:
@@ -58,9 +51,7 @@ def train_func(loop: dict) -> None:
     tc, placement = cfg.train_rm, cfg.resources.reward_training
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    if not placement.use_gpu:
-        _skip_shm_comm_build()
-    deepspeed.init_distributed(dist_backend="nccl" if placement.use_gpu else "gloo")
+    init_distributed(placement.use_gpu)
     device = f"cuda:{ctx.get_local_rank()}" if placement.use_gpu else "cpu"
     torch.manual_seed(tc.seed)
 
@@ -130,7 +121,7 @@ def train_func(loop: dict) -> None:
                 metrics["probe_p_left"] = torch.softmax(engine(**enc).logits.float(), -1)[:, 0].tolist()
             metrics["probe_rows"] = [[p["left_row"], p["right_row"]] for p in probe]
         # every rank takes part in consolidation (ZeRO-3 gathers the partitions)
-        state = engine._zero3_consolidated_16bit_state_dict() if tc.zero_stage == 3 else engine.module.state_dict()
+        state = consolidated_state(engine, tc.zero_stage)
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
                 engine.module.config.caig_pair_layout = cfg.reward.pair_layout

@@ -78,7 +78,7 @@ def hub_models(tmp_path_factory):
     """Tiny random checkpoints of the real families in their hub layouts (built once per session,
     ~5 s): ``{"llava_next": dir, "qwen2_vl": dir, "qwen2_5_vl": dir, "sd": dir, "controlnet": dir,
     "sd_fp16": dir, "controlnet_fp16": dir}``."""
-    from caig_ray.models.hub_families import FAMILIES, make_family, make_sd_folders
+    from caig_ray.testing.hub_families import FAMILIES, make_family, make_sd_folders
 
     root = tmp_path_factory.mktemp("hub_models")
     out = {f: make_family(f, root / f) for f in FAMILIES}

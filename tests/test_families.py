@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from caig_ray.models.hub_families import FAMILIES
+from caig_ray.testing.hub_families import FAMILIES
 
 pytestmark = pytest.mark.parametrize("family", FAMILIES)
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from caig_ray.config import load_config
 from caig_ray.data import read_catalog, write_catalog
-from caig_ray.models.hub_families import FAMILIES
+from caig_ray.testing.hub_families import FAMILIES
 
 
 @pytest.fixture(scope="module")

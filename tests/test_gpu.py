@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from caig_ray.models.hub_families import FAMILIES
+from caig_ray.testing.hub_families import FAMILIES
 
 pytestmark = pytest.mark.gpu
 
@@ -73,7 +73,7 @@ def test_policy_zero3_over_the_device_backend(hub_models, family, check_device, 
 
     from caig_ray.ds import deepspeed_config, gathered_for_generation
     from caig_ray.models.policy import load_policy
-    from caig_ray.policy_ops import as_image, dpo_pcpo_step_loss, generate_descriptions
+    from caig_ray.policy_ops import as_image, generate_descriptions, preference_loss_on_rows, preference_rows
 
     device, dtype = check_device, _dtype(check_device)
     lr = 5e-3 if device == "cuda" else 1e-3  # float32 steps at 5e-3 overshoot on the same 4 examples (Qwen2-VL)
@@ -96,7 +96,7 @@ def test_policy_zero3_over_the_device_backend(hub_models, family, check_device, 
     losses, step_s = [], []
     for _ in range(4):
         t = time.perf_counter()
-        loss, _ = dpo_pcpo_step_loss(engine, ref, processor, examples, 0.5, 1.0, None, device)
+        loss, _ = preference_loss_on_rows(engine, ref, processor, preference_rows(examples, None, 1.0), 0.5, 1.0, device)
         engine.backward(loss)
         engine.step()
         _sync(device)
@@ -148,7 +148,7 @@ def test_renderer_sd15_size_random_weights_time(tmp_path, hub_models, check_devi
     7.5 -- seconds per ad at batch 1 and 8 (the round-time model's number, docs/models.md). On CPU the
     tiny pipeline through the same calls."""
     from caig_ray.config import RendererConfig
-    from caig_ray.models.hub_families import make_sd15_random
+    from caig_ray.testing.hub_families import make_sd15_random
     from caig_ray.models.renderer import make_renderer
 
     gpu = check_device == "cuda"
@@ -187,7 +187,7 @@ def test_policy_7b_size_step(tmp_path, check_device, gpu_record):
     Ray actor holds takes two DPO+PCPO steps (time and peak memory), then generates 2 descriptions of
     77 tokens for 64 products (tokens/s, s per product). On CPU: the tiny shapes, 4 products."""
     from caig_ray.config import LoraConfig, PolicyConfig, WorkerGroupPlacement
-    from caig_ray.models.hub_families import make_llava_next
+    from caig_ray.testing.hub_families import make_llava_next
     from caig_ray.policy_engine import PolicyEngine
     from caig_ray.policy_ops import build_batch
 
@@ -307,7 +307,7 @@ def gpu_cluster_models(ray_on_the_device, check_device, hub_models, quick_world,
     """(cfg, RM folder): the RM trained by ``train-rm`` (Ray Train, one rank on the card) on the quick
     world's logs, started from the random PM as CAIG starts it."""
     from caig_ray.jobs.train_rm import train_rm
-    from caig_ray.models.hub_families import make_sd15_random
+    from caig_ray.testing.hub_families import make_sd15_random
 
     root = tmp_path_factory.mktemp("gpu_cluster")
     if check_device == "cuda":

@@ -45,7 +45,7 @@ CPU_MAX_DIFF = 2  # tests/test_renderer_accel.py: float rounding flips a few uin
 @pytest.fixture(scope="module")
 def sd_folders(tmp_path_factory, hub_models, check_device):
     if check_device == "cuda":
-        from caig_ray.models.hub_families import make_sd15_random
+        from caig_ray.testing.hub_families import make_sd15_random
 
         root = tmp_path_factory.mktemp("sd15_accel")
         return make_sd15_random(root / "sd", root / "cn")

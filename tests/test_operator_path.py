@@ -115,7 +115,7 @@ def test_rm_flag_wins_over_reward_model_path_which_train_reads(quick_world, tmp_
 
 
 def test_checkpoint_rotation_and_resume_see_only_the_runs_own_checkpoints(tmp_path):
-    from caig_ray.jobs.caig import _run_checkpoints
+    from caig_ray.loop import run_checkpoints
     from caig_ray.online import RunState
     from caig_ray.storage import Output
 
@@ -124,7 +124,7 @@ def test_checkpoint_rotation_and_resume_see_only_the_runs_own_checkpoints(tmp_pa
         (run.local / "checkpoints" / name).mkdir(parents=True)
         if run_id:
             (run.local / "checkpoints" / name / "state.json").write_text(RunState(run_id=run_id).to_json())
-    assert _run_checkpoints(run, "mine") == ["round_000", "round_001"]  # round_002: incomplete; round_004: not ours
+    assert run_checkpoints(run, "mine") == ["round_000", "round_001"]  # round_002: incomplete; round_004: not ours
 
 
 def test_a_model_is_read_from_object_storage_through_one_cached_copy_per_node(quick_world, s3_store, tmp_path,

@@ -90,7 +90,10 @@ def test_ties_are_skipped_and_the_sampled_ids_travel_with_the_choice():
 
 
 def test_rm_pairs_get_their_left_right_order_drawn_again_each_epoch():
-    from caig_ray.pairs import redraw_order
+    from caig_ray.pairs import redraw_pair
+
+    def redraw_order(pairs, seed, epoch):
+        return [redraw_pair(p, seed, epoch) for p in pairs]
 
     pairs = [{"left_row": 2 * i, "right_row": 2 * i + 1, "left_creative": f"c{2 * i}", "right_creative": f"c{2 * i + 1}",
               "ctr_left": 0.02, "ctr_right": 0.01, "label": 0} for i in range(200)]

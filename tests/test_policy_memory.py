@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from caig_ray.models.hub_families import FAMILIES
+from caig_ray.testing.hub_families import FAMILIES
 
 WORKER_SCRIPT = r'''
 import importlib, json, os, sys, torch

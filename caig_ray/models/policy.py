@@ -11,9 +11,10 @@ from caig_ray.config import TinyBackboneConfig
 from caig_ray.models.vlm import DTYPES, build_tiny_processor, load_processor, tiny_vlm_config
 
 
-def make_tiny_policy(tiny: TinyBackboneConfig, out_dir: str | Path) -> Path:
-    """Build the tiny PM (random weights, local tokenizer) and save it; load it with ``load_policy``."""
-    processor = build_tiny_processor(tiny, max_pixels=tiny.image_size * tiny.image_size)
+def make_tiny_policy(tiny: TinyBackboneConfig, out_dir: str | Path, corpus: list[str]) -> Path:
+    """Build the tiny PM (random weights, a tokenizer trained on ``corpus``) and save it; load it with
+    ``load_policy``."""
+    processor = build_tiny_processor(tiny, max_pixels=tiny.image_size * tiny.image_size, corpus=corpus)
     torch.manual_seed(tiny.seed)
     model = Qwen2VLForConditionalGeneration(tiny_vlm_config(tiny, processor.tokenizer))
     out = Path(out_dir)

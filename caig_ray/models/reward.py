@@ -92,9 +92,10 @@ def reward_model_class(kind: str) -> type:
     return cls
 
 
-def make_tiny_reward(tiny: TinyBackboneConfig, out_dir: str | Path, pair_image_size: int) -> Path:
-    """The tiny RM before training (random backbone and heads), saved for ``load_reward_model``."""
-    processor = build_tiny_processor(tiny, max_pixels=2 * pair_image_size * pair_image_size)
+def make_tiny_reward(tiny: TinyBackboneConfig, out_dir: str | Path, pair_image_size: int, corpus: list[str]) -> Path:
+    """The tiny RM before training (random backbone and heads, a tokenizer trained on ``corpus``), saved
+    for ``load_reward_model``."""
+    processor = build_tiny_processor(tiny, max_pixels=2 * pair_image_size * pair_image_size, corpus=corpus)
     torch.manual_seed(tiny.seed)
     model = reward_model_class("qwen2_vl")(tiny_vlm_config(tiny, processor.tokenizer))
     out = Path(out_dir)

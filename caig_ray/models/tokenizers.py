@@ -8,10 +8,13 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-QWEN_SPECIAL = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|image_pad|>", "<|video_pad|>",
-]
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+"""Qwen2-VL's special tokens in its tokenizer's order (the hub-layout test families use them all)."""
+TINY_QWEN_SPECIAL = [t for t in QWEN_SPECIAL if t not in {"<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+                                                          "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_pad|>"}]
+"""The ones the tiny backbone's chat template and processor use (grounding tokens left out), same order."""
 
 
 def build_vlm_tokenizer(corpus: list[str], vocab_size: int):
@@ -22,12 +25,12 @@ def build_vlm_tokenizer(corpus: list[str], vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=QWEN_SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size, special_tokens=TINY_QWEN_SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        additional_special_tokens=QWEN_SPECIAL[1:], padding_side="left",
+        additional_special_tokens=TINY_QWEN_SPECIAL[1:], padding_side="left",
     )
 
 

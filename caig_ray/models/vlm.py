@@ -16,10 +16,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 
 from caig_ray.config import TinyBackboneConfig
-from caig_ray.market.catalog import _ADJ, _NOUNS
-from caig_ray.market.language import _TEMPLATES, vocabulary
 from caig_ray.models.tokenizers import build_vlm_tokenizer
-from caig_ray.prompts import PM_TEMPLATES, RM_TEMPLATES
 
 QWEN_FAMILY = ("qwen2_vl", "qwen2_5_vl")
 CHAT_TEMPLATE = (
@@ -38,16 +35,6 @@ class CaigVLProcessor(Qwen2VLProcessor):
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
-
-
-def market_corpus() -> list[str]:
-    """Text the tiny tokenizers are trained on: the market's words, titles and instructions."""
-    words = vocabulary() + _ADJ + [n for ns in _NOUNS.values() for n in ns]
-    lines = [" ".join(words), " ".join(w.capitalize() for w in words)]
-    lines += [t.format(title="a product") for t in PM_TEMPLATES + RM_TEMPLATES]
-    lines += [t.replace("{", "").replace("}", "") for t in _TEMPLATES]
-    lines += ["left right Attributes: color category , . ' : ! ? 0 1 2 3 4 5 6 7 8 9 background scene"]
-    return lines * 3
 
 
 def tiny_vlm_config(tiny: TinyBackboneConfig, tokenizer) -> Qwen2VLConfig:
@@ -76,8 +63,9 @@ def tiny_vlm_config(tiny: TinyBackboneConfig, tokenizer) -> Qwen2VLConfig:
     )
 
 
-def build_tiny_processor(tiny: TinyBackboneConfig, max_pixels: int) -> CaigVLProcessor:
-    tokenizer = build_vlm_tokenizer(market_corpus(), tiny.vocab_size)
+def build_tiny_processor(tiny: TinyBackboneConfig, max_pixels: int, corpus: list[str]) -> CaigVLProcessor:
+    """The tiny backbone's processor; its tokenizer is trained on ``corpus`` (the world's text)."""
+    tokenizer = build_vlm_tokenizer(corpus, tiny.vocab_size)
     unit = tiny.vision_patch_size * 2
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=unit * unit, max_pixels=max_pixels, patch_size=tiny.vision_patch_size, merge_size=2,

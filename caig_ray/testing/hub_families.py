@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from caig_ray.models.vlm import market_corpus
+from caig_ray.market.corpus import market_corpus
+from caig_ray.models.tokenizers import QWEN_SPECIAL
 
 FAMILIES = ("llava_next", "qwen2_vl", "qwen2_5_vl")
 
@@ -47,10 +48,6 @@ QWEN_CHATML_TEMPLATE = (
     "<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
     "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-
 
 def _bpe(corpus: list[str], vocab_size: int, special: list[str], metaspace: bool):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
