@@ -18,11 +18,11 @@ from caig_ray.data.catalog import product_image
 
 
 class Describer:
-    def __init__(self, model_path: str, policy: dict, n: int, seed: int, device: str = "cpu",
+    def __init__(self, model_path: str, policy: PolicyConfig, n: int, seed: int, device: str = "cpu",
                  dtype: str = "float32"):
         from caig_ray.models.policy import load_policy
 
-        self.cfg = PolicyConfig.model_validate(policy)
+        self.cfg = policy
         self.model, self.processor = load_policy(model_path, dtype, device)
         self.model.eval()
         self.n, self.seed, self.device = n, seed, device

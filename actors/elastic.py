@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from caig_ray.config import ActorPoolConfig, RendererConfig
+from caig_ray.config import ActorPoolConfig, FaultConfig, RendererConfig
 
 RENDERER_ACTOR = "ElasticRenderer"  # the renderer actors' class name in Ray's actor table
 
@@ -58,7 +58,7 @@ RENDERER_ACTOR = "ElasticRenderer"  # the renderer actors' class name in Ray's a
 class ElasticRenderer:
     """One renderer actor of the elastic pool: the project's ``Renderer`` (a Ray Data map_batches class)."""
 
-    def __init__(self, cfg: dict, fault: dict | None, device: str, dtype: str):
+    def __init__(self, cfg: RendererConfig, fault: FaultConfig | None, device: str, dtype: str):
         # imported here: the stage's tasks import this module too, and need none of the models
         from caig_ray.actors.renderer import Renderer
 
@@ -82,9 +82,9 @@ class RendererPoolController:
     time, first come first served (the stage's tasks ask in block order, and the driver consumes in
     block order: a block overtaken by later ones would stall it)."""
 
-    def __init__(self, renderer_cfg: dict, pool: dict, fault: dict | None, idle_release_s: float,
-                 blocks_per_actor: float, tick_s: float):
-        self.pool = ActorPoolConfig.model_validate(pool)
+    def __init__(self, renderer_cfg: RendererConfig, pool: ActorPoolConfig, fault: FaultConfig | None,
+                 idle_release_s: float, blocks_per_actor: float, tick_s: float):
+        self.pool = pool
         self.idle_release_s, self.blocks_per_actor = idle_release_s, blocks_per_actor
         # max_restarts / max_task_retries: as Ray Data runs its pool's actors; a renderer that dies
         # (online.faults) comes back and its batch is retried on it
@@ -220,13 +220,12 @@ class RendererPoolController:
 class ElasticRenderers:
     """The driver's side: starts the controller (on the driver's node) and forwards the backlog."""
 
-    def __init__(self, renderer: RendererConfig, pool: ActorPoolConfig, fault: dict | None = None,
+    def __init__(self, renderer: RendererConfig, pool: ActorPoolConfig, fault: FaultConfig | None = None,
                  idle_release_s: float = 5.0, blocks_per_actor: float = 1.0, tick_s: float = 0.5):
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.pool = pool
         self.controller = RendererPoolController.options(scheduling_strategy=here).remote(
-            renderer.model_dump(mode="json"), pool.model_dump(mode="json"), fault, idle_release_s,
-            blocks_per_actor, tick_s)
+            renderer, pool, fault, idle_release_s, blocks_per_actor, tick_s)
 
     def set_backlog(self, blocks: int) -> None:
         """Blocks fed and not yet consumed; cheap (fire and forget), call on every put and take."""

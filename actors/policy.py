@@ -9,6 +9,7 @@ all ranks (every rank must take part in ZeRO collectives) and gathers the result
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from pathlib import Path
@@ -17,10 +18,11 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from caig_ray.config import PolicyConfig, WorkerGroupPlacement
+from caig_ray.config import FaultConfig, PolicyConfig, WorkerGroupPlacement
 from caig_ray.losses import pcpo_kind_means
 from caig_ray.data.catalog import load_product_image
 from caig_ray.ds import WORKER_ENV
+from caig_ray.rows import PreferenceExample
 from caig_ray.faults import BatchFault
 from caig_ray.storage import Output
 
@@ -35,25 +37,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def with_images(items: list[dict]) -> list[dict]:
-    """Products or examples that say where their image is (``image_ref``: the online loop's driver never
-    holds an image) get it here, on the rank that uses it."""
-    return [{**x, "image": load_product_image(x["image_ref"])} if x.get("image") is None and x.get("image_ref")
-            else x for x in items]
+def with_images(items: list) -> list:
+    """Products to describe (dicts) or ``PreferenceExample`` rows that say where their image is
+    (``image_ref``: the online loop's driver never holds an image) get it here, on the rank that uses it."""
+    return [_with_image(x) for x in items]
+
+
+def _with_image(x):
+    if isinstance(x, PreferenceExample):
+        return dataclasses.replace(x, image=load_product_image(x.image_ref)) if x.image is None else x
+    return {**x, "image": load_product_image(x["image_ref"])} if x.get("image") is None and x.get("image_ref") else x
 
 
 class PolicyWorker:
     """A Ray actor holding one rank's ``PolicyEngine`` (caig_ray/policy_engine.py)."""
 
-    def __init__(self, rank: int, world_size: int, model_path: str, cfg: dict, placement: dict,
-                 total_steps: int = 1, fault: dict | None = None):
+    def __init__(self, rank: int, world_size: int, model_path: str, cfg: PolicyConfig,
+                 placement: WorkerGroupPlacement, total_steps: int = 1, fault: FaultConfig | None = None):
         self.rank, self.world_size, self.model_path = rank, world_size, model_path
-        self.cfg = PolicyConfig.model_validate(cfg)
-        self.placement = WorkerGroupPlacement.model_validate(placement)
+        self.cfg, self.placement = cfg, placement
         self.total_steps = total_steps
-        fault = fault or {}  # online.faults.policy_rank_die_at_step: armed on the last rank only
-        armed = fault.get("policy_rank_die_at_step") if rank == world_size - 1 else None
-        self.fault = BatchFault(fault.get("marker_dir"), "policy_rank", armed)
+        # online.faults.policy_rank_die_at_step: armed on the last rank only
+        self.fault = BatchFault.of(fault, "policy_rank", "policy_rank_die_at_step", armed=rank == world_size - 1)
 
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), _free_port()
@@ -74,7 +79,7 @@ class PolicyWorker:
     def generate(self, products: list[dict], n: int, temperature: float, seed: int) -> list[dict]:
         return self.policy.generate(with_images(products), n, temperature, seed)
 
-    def train_step(self, examples: list[dict], n_micro: int | None = None) -> dict:
+    def train_step(self, examples: list[PreferenceExample], n_micro: int | None = None) -> dict:
         self.fault.tick()
         return self.policy.train_step(with_images(examples), n_micro)
 
@@ -104,7 +109,7 @@ class PolicyGroup:
     """N ``PolicyWorker`` actors in a placement group; calls fan out to every rank."""
 
     def __init__(self, model_path: str | Path, cfg: PolicyConfig, placement: WorkerGroupPlacement,
-                 total_steps: int = 1, ready_timeout_s: float = 120, fault: dict | None = None):
+                 total_steps: int = 1, ready_timeout_s: float = 120, fault: FaultConfig | None = None):
         self.cfg, self.n = cfg, placement.num_workers
         bundle = {"CPU": placement.num_cpus, **({"GPU": placement.num_gpus} if placement.use_gpu else {})}
         self.pg = placement_group([bundle] * self.n, strategy=placement.placement_strategy)
@@ -120,8 +125,7 @@ class PolicyGroup:
         self.workers = [
             actor.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=self.pg, placement_group_bundle_index=r), runtime_env=env,
-            ).remote(r, self.n, str(model_path), cfg.model_dump(mode="json"), placement.model_dump(mode="json"),
-                     total_steps, fault)
+            ).remote(r, self.n, str(model_path), cfg, placement, total_steps, fault)
             for r in range(self.n)
         ]
         addr, port = ray.get(self.workers[0].address.remote())  # rank 0 picks MASTER_ADDR/PORT
@@ -175,7 +179,7 @@ class PolicyGroup:
         k, extra = divmod(total, self.n)
         return [range(k + (1 if r < extra else 0)) for r in range(self.n)]
 
-    def train_step(self, examples: list[dict]) -> dict:
+    def train_step(self, examples: list[PreferenceExample]) -> dict:
         """One optimizer step on ``examples`` split across ranks; metrics averaged by example count."""
         if len(examples) < self.n:
             raise ValueError(f"a train step needs at least one example per rank ({self.n}), got {len(examples)}")

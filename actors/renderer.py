@@ -4,26 +4,24 @@ The model is loaded once in ``__init__`` (from paths in the config, so a restart
 it); run it with ``compute=ActorPoolStrategy(min_size=..., max_size=...)`` so the pool grows with
 the backlog. Two input shapes:
 
-- single ads: ``product_image`` (PNG bytes), ``description``, ``seed`` -> adds ``ad`` (PNG bytes);
-- candidate pairs (the online loop): ``image_ref`` (or ``product_image``), ``desc_a``, ``desc_b``, ``seed`` -> adds
-  ``left_image`` / ``right_image`` (ad of a / ad of b, the same seed for both, as CAIG renders them)
-  and, when the renderer records what it painted (procedural), ``latent_a`` / ``latent_b`` (JSON);
+- candidate pairs (the online loop: a block of ``caig_ray.rows.CandidatePair.SCHEMA`` columns):
+  the product at ``image_ref``, ``desc_a``, ``desc_b``, ``seed`` -> adds ``left_image`` / ``right_image``
+  (ad of a / ad of b, the same seed for both, as CAIG renders them), ``latent_a`` / ``latent_b`` (what
+  the procedural renderer painted, JSON; "" from a diffusion model), ``render_s``, ``renderer_pid``;
 - ``generate``'s products (a pyarrow batch): ``image_path``/``image_bytes``, ``descriptions`` (N),
   ``seed`` -> ``ads`` (N PNGs, one seed for all, as CAIG renders the candidates of a product).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 
-from caig_ray.config import RendererConfig
+from caig_ray.config import FaultConfig, RendererConfig
 from caig_ray.data.catalog import load_product_image, product_image
 from caig_ray.faults import BatchFault
 from caig_ray.imaging import png_bytes
@@ -31,12 +29,11 @@ from caig_ray.models.renderer import make_renderer
 
 
 class Renderer:
-    def __init__(self, cfg: dict, fault: dict | None = None, device: str = "cpu", dtype: str = "float32"):
-        rc = RendererConfig.model_validate(cfg)
-        self.renderer = make_renderer(rc, device, dtype)
-        self.latency_s = rc.simulated_latency_s
-        fault = fault or {}
-        self.fault = BatchFault(fault.get("marker_dir"), "renderer", fault.get("renderer_die_after_batches"))
+    def __init__(self, cfg: RendererConfig, fault: FaultConfig | None = None, device: str = "cpu",
+                 dtype: str = "float32"):
+        self.renderer = make_renderer(cfg, device, dtype)
+        self.latency_s = cfg.simulated_latency_s
+        self.fault = BatchFault.of(fault, "renderer", "renderer_die_after_batches")
 
     def _render(self, products, descriptions, seeds) -> tuple[np.ndarray, np.ndarray]:
         ads = self.renderer.render(products, [str(d) for d in descriptions], [int(s) for s in seeds])
@@ -48,16 +45,12 @@ class Renderer:
         if isinstance(batch, pa.Table):
             return self._render_candidates(batch)
         t0 = time.perf_counter()
-        # the online loop's rows say where the product image is (the driver never holds it)
-        products = ([load_product_image(str(ref)) for ref in batch["image_ref"]] if "image_ref" in batch
-                    else [Image.open(io.BytesIO(bytes(b))) for b in batch["product_image"]])
-        if "desc_a" in batch:
-            batch["left_image"], batch["latent_a"] = self._render(products, batch["desc_a"], batch["seed"])
-            batch["right_image"], batch["latent_b"] = self._render(products, batch["desc_b"], batch["seed"])
-        else:
-            batch["ad"], _ = self._render(products, batch["description"], batch["seed"])
+        # the rows say where the product image is (the driver never holds it)
+        products = [load_product_image(str(ref)) for ref in batch["image_ref"]]
+        batch["left_image"], batch["latent_a"] = self._render(products, batch["desc_a"], batch["seed"])
+        batch["right_image"], batch["latent_b"] = self._render(products, batch["desc_b"], batch["seed"])
         n = len(products)
-        self._simulated_latency(n * (2 if "desc_a" in batch else 1))
+        self._simulated_latency(2 * n)
         # for the busy-fraction measurement (bench/pipeline.py): this batch's render time (a simulated
         # latency included), once per batch
         batch["render_s"] = np.array([time.perf_counter() - t0] + [0.0] * (n - 1))

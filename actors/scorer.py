@@ -1,7 +1,7 @@
 """``RewardScorer``: the frozen RM, batched and in eval mode, for Ray.
 
 Use it as a Ray Data ``map_batches`` callable class (columns ``left_image``, ``right_image`` as
-encoded image bytes, ``title``; adds ``p_left``, ``p_left_debiased``, ``ctr_left``, ``ctr_right``;
+encoded image bytes, ``title``, ``rm_score``; adds ``p_left``, ``p_left_debiased``, ``ctr_left``, ``ctr_right``;
 with ``ads``, the online loop's storage, the ads are written there and replaced by ``ads_part``)
 or on ``generate``'s product rows (a pyarrow batch with ``ads``: the N candidates ranked in the row).
 ``__init__`` loads from the path, so a restarted pool actor is the same scorer.
@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from caig_ray.config import FaultConfig
 from caig_ray.faults import BatchFault
 from caig_ray.models.reward import load_reward_model
 from caig_ray.scoring import PairScorer, PairToScore, rank_round_robin, round_robin
@@ -46,13 +47,12 @@ SCORE_KEYS = ("p_left", "p_left_debiased", "ctr_left", "ctr_right")
 
 class RewardScorer:
     def __init__(self, model_path: str, pair_image_size: int | None = None, batch_size: int = 16,
-                 device: str = "cpu", dtype: str = "float32", debias: bool = True, fault: dict | None = None,
+                 device: str = "cpu", dtype: str = "float32", debias: bool = True, fault: FaultConfig | None = None,
                  ads: Output | None = None):
         model, processor = load_reward_model(model_path, dtype=dtype, device=device)
         self.scorer = PairScorer(model, processor, pair_image_size, batch_size, device)
         self.debias, self.ads = debias, ads
-        fault = fault or {}
-        self.fault = BatchFault(fault.get("marker_dir"), "scorer", fault.get("scorer_die_after_batches"))
+        self.fault = BatchFault.of(fault, "scorer", "scorer_die_after_batches")
 
     def score(self, pairs: list[PairToScore]) -> dict[str, list[float]]:
         return self.scorer.score(pairs, debias=self.debias)
@@ -62,12 +62,14 @@ class RewardScorer:
             return self._rank_candidates(batch)
         n = len(batch["title"])
         # the online loop's evaluation marks the ads only the market judges (rm_score False): not scored
-        wanted = np.flatnonzero(batch["rm_score"]) if "rm_score" in batch else np.arange(n)
+        wanted = np.flatnonzero(batch["rm_score"])
         pairs = [PairToScore(_image(batch["left_image"][i]), _image(batch["right_image"][i]), str(batch["title"][i]))
                  for i in wanted]
-        for key, values in (self.score(pairs) if pairs else {k: [] for k in SCORE_KEYS}).items():
+        scores = self.score(pairs) if pairs else {}
+        for key in SCORE_KEYS:  # every column on every block (p_left_debiased NaN with debias off)
             column = np.full(n, np.nan, dtype=np.float32)
-            column[wanted] = values
+            if key in scores:
+                column[wanted] = scores[key]
             batch[key] = column
         self.fault.tick()
         return write_ads(batch, self.ads) if self.ads is not None else batch

@@ -22,7 +22,6 @@ import logging
 import threading
 import time
 
-import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 from ray.data.block import BlockMetadata
@@ -30,8 +29,9 @@ from ray.data.datasource import Datasource, ReadTask
 
 from caig_ray.actors.renderer import Renderer
 from caig_ray.actors.scorer import RewardScorer
-from caig_ray.config import ActorPoolConfig, CaigConfig, RendererConfig
+from caig_ray.config import ActorPoolConfig, CaigConfig, FaultConfig, RendererConfig
 from caig_ray.faults import BatchFault
+from caig_ray.rows import CandidatePair, ScoredPair
 from caig_ray.storage import Output
 
 
@@ -44,24 +44,23 @@ class PipelineLost(RuntimeError):
 class PairFeed:
     """Blocks of candidate pairs by index; ``get(i)`` waits until the driver has put block ``i``."""
 
-    def __init__(self, fault: dict | None = None):
-        self.blocks: dict[int, list[dict]] = {}
+    def __init__(self, fault: FaultConfig | None = None):
+        self.blocks: dict[int, list[CandidatePair]] = {}
         self.events: dict[int, asyncio.Event] = {}
-        fault = fault or {}  # online.faults.feed_die_after_blocks
-        self.fault = BatchFault(fault.get("marker_dir"), "feed", fault.get("feed_die_after_blocks"))
+        self.fault = BatchFault.of(fault, "feed", "feed_die_after_blocks")
         self.puts = 0
 
     def _event(self, i: int) -> asyncio.Event:
         return self.events.setdefault(i, asyncio.Event())
 
-    async def put(self, i: int, rows: list[dict]) -> None:
+    async def put(self, i: int, rows: list[CandidatePair]) -> None:
         if self.puts > 0:  # dies when block k+1 comes, after k were put
             self.fault.tick()
         self.puts += 1
         self.blocks[i] = rows
         self._event(i).set()
 
-    async def get(self, i: int) -> list[dict]:
+    async def get(self, i: int) -> list[CandidatePair]:
         await self._event(i).wait()
         return self.blocks[i]
 
@@ -85,7 +84,7 @@ class FeedDatasource(Datasource):
 
         def read_task(i: int) -> ReadTask:
             meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
-            return ReadTask(lambda: [pa.Table.from_pylist(ray.get(feed.get.remote(i)))], meta)
+            return ReadTask(lambda: [CandidatePair.table(ray.get(feed.get.remote(i)))], meta)
 
         return [read_task(i) for i in range(self.n_blocks)]
 
@@ -106,11 +105,11 @@ def map_pool(ds, fn, pool: ActorPoolConfig, batch_size: int | None = None, **kwa
 
 
 def map_renderers(ds, renderer: RendererConfig, pool: ActorPoolConfig, batch_size: int | None,
-                  fault: dict | None = None, **kwargs):
+                  fault: FaultConfig | None = None, **kwargs):
     """``ds.map_batches(Renderer)`` on an autoscaling actor pool (``pool``); ``batch_size`` None keeps
     the dataset's blocks as the batches."""
     return map_pool(ds, Renderer, pool, batch_size,
-                    fn_constructor_args=(renderer.model_dump(mode="json"), fault, pool.device, pool.dtype), **kwargs)
+                    fn_constructor_args=(renderer, fault, pool.device, pool.dtype), **kwargs)
 
 
 def map_scorers(ds, cfg: CaigConfig, rm_path: str, batch_size: int | None, ads: Output | None = None):
@@ -118,14 +117,14 @@ def map_scorers(ds, cfg: CaigConfig, rm_path: str, batch_size: int | None, ads: 
     writes each block's ads there once scored and passes the rows on without them."""
     oc, pool = cfg.online, cfg.resources.scorers
     kwargs = {"model_path": rm_path, "batch_size": oc.scorer_batch_size, "dtype": pool.dtype,
-              "device": pool.device, "debias": oc.debias_rm, "fault": oc.faults.model_dump(mode="json"),
+              "device": pool.device, "debias": oc.debias_rm, "fault": oc.faults,
               "ads": ads}
     return map_pool(ds, RewardScorer, pool, batch_size, fn_constructor_kwargs=kwargs)
 
 
 def render_and_score(ds, cfg: CaigConfig, rm_path: str, ads: Output):
     """The online loop's two model stages on their pools, each call one whole block (``map_pool``)."""
-    ds = map_renderers(ds, cfg.renderer, cfg.resources.renderers, None, cfg.online.faults.model_dump(mode="json"))
+    ds = map_renderers(ds, cfg.renderer, cfg.resources.renderers, None, cfg.online.faults)
     return map_scorers(ds, cfg, rm_path, None, ads)
 
 
@@ -182,7 +181,7 @@ class PairStream(_PoolTrace):
     def __init__(self, cfg: CaigConfig, rm_path: str, n_blocks: int, ads: Output, sample_every_s: float = 0.25):
         oc = cfg.online
         self.n_blocks, self.fed, self.consumed = n_blocks, 0, 0
-        self.feed = PairFeed.remote(oc.faults.model_dump(mode="json"))
+        self.feed = PairFeed.remote(oc.faults)
         super().__init__(sample_every_s)
         # read tasks waiting on the feed at once: the blocks the renderer pool's autoscaler can see queued
         # (2 hid a round's backlog from a pool of 8: it grew to 3)
@@ -191,7 +190,7 @@ class PairStream(_PoolTrace):
         ds = render_and_score(ds, cfg, rm_path, ads)
         self._it = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
 
-    def put(self, rows: list[dict]) -> int:
+    def put(self, rows: list[CandidatePair]) -> int:
         """Feed one block (a render and score batch); returns its index."""
         if self.fed >= self.n_blocks:
             raise RuntimeError(f"PairStream planned {self.n_blocks} blocks; a block more was fed (driver bug)")
@@ -211,7 +210,7 @@ class PairStream(_PoolTrace):
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             return False
 
-    def next_block(self) -> list[dict]:
+    def next_block(self) -> list[ScoredPair]:
         """The next scored block in feed order (blocks until it is ready)."""
         if self.consumed >= self.fed:
             raise RuntimeError("PairStream.next_block: every fed block was consumed; feed more first (driver bug)")
@@ -225,7 +224,7 @@ class PairStream(_PoolTrace):
         self.wait_s += time.perf_counter() - t
         self.feed.drop.remote(self.consumed)
         self.consumed += 1
-        return table.to_pylist()
+        return [ScoredPair.from_row(r) for r in table.to_pylist()]
 
     def close(self) -> None:
         """Stop the sampler, end the Ray Data execution (closing the iterator shuts its actor pools
@@ -247,12 +246,12 @@ class StagedPipeline(_PoolTrace):
 
     def __init__(self, cfg: CaigConfig, rm_path: str, n_blocks: int, ads: Output, sample_every_s: float = 0.25):
         self.cfg, self.rm_path, self.n_blocks, self.ads = cfg, rm_path, n_blocks, ads
-        self.pending: list[list[dict]] = []
-        self.ready: list[list[dict]] = []
+        self.pending: list[list[CandidatePair]] = []
+        self.ready: list[list[ScoredPair]] = []
         self.fed = self.consumed = 0
         super().__init__(sample_every_s)
 
-    def put(self, rows: list[dict]) -> int:
+    def put(self, rows: list[CandidatePair]) -> int:
         self.pending.append(rows)
         self.fed += 1
         return self.fed - 1
@@ -260,20 +259,20 @@ class StagedPipeline(_PoolTrace):
     def _run_stages(self) -> None:
         oc = self.cfg.online
         sizes = [len(b) for b in self.pending]
-        ds = ray.data.from_items([r for b in self.pending for r in b], override_num_blocks=len(self.pending))
+        ds = ray.data.from_arrow([CandidatePair.table(b) for b in self.pending])
         rendered = map_renderers(ds, self.cfg.renderer, self.cfg.resources.renderers, oc.pairs_per_batch,
-                                 oc.faults.model_dump(mode="json")).take_all()
+                                 oc.faults).take_all()
         scored = map_scorers(ray.data.from_items(rendered, override_num_blocks=len(self.pending)), self.cfg,
                              self.rm_path, oc.pairs_per_batch, self.ads).take_all()
         if len(scored) != sum(sizes):
             raise RuntimeError(f"sequential pipeline: {sum(sizes)} pairs in, {len(scored)} out")
         start = 0
         for n in sizes:  # back into the blocks the driver put, in order
-            self.ready.append(scored[start:start + n])
+            self.ready.append([ScoredPair.from_row(r) for r in scored[start:start + n]])
             start += n
         self.pending = []
 
-    def next_block(self) -> list[dict]:
+    def next_block(self) -> list[ScoredPair]:
         if self.consumed >= self.fed:
             raise RuntimeError("StagedPipeline.next_block: every fed block was consumed (driver bug)")
         t = time.perf_counter()

@@ -59,6 +59,7 @@ from ray_cleanup import own_ray_processes, stop_own_ray  # noqa: E402 -- stop on
 
 from caig_ray.actors.stream import FeedDatasource, PairFeed, map_renderers  # noqa: E402
 from caig_ray.config import ActorPoolConfig, CaigConfig, load_config  # noqa: E402
+from caig_ray.rows import CandidatePair  # noqa: E402
 
 RAY_BIN = str(Path(sys.executable).parent / "ray")
 from caig_ray.actors.elastic import RENDERER_ACTOR  # noqa: E402
@@ -249,12 +250,17 @@ class ClusterTrace:
         return next((round(s["t"] - after, 2) for s in self.samples if s["t"] >= after and cond(s)), None)
 
 
-def _rows(block: int, rows_per_block: int, image: bytes) -> list[dict]:
-    return [{"id": block * rows_per_block + i, "product_image": image, "description": "a bright stadium at dusk",
-             "seed": block * rows_per_block + i} for i in range(rows_per_block)]
+def _rows(block: int, rows_per_block: int, image_ref: str) -> list[CandidatePair]:
+    """The block's candidate pairs (two ads each, the online loop's rows); pair ids 0, 1, ... in feed order."""
+    rows = []
+    for i in range(block * rows_per_block, (block + 1) * rows_per_block):
+        rows.append(CandidatePair(pair_id=str(i), kind="train", round=0, product_id="p0", title="pink lipstick",
+                                  category="cosmetics", instruction="", desc_a="a bright stadium at dusk",
+                                  desc_b="a bright stadium at dusk", seed=i, policy_version=0, image_ref=image_ref))
+    return rows
 
 
-def run_backlog(cfg: CaigConfig, pool: ActorPoolConfig, *, backlog_blocks: int, rows_per_block: int = 2,
+def run_backlog(cfg: CaigConfig, pool: ActorPoolConfig, *, backlog_blocks: int, rows_per_block: int = 1,
                 idle_s: float = 30.0, release_timeout_s: float = 60.0, elastic: bool = False,
                 idle_release_s: float = 5.0, warmup: bool = True,
                 sample_every_s: float = 0.5, log=print) -> dict:
@@ -262,13 +268,13 @@ def run_backlog(cfg: CaigConfig, pool: ActorPoolConfig, *, backlog_blocks: int, 
     trace, what every output batch held, and the lags. Without ``warmup`` the backlog comes first, on
     a cluster with no renderer node yet. With ``elastic``, the pipeline
     renders on ``ElasticRenderers`` (sized by the backlog) instead of Ray Data's actor pool."""
-    from caig_ray.imaging import png_bytes
     from caig_ray.market import make_catalog
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # as PairStream runs it
     ctx.enable_progress_bars = False
-    image = png_bytes(make_catalog(["cosmetics"], 1, cfg.market.product_image_size, seed=0)[0].image)
+    image = Path(tempfile.mkdtemp(prefix="caig-autoscaling-")) / "product.png"  # read by every renderer node (one host)
+    make_catalog(["cosmetics"], 1, cfg.market.product_image_size, seed=0)[0].image.save(image)
     n_blocks = int(warmup) + backlog_blocks + 1  # warm-up, backlog, the closing block
     trace = ClusterTrace(ray.get_runtime_context().gcs_address, sample_every_s)
     feed = PairFeed.remote()
@@ -298,7 +304,7 @@ def run_backlog(cfg: CaigConfig, pool: ActorPoolConfig, *, backlog_blocks: int, 
     def put(k: int) -> None:
         nonlocal fed
         for _ in range(k):
-            ray.get(feed.put.remote(fed, _rows(fed, rows_per_block, image)))
+            ray.get(feed.put.remote(fed, _rows(fed, rows_per_block, str(image))))
             fed += 1
         if helper:
             helper.set_backlog(fed - consumed)
@@ -307,7 +313,8 @@ def run_backlog(cfg: CaigConfig, pool: ActorPoolConfig, *, backlog_blocks: int, 
         nonlocal consumed
         table = next(it)
         pids = table.column("renderer_pid").to_pylist()
-        batches.append({"t": round(trace.now(), 2), "pid": pids[0], "ids": table.column("id").to_pylist()})
+        batches.append({"t": round(trace.now(), 2), "pid": pids[0],
+                        "ids": [int(i) for i in table.column("pair_id").to_pylist()]})
         trace.rows_done += table.num_rows
         feed.drop.remote(consumed)
         consumed += 1
@@ -461,7 +468,7 @@ def summary(runs: list[dict], max_nodes: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backlog-blocks", type=int, default=24)
-    p.add_argument("--rows-per-block", type=int, default=2)
+    p.add_argument("--rows-per-block", type=int, default=1, help="candidate pairs a block (two ads each)")
     p.add_argument("--latency", type=float, default=0.5, help="renderer.simulated_latency_s: seconds per image")
     p.add_argument("--max-nodes", type=int, default=3, help="renderer nodes at most (= the pool's max_size)")
     p.add_argument("--idle-timeout", type=float, default=6.0, help="the autoscaler's idle timeout, seconds")

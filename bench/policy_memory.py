@@ -46,6 +46,7 @@ def one_config(spec: dict) -> dict:
     from caig_ray.config import load_config
     from caig_ray.imaging import png_bytes
     from caig_ray.policy_engine import PolicyEngine
+    from caig_ray.rows import PreferenceExample
 
     cuda = spec["device"] == "cuda"
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(spec["port"]), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
@@ -64,9 +65,10 @@ def one_config(spec: dict) -> dict:
         im.paste((37 * k % 256, 120, 200, 255), (96, 64, 416, 448))
         return png_bytes(im)
 
-    examples = [{"image": product(k), "instruction": f"Design a concise Stable Diffusion prompt for product {k}",
-                 "chosen": "a bright stadium at night, vivid colors, dramatic light",
-                 "rejected": "a dim kitchen, busy, dark", "seed": k} for k in range(spec["examples"])]
+    examples = [PreferenceExample(pair_id=str(k), image=product(k),
+                                  instruction=f"Design a concise Stable Diffusion prompt for product {k}",
+                                  chosen="a bright stadium at night, vivid colors, dramatic light",
+                                  rejected="a dim kitchen, busy, dark", seed=k) for k in range(spec["examples"])]
     engine.train_step(examples[:2])  # warm-up: allocator, kernels, optimizer states exist from here on
     if cuda:
         torch.cuda.synchronize()

@@ -21,6 +21,7 @@ from caig_ray.config import load_config
 from caig_ray.data import read_catalog
 from caig_ray.imaging import png_bytes
 from caig_ray.prompts import pm_instruction
+from caig_ray.rows import PreferenceExample
 from caig_ray.world import WorldLayout
 
 
@@ -34,8 +35,8 @@ def main() -> None:
     args = p.parse_args()
     lay = WorldLayout(args.world)
     products = read_catalog(lay.catalog)[: args.batch]
-    batch = [{"image": png_bytes(x.image), "instruction": pm_instruction(x.title, x.attributes),
-              "chosen": "a bright stadium background, vivid tones", "rejected": "dim kitchen, busy", "seed": i}
+    batch = [PreferenceExample(pair_id=str(i), image=png_bytes(x.image), instruction=pm_instruction(x.title, x.attributes),
+                               chosen="a bright stadium background, vivid tones", rejected="dim kitchen, busy", seed=i)
              for i, x in enumerate(products)]
     ray.init(address="local", num_cpus=max(2, args.workers), include_dashboard=False)
     groups, init_s = {}, {}

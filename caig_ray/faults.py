@@ -34,6 +34,13 @@ class BatchFault:
     def __init__(self, marker_dir: str | None, name: str, after: int | None):
         self.marker_dir, self.name, self.after, self.count = marker_dir, name, after, 0
 
+    @classmethod
+    def of(cls, faults, name: str, after_field: str, armed: bool = True) -> "BatchFault":
+        """The fault ``online.faults.<after_field>`` (a ``FaultConfig``; None: never armed) for role ``name``."""
+        if faults is None or not armed:
+            return cls(None, name, None)
+        return cls(faults.marker_dir, name, getattr(faults, after_field))
+
     def tick(self) -> None:
         self.count += 1
         if self.after is not None and self.count >= self.after and should_fire(self.marker_dir, self.name):

@@ -16,6 +16,7 @@ import numpy as np
 from caig_ray.config import MarketConfig
 from caig_ray.market.clicks import ClickModel, noise_key
 from caig_ray.prompts import clean_prompt, pm_instruction, template_index
+from caig_ray.rows import CandidatePair
 
 
 def split_eval_products(product_ids: list[str], n_eval: int, seed: int) -> tuple[list[str], list[str]]:
@@ -46,7 +47,7 @@ def pm_template(seed: int, product_id: str, round_index: int, n_templates: int) 
 
 
 def candidate_pairs(products: list, generations: list[dict], round_index: int, seed: int,
-                    policy_version: int, kind: str = "train", n_templates: int = 1) -> list[dict]:
+                    policy_version: int, kind: str = "train", n_templates: int = 1) -> list[CandidatePair]:
     """One candidate pair per product from its sampled descriptions (the first two samples).
 
     Each pair: ``pair_id`` (unique in a job), ``kind``, ``round``, ``product_id``, ``title``,
@@ -58,16 +59,16 @@ def candidate_pairs(products: list, generations: list[dict], round_index: int, s
     out = []
     for p, g in zip(products, generations):
         a, b = g["descriptions"][0], g["descriptions"][1]
-        out.append({
-            "pair_id": f"{kind}-r{round_index:03d}-{p.id}", "kind": kind, "round": round_index,
-            "product_id": p.id, "title": p.title, "category": p.category or "",
-            "instruction": pm_instruction(p.title, p.attributes, pm_template(seed, p.id, round_index, n_templates)),
-            "desc_a": clean_prompt(a), "desc_b": clean_prompt(b),
+        out.append(CandidatePair(
+            pair_id=f"{kind}-r{round_index:03d}-{p.id}", kind=kind, round=round_index,
+            product_id=p.id, title=p.title, category=p.category or "",
+            instruction=pm_instruction(p.title, p.attributes, pm_template(seed, p.id, round_index, n_templates)),
+            desc_a=clean_prompt(a), desc_b=clean_prompt(b),
             # what the policy sampled, token for token: DPO trains on these (cleaning is for the renderer)
-            "ids_a": [int(t) for t in g["token_ids"][0]] if g.get("token_ids") is not None else None,
-            "ids_b": [int(t) for t in g["token_ids"][1]] if g.get("token_ids") is not None else None,
-            "seed": render_seed(seed, p.id, round_index), "policy_version": policy_version,
-        })
+            ids_a=[int(t) for t in g["token_ids"][0]] if g.get("token_ids") is not None else None,
+            ids_b=[int(t) for t in g["token_ids"][1]] if g.get("token_ids") is not None else None,
+            seed=render_seed(seed, p.id, round_index), policy_version=policy_version,
+        ))
     return out
 
 
@@ -89,21 +90,21 @@ def paired_lift(tuned: list[float], base: list[float]) -> dict:
             "relative": float(t.mean() / b.mean() - 1.0), "n": int(d.size)}
 
 
-def eval_market_metrics(rows: list[dict], verdicts: list[dict]) -> dict:
-    """The market's metrics of one evaluation over every ad (rows: ``product_id``, ``category``; verdicts:
+def eval_market_metrics(rows: list[CandidatePair], verdicts: list[dict]) -> dict:
+    """The market's metrics of one evaluation over every ad (rows: the evaluation's pairs; verdicts:
     ``market_verdicts``' keys, a = tuned PM, b = pretrained PM). ``lift`` pairs by product: each
     product's mean over its samples, so products, not ads, are the independent units of its CI."""
     by_product: dict[str, list[tuple[float, float]]] = {}
     for x, v in zip(rows, verdicts):
-        by_product.setdefault(x["product_id"], []).append((v["true_ctr_a"], v["true_ctr_b"]))
+        by_product.setdefault(x.product_id, []).append((v["true_ctr_a"], v["true_ctr_b"]))
     means = np.array([np.mean(ab, axis=0) for ab in by_product.values()])  # per product: (tuned, base)
     lift = paired_lift(means[:, 0].tolist(), means[:, 1].tolist()) if len(means) > 1 else None
 
     def mismatch(side: str, vs: list[dict]) -> float:
         return float(np.mean([v[f"has_scene_{side}"] and not v[f"match_{side}"] for v in vs]))
 
-    cats = sorted({x["category"] for x in rows})
-    in_cat = {c: [v for x, v in zip(rows, verdicts) if x["category"] == c] for c in cats}
+    cats = sorted({x.category for x in rows})
+    in_cat = {c: [v for x, v in zip(rows, verdicts) if x.category == c] for c in cats}
     return {
         "true_ctr": float(np.mean([v["true_ctr_a"] for v in verdicts])),
         "base_true_ctr": float(np.mean([v["true_ctr_b"] for v in verdicts])),
@@ -145,7 +146,7 @@ class RunState:
 
     next_round: int = 0
     step: int = 0
-    pending: dict[str, list[dict]] = field(default_factory=dict)
+    pending: dict[str, list[CandidatePair]] = field(default_factory=dict)
     eval_base: list[list[str]] | None = None
     rounds: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
@@ -156,7 +157,18 @@ class RunState:
 
     @classmethod
     def from_json(cls, text: str) -> "RunState":
-        return cls(**json.loads(text))
+        d = json.loads(text)
+        d["pending"] = {k: [CandidatePair.from_row(_with_defaults(CandidatePair, r)) for r in rows]
+                        for k, rows in d.get("pending", {}).items()}
+        return cls(**d)
+
+
+def _with_defaults(cls, row: dict) -> dict:
+    """A stored row with the defaults of fields added after it was written (a checkpoint of an older
+    version: its pending pairs lack ``image_ref``/``sample``/``rm_score``, which take their defaults)."""
+    import dataclasses
+
+    return {**{f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}, **row}
 
 
 @dataclass

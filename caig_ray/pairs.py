@@ -7,6 +7,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from caig_ray.rows import PreferenceExample, ScoredPair
+
 
 def band_pairs(
     product_ids, impressions, clicks, min_impressions: int = 1000, band: tuple[float, float] = (1.05, 1.20)
@@ -90,16 +92,13 @@ def redraw_pair(p: dict, seed: int, epoch: int) -> dict:
     return swapped
 
 
-def preference_examples(candidates: list[dict], p_first: list[float], tie_margin: float | None = 0.0
-                        ) -> tuple[list[dict], list[dict]]:
+def preference_examples(candidates: list[ScoredPair], p_first: list[float], tie_margin: float | None = 0.0
+                        ) -> tuple[list[PreferenceExample], list[dict]]:
     """The online loop's DPO examples from scored candidate pairs (CAIG: the RM picks chosen/rejected).
 
-    ``candidates[i]`` has ``pair_id``, ``image`` (the product) or ``image_ref`` (where it is:
-    ``caig_ray.data.catalog.image_ref``), ``instruction``, ``desc_a``, ``desc_b``,
-    ``seed``, and optionally ``ids_a``/``ids_b`` (the sampled token ids, carried to the example as
-    ``chosen_ids``/``rejected_ids``) and either the rendered ads ``left_image``/``right_image`` or
-    ``same_ad`` (the pipeline wrote the ads and says whether they are identical); ``p_first[i]``
-    is the RM's P(ad of ``desc_a`` gets more clicks). Returns (examples, skipped). Skipped, with the
+    The sampled token ids ``ids_a``/``ids_b`` go to the example as ``chosen_ids``/``rejected_ids``;
+    ``same_ad``: the pipeline found both ads identical; ``p_first[i]`` is the RM's P(ad of ``desc_a``
+    gets more clicks). Returns (examples, skipped: ``pair_id`` and ``reason``). Skipped, with the
     reason: "duplicate" (identical descriptions: the renderer paints the same ad twice) and "tie"
     (both ads identical pixel for pixel, or |p - 0.5| <= ``tie_margin``: the RM prefers neither, and
     ``p >= 0.5`` would hand the win to the first sample). ``tie_margin`` None is CAIG's scripts' rule:
@@ -108,23 +107,19 @@ def preference_examples(candidates: list[dict], p_first: list[float], tie_margin
         raise ValueError(f"{len(candidates)} candidate pairs but {len(p_first)} scores")
     examples, skipped = [], []
     for cand, p in zip(candidates, p_first):
-        if cand["desc_a"].strip() == cand["desc_b"].strip():
-            skipped.append({"pair_id": cand["pair_id"], "reason": "duplicate"})
+        if cand.desc_a.strip() == cand.desc_b.strip():
+            skipped.append({"pair_id": cand.pair_id, "reason": "duplicate"})
             continue
-        same_ad = bool(cand.get("same_ad")) or (cand.get("left_image") is not None
-                                                and cand.get("left_image") == cand.get("right_image"))
-        if tie_margin is not None and (same_ad or abs(p - 0.5) <= tie_margin):
-            skipped.append({"pair_id": cand["pair_id"], "reason": "tie"})
+        if tie_margin is not None and (cand.same_ad or abs(p - 0.5) <= tie_margin):
+            skipped.append({"pair_id": cand.pair_id, "reason": "tie"})
             continue
         a_wins = p >= 0.5  # CAIG's decision rule: logit[0] >= logit[1] -> left (ties were skipped above)
-        win, lose = ("a", "b") if a_wins else ("b", "a")
-        examples.append({
-            "pair_id": cand["pair_id"], "image": cand.get("image"), "image_ref": cand.get("image_ref"),
-            "instruction": cand["instruction"],
-            "chosen": cand[f"desc_{win}"], "rejected": cand[f"desc_{lose}"],
-            "chosen_ids": cand.get(f"ids_{win}"), "rejected_ids": cand.get(f"ids_{lose}"),
-            "seed": cand["seed"], "p_chosen": p if a_wins else 1 - p,
-        })
+        (chosen, chosen_ids), (rejected, rejected_ids) = ((cand.desc_a, cand.ids_a), (cand.desc_b, cand.ids_b))[
+            :: 1 if a_wins else -1]
+        examples.append(PreferenceExample(
+            pair_id=cand.pair_id, image_ref=cand.image_ref, instruction=cand.instruction, chosen=chosen,
+            rejected=rejected, chosen_ids=chosen_ids, rejected_ids=rejected_ids, seed=cand.seed,
+            p_chosen=p if a_wins else 1 - p))
     return examples, skipped
 
 

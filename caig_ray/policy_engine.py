@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from caig_ray.config import PolicyConfig, WorkerGroupPlacement
+from caig_ray.rows import PreferenceExample
 
 
 class PolicyEngine:
@@ -97,7 +98,7 @@ class PolicyEngine:
                 module.config.use_cache = False
         return out
 
-    def _over_micro_batches(self, examples: list[dict], n_micro: int | None, backward: bool) -> dict:
+    def _over_micro_batches(self, examples: list[PreferenceExample], n_micro: int | None, backward: bool) -> dict:
         """Loss and metrics over this rank's shard, ``policy.micro_batch_size`` examples per forward;
         each micro-batch weighted by its share, so they equal one forward over the whole shard. With
         ``backward`` the weighted losses are backpropagated into one accumulation (DeepSpeed's manual
@@ -124,7 +125,7 @@ class PolicyEngine:
         metrics["n_micro_batches"] = len(chunks)
         return metrics
 
-    def train_step(self, examples: list[dict], n_micro: int | None = None) -> dict:
+    def train_step(self, examples: list[PreferenceExample], n_micro: int | None = None) -> dict:
         """One optimizer step over this rank's shard (micro-batched, see ``_over_micro_batches``)."""
         self.engine.train()
         metrics = self._over_micro_batches(examples, n_micro, backward=True)

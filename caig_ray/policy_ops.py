@@ -15,6 +15,7 @@ from PIL import Image
 
 from caig_ray.losses import dpo_pcpo_loss, pcpo_kind_parts, sequence_logps
 from caig_ray.pcpo import pcpo_negative
+from caig_ray.rows import PreferenceExample
 
 
 def as_image(value, size: int | None = None) -> Image.Image:
@@ -165,22 +166,22 @@ def _until_eos(ids: list[int], eos: int) -> list[int]:
     return ids[:ids.index(eos) + 1] if eos in ids else ids
 
 
-def preference_rows(examples: list[dict], image_size: int | None, pcpo_weight: float) -> list[dict]:
+def preference_rows(examples: list[PreferenceExample], image_size: int | None, pcpo_weight: float) -> list[dict]:
     """One row per example: its image, instruction, chosen and rejected description and -- drawn over
-    the whole list, so that micro-batching never changes it -- its PCPO negative. Each example:
-    ``image`` (bytes or PIL), ``instruction``, ``chosen``, ``rejected``, ``seed`` (its coin flip and mask),
-    and optionally ``chosen_ids`` / ``rejected_ids``: the sampled token ids, trained on instead of the text."""
-    native = [as_image(e["image"]) for e in examples]  # as stored: PCPO's mask is cut at this size
+    the whole list, so that micro-batching never changes it -- its PCPO negative. Each example's
+    ``image`` (bytes or PIL) is loaded (``image_ref``) by the caller; ``seed`` draws its coin flip and
+    mask; ``chosen_ids`` / ``rejected_ids``, when given, are trained on instead of the text."""
+    native = [as_image(e.image) for e in examples]  # as stored: PCPO's mask is cut at this size
     images = [im.resize((image_size, image_size)) if image_size else im for im in native]
-    ins = [e["instruction"] for e in examples]
+    ins = [e.instruction for e in examples]
     # the sampled token ids when the example has them (the online loop), else the text
-    chosen = [e["chosen"] if e.get("chosen_ids") is None else e["chosen_ids"] for e in examples]
+    chosen = [e.chosen if e.chosen_ids is None else e.chosen_ids for e in examples]
     rows = []
     for i, e in enumerate(examples):
-        rejected = e["rejected"] if e.get("rejected_ids") is None else e["rejected_ids"]
+        rejected = e.rejected if e.rejected_ids is None else e.rejected_ids
         row = {"image": images[i], "instruction": ins[i], "chosen": chosen[i], "rejected": rejected}
         if pcpo_weight > 0:
-            row["negative"] = pcpo_negative(i, images, ins, chosen, np.random.default_rng(int(e["seed"])),
+            row["negative"] = pcpo_negative(i, images, ins, chosen, np.random.default_rng(int(e.seed)),
                                             native=native, size=image_size)
         rows.append(row)
     return rows

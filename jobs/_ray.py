@@ -70,7 +70,7 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt("SIGTERM")
 
 
-def fit_to_folder(train_func, loop_config: dict, *, run_name: str, placement, max_failures: int, storage,
+def fit_to_folder(train_func, loop, *, run_name: str, placement, max_failures: int, storage,
                   out, datasets: dict | None = None) -> dict:
     """Run a Ray Train ``TorchTrainer`` (gloo on CPU, NCCL on GPU) and copy its final checkpoint to
     ``out`` (the entrypoint refused a used ``out`` unless ``--overwrite`` asked to replace it); returns
@@ -78,6 +78,7 @@ def fit_to_folder(train_func, loop_config: dict, *, run_name: str, placement, ma
     ``storage_path``: a folder, or the object store itself (Ray Train uploads its checkpoints there).
     ``run_name`` (``<name>-<run id>``) is the run's name there: Ray Train restores a run it finds under
     its name in storage, so each job is its own run, never an earlier job's checkpoint picked up again."""
+    import functools
     import shutil
     import time
     from pathlib import Path
@@ -89,7 +90,8 @@ def fit_to_folder(train_func, loop_config: dict, *, run_name: str, placement, ma
     from caig_ray.ds import WORKER_ENV, backend
 
     trainer = TorchTrainer(
-        train_func, train_loop_config=loop_config, datasets=datasets,  # each worker: get_dataset_shard
+        # each worker runs train_func(loop): the typed loop config bound here, pickled to every worker
+        functools.partial(train_func, loop), datasets=datasets,  # each worker: get_dataset_shard
         # one worker per rank, each with the role's placement (resources.reward_training / .pretraining)
         scaling_config=ScalingConfig(num_workers=placement.num_workers, use_gpu=placement.use_gpu,
                                      resources_per_worker={"CPU": placement.num_cpus,

@@ -141,7 +141,7 @@ class OnlineLoop:
         oc = self.oc
         steps = oc.rounds * -(-oc.products_per_round // oc.train_batch_size)  # the lr schedule's length
         self.group = PolicyGroup(self.policy_path, self.cfg.policy, self.cfg.resources.policy, total_steps=steps,
-                                 fault=oc.faults.model_dump(mode="json"))
+                                 fault=oc.faults)
         self.checkpoints.load_into(self.group)
         pipeline = PairStream if oc.pipeline == "streaming" else StagedPipeline
         # the pipeline writes the ads to storage itself (pairs/ads/): no image comes back to the driver

@@ -158,7 +158,7 @@ def generate_stages(ds, cfg: CaigConfig, policy: str, rm: str, n: int, seed: int
 
     res = cfg.resources
     ds = map_pool(ds, Describer, res.generators, batch_format="pyarrow",
-                  fn_constructor_args=(policy, cfg.policy.model_dump(mode="json"), n, seed,
+                  fn_constructor_args=(policy, cfg.policy, n, seed,
                                        res.generators.device, res.generators.dtype))
     ds = map_renderers(ds, cfg.renderer, res.renderers, None, None, batch_format="pyarrow")
     return map_pool(ds, RewardScorer, res.scorers, batch_format="pyarrow", fn_constructor_kwargs={

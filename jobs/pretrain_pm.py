@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from caig_ray.config import CaigConfig
@@ -32,7 +33,19 @@ def _held_out(products, cfg: CaigConfig):
     return [p for p in products if p.id not in test], [p for p in products if p.id in test]
 
 
-def train_func(loop: dict) -> None:
+@dataclass(frozen=True)
+class PretrainLoop:
+    """What each ``pretrain-pm`` Ray Train worker is given: the config, the catalog and click logs the
+    e-commerce tasks are drawn from, the PM folder it starts from, and rank 0's TensorBoard folder."""
+
+    cfg: CaigConfig
+    catalog: str
+    click_logs: str
+    policy: str
+    tensorboard: str
+
+
+def train_func(loop: PretrainLoop) -> None:
 
     import ray.train
     from datasets import Dataset
@@ -44,23 +57,23 @@ def train_func(loop: dict) -> None:
     from caig_ray.policy_ops import as_image
     from caig_ray.sft_data import pretraining_examples
 
-    cfg = CaigConfig.model_validate(loop["cfg"])
+    cfg = loop.cfg
     pc, placement = cfg.pretrain, cfg.resources.pretraining
     skip_shm_build(placement.use_gpu)
-    products = read_catalog(loop["catalog"])
+    products = read_catalog(loop.catalog)
     train_products, _ = _held_out(products, cfg)
-    logs = read_click_logs(loop["click_logs"], check_images=False)
+    logs = read_click_logs(loop.click_logs, check_images=False)
     size = cfg.policy.image_size
     examples = pretraining_examples(
-        train_products, logs, lambda r: as_image(load_log_image(logs, r, Path(loop["click_logs"]).parent), size),
+        train_products, logs, lambda r: as_image(load_log_image(logs, r, Path(loop.click_logs).parent), size),
         lambda p: as_image(p.image, size), pc.seed, n_templates=cfg.policy.instruction_templates)
     if pc.max_examples:
         examples = examples[: pc.max_examples]
     dataset = Dataset.from_list([{k: v for k, v in e.items() if k != "task"} for e in examples])
-    model, processor = load_policy(loop["policy"], placement.dtype)
+    model, processor = load_policy(loop.policy, placement.dtype)
     ds_config = deepspeed_config(pc.zero_stage, placement.dtype, for_trl=True)
     rank = ray.train.get_context().get_world_rank()
-    os.environ["TENSORBOARD_LOGGING_DIR"] = loop["tensorboard"]  # transformers 5 has no logging_dir
+    os.environ["TENSORBOARD_LOGGING_DIR"] = loop.tensorboard  # transformers 5 has no logging_dir
     with tempfile.TemporaryDirectory() as work:
         args = SFTConfig(
             output_dir=work, per_device_train_batch_size=pc.batch_size, num_train_epochs=pc.epochs,
@@ -123,8 +136,8 @@ def pretrain_pm(cfg: CaigConfig, world_dir: str | Path | None, out: str | Path |
     init_ray(None if placement.use_gpu else max(2, placement.num_workers))
     result = fit_to_folder(
         train_func,
-        {"cfg": cfg.model_dump(mode="json"), "catalog": str(catalog), "click_logs": str(click_logs),
-         "policy": str(policy), "tensorboard": str(store.sibling("tensorboard").local / run_id)},
+        PretrainLoop(cfg=cfg, catalog=str(catalog), click_logs=str(click_logs), policy=str(policy),
+                     tensorboard=str(store.sibling("tensorboard").local / run_id)),
         run_name=f"pretrain_pm-{run_id}", placement=placement, max_failures=pc.max_failures, storage=store.sibling("ray"),
         out=out)
     store.sibling("tensorboard").upload()

@@ -403,10 +403,10 @@ def decode_image(value: str, field: str, max_bytes: int, max_side: int) -> Image
 @serve.deployment(name="RewardScorerService", health_check_period_s=10)
 @serve.ingress(app)
 class RewardScorerService:
-    def __init__(self, cfg: dict, placement: dict, model_path: str):
+    def __init__(self, cfg: ServeConfig, placement: ReplicaPlacement, model_path: str):
         from caig_ray.actors.scorer import RewardScorer
 
-        self.cfg = ServeConfig.model_validate(cfg)
+        self.cfg = cfg
         self.api_key = None  # bytes when serve.api_key_env is set: RequireApiKey checks every request with it
         if self.cfg.api_key_env is not None:
             # from the runtime_env build_app gave this replica (or the node's own environment)
@@ -415,7 +415,7 @@ class RewardScorerService:
                 raise RuntimeError(f"serve.api_key_env: the environment variable {self.cfg.api_key_env!r} is not "
                                    "set (or empty) in this replica")
             self.api_key = key.encode()
-        where = ReplicaPlacement.model_validate(placement)
+        where = placement
         self.model_path = model_path
         self.scorer = RewardScorer(model_path, batch_size=self.cfg.max_batch_size, device=where.device,
                                    dtype=where.dtype)
@@ -542,7 +542,7 @@ def application(full: CaigConfig, **options):
         "ray_actor_options": {"num_cpus": where.num_cpus, "num_gpus": where.num_gpus,
                               "runtime_env": {"env_vars": env_vars}},
         **options,
-    }).bind(cfg.model_dump(mode="json"), where.model_dump(mode="json"), str(full.reward.model_path))
+    }).bind(cfg, where, str(full.reward.model_path))
 
 
 def build_app(args: dict):

@@ -16,6 +16,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from caig_ray.config import CaigConfig
@@ -33,7 +34,21 @@ from caig_ray.jobs._ray import fit_to_folder, init_ray
 PAIR_FIELDS = ("left_row", "right_row", "left_creative", "right_creative", "ctr_left", "ctr_right", "label")
 
 
-def train_func(loop: dict) -> None:
+@dataclass(frozen=True)
+class RmLoop:
+    """What each ``train-rm`` Ray Train worker is given: the config, where the click logs and the
+    backbone are, rank 0's TensorBoard folder, the pairs each rank takes, and the fixed probe pairs
+    P(left) is reported on (a reloaded RM must give the same)."""
+
+    cfg: CaigConfig
+    click_logs: str
+    backbone: str
+    tensorboard: str
+    pairs_per_rank: int
+    probe: list[dict]
+
+
+def train_func(loop: RmLoop) -> None:
     import deepspeed
     import ray.train
     import torch
@@ -47,7 +62,7 @@ def train_func(loop: dict) -> None:
     from caig_ray.models.reward import load_reward_model
     from caig_ray.scoring import PairToScore, rm_inputs
 
-    cfg = CaigConfig.model_validate(loop["cfg"])
+    cfg = loop.cfg
     tc, placement = cfg.train_rm, cfg.resources.reward_training
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -58,14 +73,14 @@ def train_func(loop: dict) -> None:
     # this rank's pairs, with their two ads, streamed by Ray Data (the log is never read whole here);
     # Ray Train splits the dataset into equal shards: equal step counts on every rank, or gloo hangs
     shard = ray.train.get_dataset_shard("train")
-    per_rank, log_path = loop["pairs_per_rank"], loop["click_logs"]
+    per_rank, log_path = loop.pairs_per_rank, loop.click_logs
     base = Path(log_path).parent
 
     def image(pair: dict, side: str):
         return decode_image(pair[f"{side}_image"], base, f"{log_path}, row {pair[f'{side}_row']}, field 'image'"
                             ).convert("RGB")
 
-    model, processor = load_reward_model(loop["backbone"], from_backbone=True, dtype=placement.dtype)
+    model, processor = load_reward_model(loop.backbone, from_backbone=True, dtype=placement.dtype)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr)
     steps_per_epoch = max(1, per_rank // tc.batch_size)
@@ -74,10 +89,10 @@ def train_func(loop: dict) -> None:
                                            config=deepspeed_config(tc.zero_stage, placement.dtype, tc.batch_size))
 
     writer = None
-    if rank == 0 and loop.get("tensorboard"):
+    if rank == 0 and loop.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(loop["tensorboard"])
+        writer = SummaryWriter(loop.tensorboard)
     step, t0 = 0, time.perf_counter()
     for epoch in range(tc.epochs):
         sums: dict[str, float] = {}
@@ -113,7 +128,7 @@ def train_func(loop: dict) -> None:
         if epoch == tc.epochs - 1:
             # P(left) of the trained engine on fixed probe pairs: a reloaded checkpoint must match it
             engine.eval()
-            probe = pair_images(pa.Table.from_pylist(loop["probe"]), log_path).to_pylist()
+            probe = pair_images(pa.Table.from_pylist(loop.probe), log_path).to_pylist()
             with torch.no_grad():
                 enc = rm_inputs(processor, [PairToScore(image(p, "left"), image(p, "right"), p["title"] or "")
                                             for p in probe],
@@ -176,9 +191,9 @@ def train_rm(cfg: CaigConfig, world_dir: str | Path | None, out: str | Path | Ou
         pair_images, batch_format="pyarrow", num_cpus=0, concurrency=2, fn_kwargs={"path": str(click_logs)})
     summary = fit_to_folder(
         train_func,
-        {"cfg": cfg.model_dump(mode="json"), "click_logs": str(click_logs), "backbone": str(backbone),
-         "tensorboard": str(store.sibling("tensorboard").local / run_id), "pairs_per_rank": n_train // placement.num_workers,
-         "probe": pairs[:4]},  # fixed pairs P(left) is reported on: a reloaded RM must give the same
+        RmLoop(cfg=cfg, click_logs=str(click_logs), backbone=str(backbone),
+               tensorboard=str(store.sibling("tensorboard").local / run_id),
+               pairs_per_rank=n_train // placement.num_workers, probe=pairs[:4]),
         run_name=f"train_rm-{run_id}", placement=placement, max_failures=tc.max_failures, storage=store.sibling("ray"), out=out,
         datasets={"train": dataset})
     store.sibling("tensorboard").upload()

@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+from caig_ray.rows import PreferenceExample
 from caig_ray.testing.hub_families import FAMILIES
 
 pytestmark = pytest.mark.gpu
@@ -91,8 +92,8 @@ def test_policy_zero3_over_the_device_backend(hub_models, family, check_device, 
         gen = generate_descriptions(module, processor, images, ins, 2, 1.0, 0, 16, device=device)
     gen_s = time.perf_counter() - t
     assert len(gen) == 4 and all(len(g["descriptions"]) == 2 for g in gen)
-    examples = [{"image": img, "instruction": i, "chosen": "a bright stadium, vivid", "rejected": "dim kitchen",
-                 "seed": k} for k, (img, i) in enumerate(zip(images, ins))]
+    examples = [PreferenceExample(pair_id=str(k), image=img, instruction=i, chosen="a bright stadium, vivid",
+                                  rejected="dim kitchen", seed=k) for k, (img, i) in enumerate(zip(images, ins))]
     losses, step_s = [], []
     for _ in range(4):
         t = time.perf_counter()
@@ -207,11 +208,12 @@ def test_policy_7b_size_step(tmp_path, check_device, gpu_record):
     load_s = time.perf_counter() - t
     png = io.BytesIO()
     _products(1, image_px)[0].convert("RGB").save(png, format="PNG")
-    examples = [{"image": png.getvalue(), "instruction": f"Write a background for product {k}: red sneakers",
-                 "chosen": "a bright stadium at night, vivid colours, clean composition",
-                 "rejected": "a dim kitchen counter", "seed": k} for k in range(2)]
-    tokens = build_batch(engine.processor, [Image.open(io.BytesIO(examples[0]["image"]))],
-                         [examples[0]["instruction"]], [examples[0]["chosen"]])["input_ids"].shape[1]
+    examples = [PreferenceExample(pair_id=str(k), image=png.getvalue(),
+                                  instruction=f"Write a background for product {k}: red sneakers",
+                                  chosen="a bright stadium at night, vivid colours, clean composition",
+                                  rejected="a dim kitchen counter", seed=k) for k in range(2)]
+    tokens = build_batch(engine.processor, [Image.open(io.BytesIO(examples[0].image))],
+                         [examples[0].instruction], [examples[0].chosen])["input_ids"].shape[1]
     step_s, losses = [], []
     for _ in range(2):
         _sync(check_device)

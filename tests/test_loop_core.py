@@ -17,6 +17,7 @@ import pytest
 from caig_ray.config import load_config
 from caig_ray.data import read_catalog
 from caig_ray.data.catalog import ProductRecord
+from caig_ray.rows import CandidatePair, ScoredPair
 from caig_ray.storage import Output
 
 
@@ -28,21 +29,23 @@ class InProcessPipeline:
         from caig_ray.actors.renderer import Renderer
         from caig_ray.actors.scorer import RewardScorer
 
-        self.renderer = Renderer(cfg.renderer.model_dump(mode="json"))
+        self.renderer = Renderer(cfg.renderer)
         self.scorer = RewardScorer(rm_path, batch_size=cfg.online.scorer_batch_size, debias=cfg.online.debias_rm,
                                    ads=ads)
         self.done: list[list[dict]] = []
         self.t0, self.wait_s, self.fed = time.perf_counter(), 0.0, 0
 
-    def put(self, rows: list[dict]) -> int:
-        table = pa.Table.from_pylist(rows)
+    def put(self, rows) -> int:
+        table = CandidatePair.table(rows)  # the columns FeedDatasource hands the renderer pool
         batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
         out = self.scorer(self.renderer(batch))
-        self.done.append(pa.Table.from_pydict({k: list(v) for k, v in out.items()}).to_pylist())
+        table = pa.Table.from_pydict({k: list(v) for k, v in out.items()})
+        assert sorted(table.schema.names) == sorted(ScoredPair.SCHEMA.names)  # a ScoredPair, column for column
+        self.done.append([ScoredPair.from_row(r) for r in table.to_pylist()])
         self.fed += 1
         return self.fed - 1
 
-    def next_block(self) -> list[dict]:
+    def next_block(self):
         return self.done.pop(0)
 
 

@@ -53,7 +53,7 @@ def test_generate_policy_actors_load_with_resources_generators(quick_world):
 
     cfg = load_config("quick", overrides={"resources": {"generators": {"dtype": "bfloat16"}}})
     where = cfg.resources.generators
-    describer = Describer(str(quick_world.policy), cfg.policy.model_dump(mode="json"), 2, 7, where.device, where.dtype)
+    describer = Describer(str(quick_world.policy), cfg.policy, 2, 7, where.device, where.dtype)
     assert next(describer.model.parameters()).dtype == torch.bfloat16
     products = read_catalog(quick_world.catalog)[:2]
     out = describer(pa.Table.from_pylist([

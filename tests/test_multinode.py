@@ -10,6 +10,7 @@ import ray
 from caig_ray.config import load_config
 from caig_ray.data import read_catalog
 from caig_ray.imaging import png_bytes
+from caig_ray.rows import PreferenceExample
 from caig_ray.prompts import pm_instruction
 
 
@@ -44,10 +45,10 @@ def test_ranks_on_two_nodes_checkpoint_to_storage_and_resume(s3_store, two_node_
                                                                     "placement_strategy": "STRICT_SPREAD"}}})
     products = [{"id": p.id, "title": p.title, "attributes": p.attributes, "image": png_bytes(p.image)}
                 for p in read_catalog(quick_world.catalog)[:4]]
-    batch = [{"image": p["image"], "instruction": pm_instruction(p["title"], p["attributes"]),
-              "chosen": "a bright stadium background with vivid tones", "rejected": "dim kitchen, busy",
-              "seed": i} for i, p in enumerate(products)]
-    probe = [{"image": e["image"], "instruction": e["instruction"], "response": e["chosen"]} for e in batch]
+    batch = [PreferenceExample(pair_id=str(i), image=p["image"], instruction=pm_instruction(p["title"], p["attributes"]),
+                               chosen="a bright stadium background with vivid tones", rejected="dim kitchen, busy",
+                               seed=i) for i, p in enumerate(products)]
+    probe = [{"image": e.image, "instruction": e.instruction, "response": e.chosen} for e in batch]
     group = PolicyGroup(quick_world.policy, full.policy, full.resources.policy)
     try:
         nodes = group.node_ids()

@@ -34,10 +34,10 @@ def test_candidate_pairs_share_a_seed_and_have_unique_ids():
     prods = [Product(id=f"p{i}", title=f"red shoe {i}", image=img, category="sneakers") for i in range(3)]
     gens = [{"descriptions": ["a \"bright\" stadium.", "soft vanity"], "duplicate": [False, False]}] * 3
     pairs = candidate_pairs(prods, gens, round_index=4, seed=0, policy_version=7)
-    assert [p["pair_id"] for p in pairs] == ["train-r004-p0", "train-r004-p1", "train-r004-p2"]
-    assert pairs[0]["desc_a"] == "a bright stadium"  # cleaned as CAIG cleans prompts before rendering
-    assert pairs[0]["seed"] == render_seed(0, "p0", 4) and pairs[0]["seed"] != pairs[1]["seed"]
-    assert all(p["policy_version"] == 7 and p["round"] == 4 for p in pairs)
+    assert [p.pair_id for p in pairs] == ["train-r004-p0", "train-r004-p1", "train-r004-p2"]
+    assert pairs[0].desc_a == "a bright stadium"  # cleaned as CAIG cleans prompts before rendering
+    assert pairs[0].seed == render_seed(0, "p0", 4) and pairs[0].seed != pairs[1].seed
+    assert all(p.policy_version == 7 and p.round == 4 for p in pairs)
     with pytest.raises(ValueError, match="3 products but 2"):
         candidate_pairs(prods, gens[:2], 0, 0, 0)
 
@@ -120,5 +120,5 @@ def test_instruction_templates_are_drawn_per_product_and_round_and_reproducible(
     gens = [{"descriptions": ["a", "b"], "token_ids": [[1], [2]]} for _ in prods]
     pairs = candidate_pairs(prods, gens, 1, 0, 0, n_templates=10)
     for p, c in zip(prods, pairs):
-        assert c["instruction"] == pm_instruction(p.title, p.attributes, pm_template(0, p.id, 1, 10))
-        assert c["ids_a"] == [1] and c["ids_b"] == [2]
+        assert c.instruction == pm_instruction(p.title, p.attributes, pm_template(0, p.id, 1, 10))
+        assert c.ids_a == [1] and c.ids_b == [2]

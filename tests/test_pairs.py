@@ -45,18 +45,26 @@ def test_split_products_is_disjoint_and_seeded():
     assert split_products(ids, 0.2, 0) == (tr, te)
 
 
+def _scored(i, a, b, seed=1, **extra):
+    from caig_ray.rows import ScoredPair
+
+    return ScoredPair(pair_id=f"r0-{i}", kind="train", round=0, product_id=f"p{i}", title="t", category="c",
+                      instruction="ins", desc_a=a, desc_b=b, seed=seed, policy_version=0, image_ref="shop/p.png",
+                      **extra)
+
+
 def test_preference_examples_pick_by_rm_and_skip_duplicates():
     import pytest
 
     from caig_ray.pairs import preference_examples
 
-    cands = [{"pair_id": f"r0-{i}", "image": b"", "instruction": "ins", "seed": 7,
-              "desc_a": a, "desc_b": b} for i, (a, b) in enumerate([("stadium", "vanity"), ("beach", "beach "),
-                                                                   ("neon", "desk")])]
+    cands = [_scored(i, a, b, seed=7) for i, (a, b) in enumerate([("stadium", "vanity"), ("beach", "beach "),
+                                                                 ("neon", "desk")])]
     ex, skipped = preference_examples(cands, [0.7, 0.9, 0.2])
     assert skipped == [{"pair_id": "r0-1", "reason": "duplicate"}]
-    assert [(e["chosen"], e["rejected"]) for e in ex] == [("stadium", "vanity"), ("desk", "neon")]
-    assert ex[1]["p_chosen"] == pytest.approx(0.8) and all(e["seed"] == 7 for e in ex)
+    assert [(e.chosen, e.rejected) for e in ex] == [("stadium", "vanity"), ("desk", "neon")]
+    assert ex[1].p_chosen == pytest.approx(0.8) and all(e.seed == 7 for e in ex)
+    assert all(e.image_ref == "shop/p.png" and e.instruction == "ins" for e in ex)
     with pytest.raises(ValueError, match="3 candidate pairs but 2 scores"):
         preference_examples(cands, [0.5, 0.5])
 
@@ -74,19 +82,16 @@ def test_accounting_finds_lost_and_duplicated_pairs():
 def test_ties_are_skipped_and_the_sampled_ids_travel_with_the_choice():
     from caig_ray.pairs import preference_examples
 
-    ad, other_ad = b"\x89PNG same", b"\x89PNG other"
-    cands = [{"pair_id": f"r0-{i}", "image": b"", "instruction": "ins", "seed": 1, "desc_a": f"a{i}",
-              "desc_b": f"b{i}", "ids_a": [1, i], "ids_b": [2, i], "left_image": ad,
-              "right_image": ad if i == 0 else other_ad} for i in range(4)]
+    cands = [_scored(i, f"a{i}", f"b{i}", ids_a=[1, i], ids_b=[2, i], same_ad=i == 0) for i in range(4)]
     # 0: the two ads are identical pixel for pixel (RM says 0.9 anyway); 1: 0.505 is within the margin;
     # 2: exactly 0.5 (the old rule handed it to the first sample); 3: a clear preference for b
     ex, skipped = preference_examples(cands, [0.9, 0.505, 0.5, 0.2], tie_margin=0.01)
     assert skipped == [{"pair_id": f"r0-{i}", "reason": "tie"} for i in range(3)]
-    assert len(ex) == 1 and ex[0]["chosen"] == "b3" and ex[0]["chosen_ids"] == [2, 3] and ex[0]["rejected_ids"] == [1, 3]
+    assert len(ex) == 1 and ex[0].chosen == "b3" and ex[0].chosen_ids == [2, 3] and ex[0].rejected_ids == [1, 3]
     ex, skipped = preference_examples(cands[1:], [0.505, 0.5, 0.2], tie_margin=0.0)  # margin 0: only exact 0.5
-    assert [e["chosen"] for e in ex] == ["a1", "b3"] and skipped == [{"pair_id": "r0-2", "reason": "tie"}]
+    assert [e.chosen for e in ex] == ["a1", "b3"] and skipped == [{"pair_id": "r0-2", "reason": "tie"}]
     ex, skipped = preference_examples(cands, [0.9, 0.505, 0.5, 0.2], tie_margin=None)  # CAIG scripts' rule
-    assert [e["chosen"] for e in ex] == ["a0", "a1", "a2", "b3"] and not skipped
+    assert [e.chosen for e in ex] == ["a0", "a1", "a2", "b3"] and not skipped
 
 
 def test_rm_pairs_get_their_left_right_order_drawn_again_each_epoch():

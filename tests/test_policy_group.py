@@ -7,6 +7,7 @@ from caig_ray.config import load_config
 from caig_ray.data import read_catalog
 from caig_ray.imaging import png_bytes
 from caig_ray.prompts import pm_instruction
+from caig_ray.rows import PreferenceExample
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +24,9 @@ def products(quick_world):
 
 
 def _examples(products):
-    return [{"image": p["image"], "instruction": pm_instruction(p["title"], p["attributes"]),
-             "chosen": "a bright stadium background with vivid tones", "rejected": "dim kitchen, busy",
-             "seed": i} for i, p in enumerate(products)]
+    return [PreferenceExample(pair_id=str(i), image=p["image"], instruction=pm_instruction(p["title"], p["attributes"]),
+                              chosen="a bright stadium background with vivid tones", rejected="dim kitchen, busy",
+                              seed=i) for i, p in enumerate(products)]
 
 
 @pytest.mark.slow
@@ -49,7 +50,7 @@ def test_policy_group_trains_saves_and_loads(local_ray, quick_world, products, t
         gen = group.generate(products[:3], n=2, temperature=1.0, seed=7)
         assert len(gen) == 3 and all(len(g["descriptions"]) == 2 for g in gen)
         assert gen == group.generate(products[:3], n=2, temperature=1.0, seed=7)
-        probe = [{"image": e["image"], "instruction": e["instruction"], "response": e["chosen"]} for e in batch]
+        probe = [{"image": e.image, "instruction": e.instruction, "response": e.chosen} for e in batch]
         lp = group.logps(probe)
         group.save(tmp_path / "ckpt")
     finally:

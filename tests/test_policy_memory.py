@@ -22,6 +22,7 @@ from PIL import Image
 from caig_ray.config import load_config
 from caig_ray.imaging import png_bytes
 from caig_ray.policy_engine import PolicyEngine
+from caig_ray.rows import PreferenceExample
 path, stage, port, out, lora = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5] == "lora"
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
@@ -32,10 +33,11 @@ def product(k):
     im.paste((40 * k, 120, 200, 255), (16, 12, 48, 52))
     return png_bytes(im)
 
-examples = [{"image": product(k), "instruction": "Write a background for product %d %s" % (k, "x " * k),
-             "chosen": "a bright stadium, vivid" + " neon" * k, "rejected": "dim kitchen", "seed": k}
+examples = [PreferenceExample(pair_id=str(k), image=product(k),
+                              instruction="Write a background for product %d %s" % (k, "x " * k),
+                              chosen="a bright stadium, vivid" + " neon" * k, rejected="dim kitchen", seed=k)
             for k in range(5)]
-probe = [{"image": e["image"], "instruction": e["instruction"], "response": e["chosen"]} for e in examples]
+probe = [{"image": e.image, "instruction": e.instruction, "response": e.chosen} for e in examples]
 result = {}
 for mb in ([None] if lora else [None, 1, 2]):
     over = {"policy": {"zero_stage": stage, "lr": 1e-3, "micro_batch_size": mb, "gradient_checkpointing": mb == 1,

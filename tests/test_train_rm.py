@@ -35,7 +35,7 @@ def test_train_rm_zero_stage_and_reload_into_scorer(local_ray, quick_world, tmp_
     rows = summary["probe_rows"]
     batch = {"left_image": [png_bytes(load_log_image(logs, a, quick_world.root)) for a, _ in rows],
              "right_image": [png_bytes(load_log_image(logs, b, quick_world.root)) for _, b in rows],
-             "title": [title[a] for a, _ in rows]}
+             "title": [title[a] for a, _ in rows], "rm_score": [True] * len(rows)}
     actor = ray.remote(num_cpus=1)(RewardScorer).remote(str(tmp_path / "rm"), cfg.reward.pair_image_size, batch_size=4)
     scored = ray.get(actor.__call__.remote(dict(batch)))
     assert scored["p_left"] == pytest.approx(summary["probe_p_left"], abs=1e-5)

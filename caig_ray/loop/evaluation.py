@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from caig_ray.config import CaigConfig
@@ -15,6 +14,7 @@ from caig_ray.loop.protocols import Policy
 from caig_ray.loop.trainer import market_verdicts
 from caig_ray.online import MarketOracle, RunState, eval_market_metrics, render_seed
 from caig_ray.prompts import clean_prompt
+from caig_ray.rows import CandidatePair, eval_table
 
 EVAL_SEED_ROUND = 10**6  # render seeds of evaluation ads: one fixed seed per product for every evaluation
 
@@ -34,26 +34,20 @@ class Evaluator:
         mine = [g["descriptions"][:k] for g in gens]
         if state.eval_base is None:  # the pretrained PM's descriptions, kept for every evaluation
             state.eval_base = mine
-        rows = []
-        for p, a_s, b_s in zip(prods, mine, state.eval_base):
-            for j, (a, b) in enumerate(zip(a_s, b_s)):
-                rows.append({"pair_id": f"eval-e{after_rounds:03d}-{p.id}-s{j}", "kind": "eval",
-                             "round": after_rounds, "product_id": p.id, "title": p.title, "category": p.category or "",
-                             "instruction": "", "desc_a": clean_prompt(a), "desc_b": clean_prompt(b), "sample": j,
-                             "rm_score": j == 0, "seed": render_seed(self.oc.seed, p.id, EVAL_SEED_ROUND + j),
-                             "policy_version": state.step})
+        rows = [CandidatePair(pair_id=f"eval-e{after_rounds:03d}-{p.id}-s{j}", kind="eval", round=after_rounds,
+                              product_id=p.id, title=p.title, category=p.category or "", instruction="",
+                              desc_a=clean_prompt(a), desc_b=clean_prompt(b), sample=j, rm_score=j == 0,
+                              seed=render_seed(self.oc.seed, p.id, EVAL_SEED_ROUND + j), policy_version=state.step)
+                for p, a_s, b_s in zip(prods, mine, state.eval_base) for j, (a, b) in enumerate(zip(a_s, b_s))]
         feed.put(rows, plan.products)
 
     def collect(self, after_rounds: int, plan: RoundPlan, feed: Feed, state: RunState) -> dict:
         n = len(plan.eval_ids) * self.oc.eval_samples
         rows = [x for block in feed.take("eval", after_rounds, n) for x in block]
-        p_key = "p_left_debiased" if self.oc.debias_rm else "p_left"
         ev = {"after_rounds": after_rounds, "step": state.step,
-              "rm_win_rate": float(np.mean([x[p_key] for x in rows if x["sample"] == 0]))}
+              "rm_win_rate": float(np.mean([x.p_first(self.oc.debias_rm) for x in rows if x.rm_score]))}
         verdicts = [market_verdicts(self.oracle, x) for x in rows]
-        if verdicts and verdicts[0]:
+        if self.oracle is not None:
             ev.update(eval_market_metrics(rows, verdicts))
-        table = [{k: v for k, v in x.items() if k not in ("latent_a", "latent_b")} | verd
-                 for x, verd in zip(rows, verdicts)]
-        pq.write_table(pa.Table.from_pylist(table), self.out / "pairs" / f"eval_{after_rounds:03d}.parquet")
+        pq.write_table(eval_table(rows, verdicts), self.out / "pairs" / f"eval_{after_rounds:03d}.parquet")
         return ev

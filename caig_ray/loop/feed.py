@@ -3,12 +3,14 @@ sampled; take scored blocks back by segment."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from caig_ray.config import CaigConfig
 from caig_ray.loop.plan import RoundPlan
 from caig_ray.loop.protocols import Pipeline, Policy
 from caig_ray.online import RunState, candidate_pairs, pm_template
+from caig_ray.rows import CandidatePair, ScoredPair
 
 
 class Feed:
@@ -20,14 +22,14 @@ class Feed:
     def __init__(self, cfg: CaigConfig, group: Policy, stream: Pipeline):
         self.cfg, self.oc, self.group, self.stream = cfg, cfg.online, group, stream
         self.fed_rounds: set[int] = set()
-        self.buffer: dict[tuple, list[dict]] = {}
+        self.buffer: dict[tuple, list[ScoredPair]] = {}
         self.gen_s: dict[int, float] = {}  # round -> seconds its sampling took
 
-    def put(self, rows: list[dict], products: dict) -> None:
+    def put(self, rows: list[CandidatePair], products: dict) -> None:
         """Rows in blocks of ``pairs_per_batch``, each saying where its product image is (never the image)."""
         for k in range(0, len(rows), self.oc.pairs_per_batch):
             chunk = rows[k:k + self.oc.pairs_per_batch]
-            self.stream.put([{**r, "image_ref": products[r["product_id"]].image_ref} for r in chunk])
+            self.stream.put([dataclasses.replace(r, image_ref=products[r.product_id].image_ref) for r in chunk])
 
     def sample_round(self, r: int, plan: RoundPlan, state: RunState) -> None:
         """Sample round ``r`` with the current weights (or take the samples a checkpoint kept) and feed it."""
@@ -58,7 +60,7 @@ class Feed:
                 rows = self.buffer.pop(key)
             else:
                 block = self.stream.next_block()
-                seg = (block[0]["kind"], int(block[0]["round"]))
+                seg = (block[0].kind, block[0].round)
                 if seg != key:
                     self.buffer.setdefault(seg, []).extend(block)
                     continue

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+from caig_ray.rows import CandidatePair, PreferenceExample, ScoredPair
+
 
 class Policy(Protocol):
     """The policy being tuned (every rank of it)."""
@@ -14,7 +16,7 @@ class Policy(Protocol):
         """``n`` descriptions per product (``image_ref``, ``title``, ``attributes``, optional ``template``):
         one dict per product with ``descriptions`` (and the sampled token ids)."""
 
-    def train_step(self, examples: list[dict]) -> dict:
+    def train_step(self, examples: list[PreferenceExample]) -> dict:
         """One DPO+PCPO optimizer step over ``examples``; its metrics (``caig_ray.losses``)."""
 
     def save(self, path: str | Path, uri: str | None = None) -> None:
@@ -30,9 +32,8 @@ class Pipeline(Protocol):
     t0: float  # perf_counter() when it started: the clock of its pool trace
     wait_s: float  # seconds the caller spent blocked in next_block
 
-    def put(self, rows: list[dict]) -> int:
-        """Feed one block (rows of ``caig_ray.online.candidate_pairs`` with ``image_ref``); its index."""
+    def put(self, rows: list[CandidatePair]) -> int:
+        """Feed one block (pairs with ``image_ref`` set); its index."""
 
-    def next_block(self) -> list[dict]:
-        """The next scored block in feed order (waits until it is ready): each row with ``p_left``,
-        ``p_left_debiased``, ``ads_part`` and, from the procedural renderer, ``latent_a`` / ``latent_b``."""
+    def next_block(self) -> list[ScoredPair]:
+        """The next scored block in feed order (waits until it is ready)."""
