@@ -649,6 +649,18 @@ class CaigConfig(_Strict):
     resources: ResourcesConfig = ResourcesConfig()
     """Where every role runs (GPUs, CPUs, dtype, pool sizes)."""
 
+    @model_validator(mode="after")
+    def _one_ad_geometry(self) -> "CaigConfig":
+        # the simulated market painted the click logs' ads at market.ad_image_size / product_fill; the
+        # online loop's procedural renderer must paint the same geometry, or the RM scores ads unlike
+        # any it learnt from (a diffusion renderer paints at its own size: its images are resized)
+        r, m = self.renderer, self.market
+        if r.kind == "procedural" and (r.image_size, r.product_fill) != (m.ad_image_size, m.product_fill):
+            raise ValueError(f"renderer.image_size/product_fill ({r.image_size}, {r.product_fill}) differ from "
+                             f"market.ad_image_size/product_fill ({m.ad_image_size}, {m.product_fill}): the procedural "
+                             "renderer paints the market's ads; set both to the same values")
+        return self
+
 
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config in {source}:"]

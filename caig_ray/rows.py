@@ -37,7 +37,7 @@ class _Row:
         missing = [n for n in names if n not in row]
         if missing:
             raise KeyError(f"{cls.__name__}: row {row.get('pair_id', '?')!r} lacks {', '.join(missing)}")
-        return cls(**{n: _plain(row[n]) for n in names})
+        return cls(**{n: _plain(row[n], list_field=n in _LIST_FIELDS) for n in names})
 
     @classmethod
     def table(cls, rows: list) -> pa.Table:
@@ -45,10 +45,16 @@ class _Row:
         return pa.Table.from_pylist([r.to_row() for r in rows], schema=cls.SCHEMA)
 
 
-def _plain(value: Any) -> Any:
-    """Ray Data hands lists back as numpy arrays and numbers as numpy scalars: plain Python values."""
+_LIST_FIELDS = {"ids_a", "ids_b", "chosen_ids", "rejected_ids"}
+
+
+def _plain(value: Any, list_field: bool = False) -> Any:
+    """Ray Data hands lists back as numpy arrays and numbers as numpy scalars: plain Python values. A
+    null list that went through a numpy block comes back as NaN: None again."""
     if hasattr(value, "tolist"):
         return value.tolist()
+    if list_field and isinstance(value, float) and math.isnan(value):
+        return None
     return value
 
 

@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from caig_ray.config import ConfigError, load_config
-from caig_ray.data import DataError, load_log_image, read_catalog, read_click_logs
+from caig_ray.config import load_config
+from caig_ray.data import load_log_image, read_catalog, read_click_logs
+from caig_ray.errors import CaigError
 from caig_ray.jobs._entry import configure_logging, print_result, stage, stdout_for_result
 from caig_ray.storage import Output, refuse_used
 from caig_ray.world import WorldLayout, make_world
@@ -59,7 +60,7 @@ def _demo(args, result) -> int:
         lay = WorldLayout(out / "world")
         logs = read_click_logs(lay.click_logs)
         products = read_catalog(lay.catalog)
-    except (ConfigError, DataError) as e:
+    except CaigError as e:  # what a user can fix (bad config, data, a used --out): one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
     with stage("demo [2/6] a look at the market (plots/)"):

@@ -118,3 +118,16 @@ def test_round_trip_through_yaml(tmp_path):
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
     assert cfg.market.n_products == 7
+
+
+def test_the_procedural_renderer_paints_the_market_s_ad_geometry():
+    """History ads (market.ad_image_size, market.product_fill) and the loop's procedural ads must be
+    the same geometry; a diffusion renderer paints at its own size."""
+    with pytest.raises(ConfigError, match=r"renderer.image_size/product_fill \(80, 0.78\) differ from "
+                                          r"market.ad_image_size/product_fill \(64, 0.78\)"):
+        load_config("quick", overrides={"renderer": {"image_size": 80}})
+    with pytest.raises(ConfigError, match="product_fill"):
+        load_config("quick", overrides={"market": {"product_fill": 0.6}})
+    cfg = load_config("quick", overrides={"renderer": {"image_size": 80}, "market": {"ad_image_size": 80}})
+    assert cfg.renderer.image_size == cfg.market.ad_image_size == 80
+    assert load_config("gpu-cluster").renderer.image_size == 512  # diffusers: its own size
