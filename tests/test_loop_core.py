@@ -17,7 +17,12 @@ import pytest
 from caig_ray.config import load_config
 from caig_ray.data import read_catalog
 from caig_ray.data.catalog import ProductRecord
-from caig_ray.rows import CandidatePair, ScoredPair
+from caig_ray.rows import CandidatePair, PairRecord, PreferenceExample, ScoredPair, eval_table
+
+
+def _comparable(row) -> dict:
+    """A row's values with NaN made comparable (NaN != NaN)."""
+    return {k: "nan" if isinstance(v, float) and v != v else v for k, v in row.to_row().items()}
 from caig_ray.storage import Output
 
 
@@ -33,6 +38,7 @@ class InProcessPipeline:
         self.scorer = RewardScorer(rm_path, batch_size=cfg.online.scorer_batch_size, debias=cfg.online.debias_rm,
                                    ads=ads)
         self.done: list[list[dict]] = []
+        self.candidates, self.scored = [], []  # every row that went in and came out, for the round trip
         self.t0, self.wait_s, self.fed = time.perf_counter(), 0.0, 0
 
     def put(self, rows) -> int:
@@ -42,6 +48,8 @@ class InProcessPipeline:
         table = pa.Table.from_pydict({k: list(v) for k, v in out.items()})
         assert sorted(table.schema.names) == sorted(ScoredPair.SCHEMA.names)  # a ScoredPair, column for column
         self.done.append([ScoredPair.from_row(r) for r in table.to_pylist()])
+        self.candidates += rows
+        self.scored += self.done[-1]
         self.fed += 1
         return self.fed - 1
 
@@ -65,6 +73,7 @@ class InProcessPolicy:
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
             init_distributed(use_gpu=False)
         self.engine = PolicyEngine(model_path, cfg.policy, cfg.resources.policy, 0, total_steps)
+        self.examples = []  # every PreferenceExample trained on
 
     def generate(self, products, n, temperature, seed):
         from caig_ray.actors.policy import with_images
@@ -74,6 +83,7 @@ class InProcessPolicy:
     def train_step(self, examples):
         from caig_ray.actors.policy import with_images
 
+        self.examples += examples
         return self.engine.train_step(with_images(examples))
 
     def save(self, path, uri=None):
@@ -89,8 +99,11 @@ def test_loop_parts_run_two_rounds_and_an_evaluation_in_process(quick_world, tmp
     from caig_ray.loop import Checkpoints, Evaluator, Feed, RoundPlan, RoundTrainer, RunLog
     from caig_ray.online import MarketOracle, RunState
 
+    # tie_margin None (CAIG scripts' rule): the random PM's two samples often render the same plain ad, a
+    # tie the default would skip; here the loop must take steps
     cfg = load_config("quick", overrides={"online": {"rounds": 2, "products_per_round": 8, "eval_products": 4,
-                                                     "eval_samples": 2, "pairs_per_batch": 4, "train_batch_size": 3},
+                                                     "eval_samples": 2, "pairs_per_batch": 4, "train_batch_size": 3,
+                                                     "tie_margin": None},
                                           "resources": {"policy": {"num_workers": 1}}})
     oc = cfg.online
     (tmp_path / "images").mkdir()
@@ -107,7 +120,7 @@ def test_loop_parts_run_two_rounds_and_an_evaluation_in_process(quick_world, tmp
     oracle = MarketOracle(cfg.market)
     log = RunLog(out)
     policy = InProcessPolicy(str(quick_world.policy), cfg, total_steps=8)
-    pipeline = InProcessPipeline(cfg, str(quick_world.reward), store.child("pairs/ads"))
+    pipeline = feed_log = InProcessPipeline(cfg, str(quick_world.reward), store.child("pairs/ads"))
     feed = Feed(cfg, policy, pipeline)
     trainer, evaluator = RoundTrainer(cfg, out, log, oracle), Evaluator(cfg, out, oracle)
     assert len(plan.eval_ids) == 4 and not set(plan.eval_ids) & set(plan.train_ids)
@@ -139,9 +152,20 @@ def test_loop_parts_run_two_rounds_and_an_evaluation_in_process(quick_world, tmp
     trained = sum(1 for r in range(oc.rounds) for x in pq.read_table(out / "pairs" / f"round_{r:03d}.parquet")
                   .to_pylist() if x["status"] == "trained")
     # every trained pair in exactly one step; a step takes train_batch_size, the round's last up to 2x-1
-    assert len(steps) == state.step and sum(s["n_examples"] for s in steps) == trained
+    assert len(steps) == state.step >= 2 and sum(s["n_examples"] for s in steps) == trained
     assert all(1 <= s["n_examples"] <= 2 * oc.train_batch_size - 1 for s in steps)
     assert all(np.isfinite(s["loss"]) for s in steps)
+
+    # every row type, as the run made it, round-trips through its Arrow schema
+    assert pq.read_schema(out / "pairs" / "round_000.parquet").equals(PairRecord.SCHEMA)
+    assert pq.read_schema(out / "pairs" / "eval_000.parquet").names == eval_table([], []).schema.names
+    pending = [c for rows in state.pending.values() for c in rows] or feed_log.candidates
+    for kind, rows in ((CandidatePair, feed_log.candidates), (ScoredPair, feed_log.scored),
+                       (PreferenceExample, policy.examples)):
+        assert rows, kind
+        back = [kind.from_row(r) for r in kind.table(rows).to_pylist()]
+        assert [_comparable(b) for b in back] == [_comparable(r) for r in rows], kind
+    assert pending
 
     ckpts = Checkpoints(store, keep=1, run_id="r-test", resume=False)
     ckpts.save(oc.rounds - 1, policy, state)
