@@ -52,8 +52,11 @@ def test_pcpo_metrics_per_kind_average_like_one_forward():
 
 def test_eval_market_metrics_count_every_ad_and_pair_by_product():
     from caig_ray.online import eval_market_metrics
+    from caig_ray.rows import CandidatePair
 
-    rows = [{"product_id": p, "category": c} for p, c in (("a", "toys"), ("a", "toys"), ("b", "kitchen"), ("b", "kitchen"))]
+    rows = [CandidatePair(pair_id=f"e-{p}-{j}", kind="eval", round=0, product_id=p, title="t", category=c,
+                          instruction="", desc_a="x", desc_b="y", seed=j, policy_version=0, sample=j)
+            for j, (p, c) in enumerate((("a", "toys"), ("a", "toys"), ("b", "kitchen"), ("b", "kitchen")))]
     v = lambda ta, tb, ma, sa: {"true_ctr_a": ta, "true_ctr_b": tb, "match_a": ma, "has_scene_a": sa,  # noqa: E731
                                 "match_b": True, "has_scene_b": True}
     verdicts = [v(0.05, 0.04, True, True), v(0.03, 0.04, False, True), v(0.02, 0.02, False, False), v(0.04, 0.02, False, True)]
