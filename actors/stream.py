@@ -142,6 +142,15 @@ def _pool_sizes() -> tuple[int, int]:
     return (sum("MapBatches(Renderer)" in n for n in alive), sum("MapBatches(RewardScorer)" in n for n in alive))
 
 
+def _ray_data_settings() -> None:
+    """The pipeline's Ray Data settings, set before its datasets are built (a Dataset keeps a copy of
+    the context it was created under): blocks come out in the order they were fed, and no progress
+    bars (the driver shows round-level progress instead)."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+
+
 class _PoolTrace:
     """Samples the pools' sizes every ``every`` seconds in a thread while a pipeline runs."""
 
@@ -153,9 +162,6 @@ class _PoolTrace:
         self._stop = threading.Event()
         self._sampler = threading.Thread(target=self._sample, args=(every,), daemon=True)
         self._sampler.start()
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # blocks come out in the order they were fed
-        ctx.enable_progress_bars = False  # the driver shows round-level progress instead
 
     def _sample(self, every: float) -> None:
         while not self._stop.is_set():
@@ -183,6 +189,7 @@ class PairStream(_PoolTrace):
         self.n_blocks, self.fed, self.consumed = n_blocks, 0, 0
         self.feed = PairFeed.remote(oc.faults)
         super().__init__(sample_every_s)
+        _ray_data_settings()
         # read tasks waiting on the feed at once: the blocks the renderer pool's autoscaler can see queued
         # (2 hid a round's backlog from a pool of 8: it grew to 3)
         ds = ray.data.read_datasource(FeedDatasource(self.feed, n_blocks), override_num_blocks=n_blocks,
@@ -250,6 +257,7 @@ class StagedPipeline(_PoolTrace):
         self.ready: list[list[ScoredPair]] = []
         self.fed = self.consumed = 0
         super().__init__(sample_every_s)
+        _ray_data_settings()
 
     def put(self, rows: list[CandidatePair]) -> int:
         self.pending.append(rows)
