@@ -98,27 +98,22 @@ class PolicyEngine:
                 module.config.use_cache = False
         return out
 
-    def _over_micro_batches(self, examples: list[PreferenceExample], n_micro: int | None, backward: bool) -> dict:
+    def _backward_over_micro_batches(self, examples: list[PreferenceExample], n_micro: int | None) -> dict:
         """Loss and metrics over this rank's shard, ``policy.micro_batch_size`` examples per forward;
-        each micro-batch weighted by its share, so they equal one forward over the whole shard. With
-        ``backward`` the weighted losses are backpropagated into one accumulation (DeepSpeed's manual
-        boundary: the last micro-batch closes it). ``n_micro``: forwards every rank runs (ZeRO-3
-        gathers parameters in each one, so every rank needs the same count)."""
-        import torch
-
+        each micro-batch weighted by its share, so they equal one forward over the whole shard, and the
+        weighted losses backpropagated into one accumulation (DeepSpeed's manual boundary: the last
+        micro-batch closes it). ``n_micro``: forwards every rank runs (ZeRO-3 gathers parameters in
+        each one, so every rank needs the same count)."""
         from caig_ray.policy_ops import micro_batches, preference_loss_on_rows, preference_rows
 
         rows = preference_rows(examples, self.cfg.image_size, self.cfg.pcpo_weight)
         chunks = micro_batches(rows, self.cfg.micro_batch_size, n_micro)
         metrics: dict[str, float] = {}
         for k, (chunk, weight) in enumerate(chunks):
-            with torch.set_grad_enabled(backward):
-                if backward:
-                    self.engine.set_gradient_accumulation_boundary(k == len(chunks) - 1)
-                loss, part = preference_loss_on_rows(self.engine, self.ref, self.processor, chunk, self.cfg.beta,
-                                                     self.cfg.pcpo_weight, self.device)
-                if backward:
-                    self.engine.backward(loss * weight)
+            self.engine.set_gradient_accumulation_boundary(k == len(chunks) - 1)
+            loss, part = preference_loss_on_rows(self.engine, self.ref, self.processor, chunk, self.cfg.beta,
+                                                 self.cfg.pcpo_weight, self.device)
+            self.engine.backward(loss * weight)
             for key, value in part.items():
                 metrics[key] = metrics.get(key, 0.0) + weight * value
         metrics["n_examples"] = len(examples)
@@ -126,9 +121,9 @@ class PolicyEngine:
         return metrics
 
     def train_step(self, examples: list[PreferenceExample], n_micro: int | None = None) -> dict:
-        """One optimizer step over this rank's shard (micro-batched, see ``_over_micro_batches``)."""
+        """One optimizer step over this rank's shard (micro-batched, see ``_backward_over_micro_batches``)."""
         self.engine.train()
-        metrics = self._over_micro_batches(examples, n_micro, backward=True)
+        metrics = self._backward_over_micro_batches(examples, n_micro)
         self.engine.step()
         metrics["lr"] = float(self.scheduler.get_last_lr()[0]) if self.scheduler else self.cfg.lr
         return metrics
