@@ -5,7 +5,7 @@
 # A CUDA PyTorch base (its pip-installed CUDA torch satisfies torch>=2.6, so pip keeps it; the build
 # fails rather than replace it), Ray pinned to the manifests' rayVersion, every other dependency at the
 # version CI ran with (pip install -c constraints.txt), and the project installed non-editable into
-# site-packages (caig_ray, caig_ray.jobs, caig_ray.actors, the `caig-ray` command): jobs run from the
+# site-packages (caig_ray, caig_ray.jobs, caig_ray.actors, caig_ray.dataplane, the `caig-ray` command): jobs run from the
 # image and upload no working_dir.
 # BASE_IMAGE must hold Python >= 3.11 (transformers 5, trl and diffusers require it; checked below).
 ARG BASE_IMAGE=pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime
@@ -52,10 +52,11 @@ open(sys.argv[2], 'w').writelines(p + '\n' for p in pins if p not in off)" \
 COPY caig_ray ./caig_ray
 COPY jobs ./jobs
 COPY actors ./actors
+COPY dataplane ./dataplane
 RUN pip install -c /tmp/constraints-image.txt -c /tmp/torch-constraints.txt \
         "ray[default,train,serve,data]==${RAY_VERSION}" . \
     && cd / && rm -rf /tmp/caig-ray \
-    && python -c "import caig_ray.jobs.cli, caig_ray.actors.scorer, ray, torch; \
+    && python -c "import caig_ray.jobs.cli, caig_ray.jobs.train, caig_ray.actors.scorer, caig_ray.dataplane.stream, ray, torch; \
 assert ray.__version__ == '${RAY_VERSION}', ray.__version__; assert torch.version.cuda; \
 print('caig-ray image: torch', torch.__version__, 'cuda', torch.version.cuda, 'ray', ray.__version__)" \
     && caig-ray --help > /dev/null

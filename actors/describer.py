@@ -1,7 +1,7 @@
 """``Describer``: the prompt model writing N background descriptions per product, as a Ray Data
 ``map_batches`` callable class on an actor pool (``resources.generators``; a GPU each on a cluster).
 
-Input rows are validated catalog rows (actors/catalog.py: ``row``, ``id``, ``title``,
+Input rows are validated catalog rows (dataplane/catalog.py: ``row``, ``id``, ``title``,
 ``attributes``, ``image_path`` / ``image_bytes``); each gets ``descriptions`` and ``duplicate`` (N
 each) and ``seed`` = base seed + catalog row, the seed its ads are rendered with. The policy is loaded
 once per actor, from the folder: the driver never loads a model.

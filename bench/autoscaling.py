@@ -26,7 +26,7 @@ Phases, one pipeline:
 
 Two variants, ``--repeats`` times each, interleaved, each run on a fresh cluster: ``ray_data_pool`` -- the renderers on Ray Data's autoscaling
 actor pool (``map_renderers``, as PairStream runs them today) -- and ``elastic_pool`` -- the same
-``Renderer`` on ``caig_ray.actors.elastic.ElasticRenderers``, whose size the driver sets from the
+``Renderer`` on ``caig_ray.dataplane.elastic.ElasticRenderers``, whose size the driver sets from the
 backlog it knows (``map_renderers_elastic``; docs/benchmarks.md). The trace also has the
 autoscaler's own view (``ray.autoscaler.v2.sdk.get_cluster_status``): the bundles a
 ``request_resources`` constraint holds, and the renderer nodes it counts idle. Writes
@@ -57,12 +57,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from ray_cleanup import own_ray_processes, stop_own_ray  # noqa: E402 -- stop only the Ray this bench started
 
-from caig_ray.actors.stream import FeedDatasource, PairFeed, map_renderers  # noqa: E402
+from caig_ray.dataplane.stream import FeedDatasource, PairFeed, map_renderers  # noqa: E402
 from caig_ray.config import ActorPoolConfig, CaigConfig, load_config  # noqa: E402
 from caig_ray.rows import CandidatePair  # noqa: E402
 
 RAY_BIN = str(Path(sys.executable).parent / "ray")
-from caig_ray.actors.elastic import RENDERER_ACTOR  # noqa: E402
+from caig_ray.dataplane.elastic import RENDERER_ACTOR  # noqa: E402
 
 # renderer actors in Ray's actor table: Ray Data's pool (map_renderers) or the elastic pool
 RENDERER_CLASSES = ("MapBatches(Renderer)", RENDERER_ACTOR)
@@ -282,7 +282,7 @@ def run_backlog(cfg: CaigConfig, pool: ActorPoolConfig, *, backlog_blocks: int, 
     # Ray Data variant reads as PairStream does today
     where = {}
     if elastic:
-        from caig_ray.actors.elastic import on_driver_node
+        from caig_ray.dataplane.elastic import on_driver_node
 
         where = on_driver_node()
     ds = ray.data.read_datasource(FeedDatasource(feed, n_blocks), override_num_blocks=n_blocks,
@@ -291,7 +291,7 @@ def run_backlog(cfg: CaigConfig, pool: ActorPoolConfig, *, backlog_blocks: int, 
     # None for a stage that asks for GPUs (ray/data/dataset.py, map_batches)
     helper = None
     if elastic:
-        from caig_ray.actors.elastic import ElasticRenderers, map_renderers_elastic
+        from caig_ray.dataplane.elastic import ElasticRenderers, map_renderers_elastic
 
         helper = ElasticRenderers(cfg.renderer, pool, idle_release_s=idle_release_s)
         ds = map_renderers_elastic(ds, helper, rows_per_block)

@@ -30,7 +30,7 @@ def main() -> None:
     p.add_argument("--storage", default=None, help="storage for both runs (default: --work)")
     p.add_argument("--out", default="bench/results/fault_run.json")
     args = p.parse_args()
-    from caig_ray.jobs.caig import train
+    from caig_ray.jobs.train import train
 
     work = Path(args.work or tempfile.mkdtemp(prefix="caig-fault-run-"))
     from caig_ray.storage import new_run_id

@@ -3,7 +3,7 @@
     python bench/pipeline.py --demo runs/demo [--rounds 3] [--products 160] [--repeats 3] [--latency 0.25]
 
 ``--demo`` is a ``caig-ray demo`` output folder (world, pretrained PM, RM). Every variant runs the
-same products, rounds, models and seeds through ``caig-ray train`` (jobs/caig.py):
+same products, rounds, models and seeds through ``caig-ray train`` (jobs/train.py):
 
 - sequential: CAIG's scripts -- sample all, then render all (one Ray Data run), then score all
   (another), then train; each stage starts when the last has ended;
@@ -49,7 +49,7 @@ def _actor_seconds(trace: list, col: int = 1) -> float:
 def run_one(demo: Path, work: Path, name: str, overrides: dict, reuse: bool = False) -> dict:
     """One ``caig-ray train`` run; with ``reuse``, a run folder this bench already finished (its
     summary.json) is read back instead of run again (an interrupted invocation continued)."""
-    from caig_ray.jobs.caig import train
+    from caig_ray.jobs.train import train
 
     cfg = load_config("demo", overrides=overrides)
     done = work / name / "summary.json"

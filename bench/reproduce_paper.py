@@ -162,7 +162,7 @@ class Replicate:
         return json.loads(path.read_text())
 
     def run(self, world: str, variant: str, lr: float) -> dict:
-        from caig_ray.jobs.caig import train
+        from caig_ray.jobs.train import train
 
         out = self.root / world / "runs" / f"{variant.replace('+', '_')}_lr{lr:g}"
         if not (out / "summary.json").is_file():

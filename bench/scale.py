@@ -11,7 +11,7 @@ Each measurement runs in a fresh driver process (a child
 of this script that starts its own local Ray) and reports that process's own peak RSS
 (``getrusage(RUSAGE_SELF)``: the driver alone, not Ray's workers):
 
-- validate: ``caig_ray.actors.catalog.validate_catalog`` (Ray Data reads and validates; every image decoded);
+- validate: ``caig_ray.dataplane.catalog.validate_catalog`` (Ray Data reads and validates; every image decoded);
 - generate: ``caig_ray.jobs.generate.generate`` with N=2 (procedural renderer, the world's tiny PM and RM).
 
 Writes bench/results/scale.json with rows/s, products/s, the peak RSS of each run and
@@ -72,7 +72,7 @@ def child(args) -> None:
     logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()
     if args.child == "validate":
-        from caig_ray.actors.catalog import validate_catalog
+        from caig_ray.dataplane.catalog import validate_catalog
 
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False

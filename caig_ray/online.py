@@ -2,7 +2,7 @@
 ids and seeds, the market oracle's verdict on a rendered ad, the lift with its interval, and the run's state.
 
 Everything here is a function of (seed, round) so an interrupted job that resumes sees the very
-data order an uninterrupted one sees. ``caig_ray/loop/`` runs the rounds with them; ``jobs/caig.py`` wires it to the Ray actors.
+data order an uninterrupted one sees. ``caig_ray/loop/`` runs the rounds with them; ``jobs/train.py`` wires it to the Ray actors.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ COMMANDS = {
     "demo": ("caig_ray.jobs.demo", "the README demo on the embedded default"),
     "train-rm": ("caig_ray.jobs.train_rm", "train the reward model (Ray Train + DeepSpeed ZeRO)"),
     "pretrain-pm": ("caig_ray.jobs.pretrain_pm", "e-commerce SFT of the prompt model (TRL SFTTrainer + DeepSpeed)"),
-    "train": ("caig_ray.jobs.caig", "the online loop: sample, render, RM-score, DPO+PCPO train (Ray Data + DeepSpeed)"),
+    "train": ("caig_ray.jobs.train", "the online loop: sample, render, RM-score, DPO+PCPO train (Ray Data + DeepSpeed)"),
     "report": ("caig_ray.jobs.report", "write report.html for an online run folder"),
     "generate": ("caig_ray.jobs.generate", "write, render and rank ads for every product of a catalog"),
     "serve": ("caig_ray.jobs.serve", "live RM scoring over HTTP (Ray Serve + FastAPI)"),

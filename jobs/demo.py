@@ -132,7 +132,7 @@ def _train_models(cfg, lay: WorldLayout, out: Path, plots: Path) -> dict:
             ray.shutdown()
     with stage("demo [5/6] evaluate-rm (RM vs chance, a CNN and the Bayes ceiling)"):
         ev = evaluate_rm(cfg, lay.root, out / "rm", out / "rm_eval.json")
-    from caig_ray.jobs.caig import train
+    from caig_ray.jobs.train import train
 
     t = time.perf_counter()
     with stage(f"demo [6/6] train: the online DPO+PCPO loop ({cfg.online.rounds} rounds)"):

@@ -3,7 +3,7 @@
 One streaming Ray Data pipeline (docs/online-loop.md, the driver is the control plane); the driver holds ids and counts, never the catalog,
 an image or a model:
 
-    catalog (actors/catalog.py: read lazily, validated in parallel; bad rows stop the job or go to
+    catalog (dataplane/catalog.py: read lazily, validated in parallel; bad rows stop the job or go to
     rejects/)  --> Describer pool (resources.generators: the policy writes N descriptions a product)
     --> Renderer pool (resources.renderers: the N ads, one seed a product)
     --> RewardScorer pool (resources.scorers: the N candidates ranked inside their row, every pair
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 def write_generated(batch: pa.Table, out: str) -> pa.Table:
     """Ray Data map (a task): write a batch's ads as PNGs, then its rows as one parquet part in
     ``best/`` and then ``candidates/`` (the part that marks the products done), and return counts."""
-    from caig_ray.actors.catalog import safe_name
+    from caig_ray.dataplane.catalog import safe_name
     from caig_ray.storage import part_name, write_part
 
     out_dir, candidates, best = Path(out), [], []
@@ -154,7 +154,7 @@ def generate_stages(ds, cfg: CaigConfig, policy: str, rm: str, n: int, seed: int
     (policy.generate_batch_size, renderer.batch_size, online.scorer_batch_size)."""
     from caig_ray.actors.describer import Describer
     from caig_ray.actors.scorer import RewardScorer
-    from caig_ray.actors.stream import map_pool, map_renderers
+    from caig_ray.dataplane.stream import map_pool, map_renderers
 
     res = cfg.resources
     ds = map_pool(ds, Describer, res.generators, batch_format="pyarrow",
@@ -170,7 +170,7 @@ def generate(cfg: CaigConfig, catalog: str | Path, out: str | Path, policy: str,
              seed: int = 0, resume: bool = False, on_bad_rows: str = "stop", image_root: str | None = None) -> dict:
     import ray
 
-    from caig_ray.actors.catalog import ValidCatalogSource, validate_catalog
+    from caig_ray.dataplane.catalog import ValidCatalogSource, validate_catalog
     from caig_ray.models.renderer import check_sd_folders
     from caig_ray.models.vlm import check_model_folder
 

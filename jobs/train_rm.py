@@ -180,7 +180,7 @@ def train_rm(cfg: CaigConfig, world_dir: str | Path | None, out: str | Path | Ou
 
     check_model_folder(backbone, "reward.backbone_path", kind="backbone")
     init_ray(None if placement.use_gpu else max(2, placement.num_workers))
-    from caig_ray.actors.catalog import check_click_log_images
+    from caig_ray.dataplane.catalog import check_click_log_images
 
     check_click_log_images(click_logs)
     import ray.data

@@ -60,11 +60,11 @@ if [ -n "${WHEELDIR:-}" ]; then
   SITE=${CAIG_SITE:-/tmp/caig_site}
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELDIR"/*.whl \
     || { echo "gpu_check: wheel install failed"; exit 1; }
-  # the project itself, built from this tree (caig_ray.jobs / caig_ray.actors live in jobs/ and actors/)
+  # the project itself, built from this tree (caig_ray.jobs / caig_ray.actors / caig_ray.dataplane live in jobs/, actors/, dataplane/)
   "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target "$SITE" . \
     || { echo "gpu_check: installing caig-ray failed"; exit 1; }
   export PYTHONPATH=$SITE
-  PYFLAGS=(-P)  # the checkout's caig_ray/ (without jobs/, actors/) must not shadow the installed one
+  PYFLAGS=(-P)  # the checkout's caig_ray/ (without jobs/, actors/, dataplane/) must not shadow the installed one
 elif [ -x .venv/bin/python ]; then
   PY=$PWD/.venv/bin/python
 fi

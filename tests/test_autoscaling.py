@@ -1,7 +1,7 @@
 """The renderer pool on an autoscaling cluster, the way KubeRay runs it (issue 23): a local cluster
 whose renderer nodes ({CPU: 1, GPU: 1, renderer: 1}, 0..3; the GPU a logical one) only the autoscaler
 (v2, Ray's fake multi-node provider) adds; the project's ``Renderer`` on the elastic pool
-(``caig_ray.actors.elastic``), sized by the backlog the driver feeds. Same code path as
+(``caig_ray.dataplane.elastic``), sized by the backlog the driver feeds. Same code path as
 bench/autoscaling.py (``run_backlog``); only this test's cluster is ever stopped."""
 
 import importlib.util

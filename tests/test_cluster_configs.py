@@ -162,8 +162,8 @@ def test_online_rayjob_resumes_and_its_renderers_land_on_the_renderer_group():
     job = _load("rayjob-online.yaml")
     args = _shell_words(job["spec"]["entrypoint"])
     assert args[:2] == ["caig-ray", "train"] and "--resume" in args
-    assert _command_module(args) == "caig_ray.jobs.caig"
-    importlib.import_module("caig_ray.jobs.caig")
+    assert _command_module(args) == "caig_ray.jobs.train"
+    importlib.import_module("caig_ray.jobs.train")
     groups = {g["groupName"]: g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
     assert groups["renderer"]["minReplicas"] == 0
     advertised = json_resources(groups["renderer"]["rayStartParams"]["resources"])
@@ -570,7 +570,7 @@ def test_the_wheel_the_image_installs_holds_the_package_and_no_top_level_jobs(tm
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     (wheel,) = dist.glob("caig_ray-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for must in ("caig_ray/jobs/cli.py", "caig_ray/jobs/serve_rm.py", "caig_ray/jobs/caig.py",
+    for must in ("caig_ray/jobs/cli.py", "caig_ray/jobs/serve_rm.py", "caig_ray/jobs/train.py",
                  "caig_ray/actors/scorer.py", "caig_ray/presets/gpu-cluster.yaml"):
         assert must in names, must
     tops = {n.split("/")[0] for n in names}

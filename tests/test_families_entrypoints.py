@@ -52,7 +52,7 @@ def _png_b64(color) -> str:
 def test_every_entrypoint_on_a_real_family(local_ray, quick_world, hub_models, tmp_path, family):
     from ray import serve
 
-    from caig_ray.jobs.caig import train
+    from caig_ray.jobs.train import train
     from caig_ray.jobs.evaluate_rm import evaluate_rm
     from caig_ray.jobs.generate import generate
     from caig_ray.jobs.pretrain_pm import pretrain_pm

@@ -111,7 +111,7 @@ def test_generate_ranking_is_serves_ranking():
 def test_duplicate_ids_and_file_level_errors_stop_before_anything_runs(quick_world, tmp_path):
     import ray
 
-    from caig_ray.actors.catalog import validate_catalog
+    from caig_ray.dataplane.catalog import validate_catalog
 
     products = read_catalog(quick_world.catalog)[:3]
     products[2].id = products[0].id
@@ -133,7 +133,7 @@ def test_duplicate_ids_and_file_level_errors_stop_before_anything_runs(quick_wor
         assert check.valid_rows == 2 and {r["title"] for r in rows} >= {"红色运动鞋"}
         # the online loop's driver keeps a reference per product, and the image behind it is the one
         # read_catalog gives, pixel for pixel: by path (a folder) and by a valid part's row (bytes in parquet)
-        from caig_ray.actors.catalog import catalog_records
+        from caig_ray.dataplane.catalog import catalog_records
         from caig_ray.data.catalog import load_product_image
 
         by_bytes = catalog_records(validate_catalog(write_catalog(products[:2], tmp_path / "ok.parquet"),
@@ -147,7 +147,7 @@ def test_duplicate_ids_and_file_level_errors_stop_before_anything_runs(quick_wor
                 want = next(p for p in products if p.id == r.id).image
                 assert np.array_equal(np.asarray(load_product_image(r.image_ref)), np.asarray(want))
         # click-log images are decoded on the cluster, in parallel tasks; every bad row is named
-        from caig_ray.actors.catalog import check_click_log_images
+        from caig_ray.dataplane.catalog import check_click_log_images
         from caig_ray.data import write_click_logs
         from caig_ray.imaging import png_bytes
 

@@ -328,7 +328,7 @@ def test_one_online_round_under_ray_on_the_device(gpu_cluster_models, hub_models
     """One round of the gpu-cluster pipeline with Ray actors: the policy rank (ZeRO-3 over NCCL), the
     renderer and scorer pools on fractions of the same GPU, pairs streamed through Ray Data into the
     DPO+PCPO step; every planned pair trained or skipped, none lost."""
-    from caig_ray.jobs.caig import train
+    from caig_ray.jobs.train import train
 
     cfg, rm, rm_info = gpu_cluster_models
     t = time.perf_counter()

@@ -76,7 +76,7 @@ def test_faults_fire_once_and_need_a_marker_dir(tmp_path):
 def test_train_refuses_bad_paths_a_changed_config_and_bad_rows_before_any_model_loads(quick_world, tmp_path, capsys):
     """Paths and config are checked before Ray starts; the catalog's rows by validation on Ray, before
     the policy group or a pool starts."""
-    from caig_ray.jobs.caig import main
+    from caig_ray.jobs.train import main
 
     common = ["--preset", "quick", "--catalog", str(quick_world.catalog), "--rm", str(quick_world.reward)]
     assert main(["--out", str(tmp_path / "a"), "--policy", str(tmp_path / "nope"), *common]) == 2

@@ -31,7 +31,7 @@ def _cfg(**online):
 
 
 def _train(cfg, world, out, resume=False):
-    from caig_ray.jobs.caig import train
+    from caig_ray.jobs.train import train
 
     return train(cfg, out, str(world.policy), str(world.reward), str(world.catalog), resume=resume, progress=False)
 
@@ -118,7 +118,7 @@ def test_a_finished_run_is_not_resumed_and_its_folder_not_reused(uninterrupted, 
 
     import ray
 
-    from caig_ray.jobs.caig import main
+    from caig_ray.jobs.train import main
     from caig_ray.online import RunRecord
 
     out, _ = uninterrupted
@@ -160,7 +160,7 @@ def test_killed_driver_resumes_from_object_storage_to_the_same_state(uninterrupt
     cfg = cfg.model_copy(update={"storage": s3_store})
     save_config(cfg, tmp_path / "cfg.yaml")
     store = resolve_output(s3_store, "runs/killed")
-    cmd = [sys.executable, "-m", "caig_ray.jobs.caig", "--config", str(tmp_path / "cfg.yaml"), "--out", "runs/killed",
+    cmd = [sys.executable, "-m", "caig_ray.jobs.train", "--config", str(tmp_path / "cfg.yaml"), "--out", "runs/killed",
            "--catalog", str(quick_world.catalog), "--policy", str(quick_world.policy), "--rm", str(quick_world.reward)]
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -31,7 +31,7 @@ def pm_folder(quick_world, tmp_path):
 def test_a_model_folder_given_as_out_is_refused_and_left_byte_identical(quick_world, pm_folder, tmp_path, capsys):
     import ray
 
-    from caig_ray.jobs import caig, demo, evaluate_rm, generate, make_world, pretrain_pm, train_rm
+    from caig_ray.jobs import train as train_job, demo, evaluate_rm, generate, make_world, pretrain_pm, train_rm
 
     before = _digest(pm_folder)
     q, w = ["--preset", "quick"], ["--world", str(quick_world.root)]
@@ -42,7 +42,7 @@ def test_a_model_folder_given_as_out_is_refused_and_left_byte_identical(quick_wo
         "make-world": (make_world.main, [*q, "--out", str(pm_folder)], "--overwrite"),
         "generate": (generate.main, [*q, "--catalog", str(quick_world.catalog), *models, "--out", str(pm_folder)],
                      "--resume"),
-        "train": (caig.main, [*q, "--catalog", str(quick_world.catalog), *models, "--out", str(pm_folder)],
+        "train": (train_job.main, [*q, "--catalog", str(quick_world.catalog), *models, "--out", str(pm_folder)],
                   "a new --out"),
         "demo": (demo.main, [*q, "--out", str(pm_folder)], "--overwrite"),
     }
@@ -99,17 +99,17 @@ def test_world_flag_wins_over_data_click_logs_and_the_config_over_the_worlds_def
 
 
 def test_rm_flag_wins_over_reward_model_path_which_train_reads(quick_world, tmp_path, capsys):
-    from caig_ray.jobs import caig
+    from caig_ray.jobs import train as train_job
 
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"base: quick\nreward:\n  model_path: {tmp_path / 'configured-rm'}\n")
     common = ["--config", str(cfg), "--catalog", str(quick_world.catalog), "--policy", str(quick_world.policy)]
-    assert caig.main([*common, "--rm", str(tmp_path / "flag-rm"), "--out", str(tmp_path / "a")]) == 2
+    assert train_job.main([*common, "--rm", str(tmp_path / "flag-rm"), "--out", str(tmp_path / "a")]) == 2
     assert f"model folder not found: {tmp_path / 'flag-rm'}" in capsys.readouterr().err
-    assert caig.main([*common, "--out", str(tmp_path / "b")]) == 2  # no --rm: reward.model_path is read
+    assert train_job.main([*common, "--out", str(tmp_path / "b")]) == 2  # no --rm: reward.model_path is read
     assert f"model folder not found: {tmp_path / 'configured-rm'}" in capsys.readouterr().err
     cfg.write_text("base: quick\n")
-    assert caig.main([*common, "--out", str(tmp_path / "c")]) == 2
+    assert train_job.main([*common, "--out", str(tmp_path / "c")]) == 2
     assert "give --rm or set reward.model_path" in capsys.readouterr().err
     assert not any((tmp_path / d).exists() for d in "abc")
 
@@ -164,18 +164,48 @@ def test_the_entrypoints_install_under_the_projects_name_only(tmp_path):
     import subprocess
     import sys
 
-    for name in ("jobs", "actors"):
+    for name in ("jobs", "actors", "dataplane"):
         res = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=tmp_path, capture_output=True, text=True)
         assert res.returncode != 0 and f"No module named '{name}'" in res.stderr, (name, res.stdout)
-    res = subprocess.run([sys.executable, "-c", "import caig_ray.jobs.cli, caig_ray.actors.stream"], cwd=tmp_path,
+    res = subprocess.run([sys.executable, "-c", "import caig_ray.jobs.cli, caig_ray.dataplane.stream"], cwd=tmp_path,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_a_non_editable_install_holds_every_module_of_the_checkout(tmp_path):
+    """The image and a cluster's ``pip install .`` get a wheel, not the editable finder: every package
+    folder of the checkout (a new subpackage too) must be listed in pyproject.toml, or the installed
+    project lacks it and fails at import on the cluster only."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"  # a copy, as the Dockerfile builds: no build/ left in the checkout, none reused
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    for top in ("caig_ray", "actors", "dataplane", "jobs"):
+        shutil.copytree(root / top, src / top, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                          "-w", str(tmp_path), str(src)], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    (wheel,) = tmp_path.glob("caig_ray-*.whl")
+    installed = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".py")}
+    home = {"caig_ray": "caig_ray", "actors": "caig_ray/actors", "dataplane": "caig_ray/dataplane", "jobs": "caig_ray/jobs"}
+    expected = {home[top] + str(f)[len(top):]
+                for top in home for f in (p.relative_to(root) for p in (root / top).rglob("*.py"))
+                if "__pycache__" not in f.parts}
+    assert expected - installed == set(), "modules of the checkout missing from the wheel (pyproject packages)"
 
 
 def test_every_flag_wins_over_the_config_key_it_overrides(quick_world, tmp_path, monkeypatch, capsys):
     """Each job's flags against a config that sets the same keys otherwise: the job receives the
     flag's value (the job function is replaced by one that records what it was given)."""
-    from caig_ray.jobs import caig, generate, pretrain_pm, train_rm
+    from caig_ray.jobs import train as train_job, generate, pretrain_pm, train_rm
 
     seen = {}
     cfg = tmp_path / "cfg.yaml"
@@ -203,16 +233,16 @@ reward: {{backbone_path: {tmp_path / 'configured-backbone'}, model_path: {tmp_pa
     assert pretrain_pm.main([*base, "--out", "pm", "--epochs", "0.5", "--zero-stage", "1"]) == 0
     assert (seen["cfg"].pretrain.epochs, seen["cfg"].pretrain.zero_stage) == (0.5, 1)
 
-    monkeypatch.setattr(caig, "train", lambda c, out, policy, rm, catalog, resume, **kw: seen.update(
+    monkeypatch.setattr(train_job, "train", lambda c, out, policy, rm, catalog, resume, **kw: seen.update(
         cfg=c, rm=rm, catalog=catalog) or {})
     common = ["--config", str(cfg), "--policy", str(quick_world.policy)]
-    assert caig.main([*common, "--out", "r1", "--rounds", "2", "--catalog", str(quick_world.catalog),
+    assert train_job.main([*common, "--out", "r1", "--rounds", "2", "--catalog", str(quick_world.catalog),
                       "--rm", str(quick_world.reward)]) == 0
     assert (seen["cfg"].online.rounds, seen["catalog"], seen["rm"]) == (2, str(quick_world.catalog),
                                                                        str(quick_world.reward))
-    assert caig.main([*common, "--out", "r2", "--world", str(quick_world.root)]) == 0  # --world's catalog
+    assert train_job.main([*common, "--out", "r2", "--world", str(quick_world.root)]) == 0  # --world's catalog
     assert seen["catalog"] == str(quick_world.catalog) and seen["rm"] == str(tmp_path / "configured-rm")
-    assert caig.main([*common, "--out", "r3"]) == 0  # neither: the config's data.catalog
+    assert train_job.main([*common, "--out", "r3"]) == 0  # neither: the config's data.catalog
     assert (seen["cfg"].online.rounds, seen["catalog"]) == (7, str(tmp_path / "configured.json"))
 
     monkeypatch.setattr(generate, "generate", lambda c, catalog, out, policy, rm, *a: seen.update(
@@ -225,33 +255,29 @@ reward: {{backbone_path: {tmp_path / 'configured-backbone'}, model_path: {tmp_pa
     capsys.readouterr()
 
 
-def test_resume_finishes_a_run_stopped_after_its_last_checkpoint_and_refuses_a_finished_one(tmp_path, capsys):
-    from types import SimpleNamespace
-
-    from caig_ray.config import load_config
-    from caig_ray.jobs.caig import OnlineLoop
+def test_resume_finishes_a_run_stopped_after_its_last_checkpoint_and_refuses_a_finished_one(tmp_path, caplog):
+    from caig_ray.loop.runfolder import claim_run_folder
     from caig_ray.online import RunRecord
     from caig_ray.storage import Output, OutputInUse
 
     run = Output(tmp_path / "run")
-    loop = SimpleNamespace(store=run, oc=load_config("quick").online)  # online.rounds: 2
-    fresh = OnlineLoop._claim(loop, resume=True)  # absent folder: a new run
+    fresh = claim_run_folder(run, rounds=2, resume=True)  # absent folder: a new run
     assert fresh.status == "running" and fresh.rounds_done == 0
     run.local.mkdir()
     (run.local / "notes.txt").write_text("a user's file")
     with pytest.raises(OutputInUse, match="holds no caig-ray run"):
-        OnlineLoop._claim(loop, resume=True)
+        claim_run_folder(run, rounds=2, resume=True)
     (run.local / "notes.txt").unlink()
     stopped = RunRecord(run_id="r1", started_at="t", rounds=2, rounds_done=2)  # killed before saving its policy
     (run.local / "run.json").write_text(stopped.to_json())
-    assert OnlineLoop._claim(loop, resume=True).run_id == "r1"
-    assert "finishing run r1" in capsys.readouterr().err
+    assert claim_run_folder(run, rounds=2, resume=True).run_id == "r1"
+    assert "finishing run r1" in caplog.text
     with pytest.raises(OutputInUse, match="a new --out"):
-        OnlineLoop._claim(loop, resume=False)
+        claim_run_folder(run, rounds=2, resume=False)
     (run.local / "run.json").write_text(RunRecord(run_id="r1", started_at="t", rounds=2, rounds_done=2,
                                                   status="finished").to_json())
     with pytest.raises(OutputInUse, match="run r1 finished at round 2; pass a new --out"):
-        OnlineLoop._claim(loop, resume=True)
+        claim_run_folder(run, rounds=2, resume=True)
 
 
 def test_overwrite_replaces_a_stored_single_file_output(quick_world, s3_store, tmp_path, monkeypatch):

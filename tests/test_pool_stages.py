@@ -39,7 +39,7 @@ def local_ray():
 
 
 def test_train_and_generate_stages_build_on_gpu_pools(local_ray, tmp_path):
-    from caig_ray.actors.stream import FeedDatasource, map_pool, render_and_score
+    from caig_ray.dataplane.stream import FeedDatasource, map_pool, render_and_score
     from caig_ray.jobs.generate import generate_stages
 
     ray = local_ray

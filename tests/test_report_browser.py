@@ -27,7 +27,7 @@ def _ad(rng):
 
 def _fake_run(run_dir):
     """A run folder with the shapes caig-ray train writes (2 rounds of 3 pairs, 3 evaluations of
-    N_EVAL held-out products, summary.json with every key OnlineLoop._summary writes) and an
+    N_EVAL held-out products, summary.json with every key caig_ray.loop.summary.run_summary writes) and an
     rm_eval.json beside it, as caig-ray demo lays them out. Round 0 carries its ads in the rows,
     round 1 and the evaluations in pairs/ads/ parts (as the pipeline writes them)."""
     (run_dir / "pairs" / "ads").mkdir(parents=True)

@@ -79,7 +79,7 @@ def test_every_entrypoint_writes_only_under_storage(quick_world, tmp_path, monke
 
 
 def _run_every_entrypoint(st: list[str], storage: Path, quick_world) -> None:
-    from caig_ray.jobs import caig, evaluate_rm, generate, make_world, train_rm
+    from caig_ray.jobs import train as train_job, evaluate_rm, generate, make_world, train_rm
 
     assert make_world.main([*st, "--out", "world", "--no-models"]) == 0
     assert train_rm.main([*st, "--world", str(quick_world.root), "--out", "rm", "--epochs", "1",
@@ -88,7 +88,7 @@ def _run_every_entrypoint(st: list[str], storage: Path, quick_world) -> None:
                              "--out", "rm_eval.json"]) == 0
     assert generate.main([*st, "--catalog", str(quick_world.catalog), "--policy", str(quick_world.policy),
                           "--rm", str(storage / "rm"), "--out", "ads", "--n", "2"]) == 0
-    assert caig.main([*st, "--catalog", str(quick_world.catalog), "--policy", str(quick_world.policy),
+    assert train_job.main([*st, "--catalog", str(quick_world.catalog), "--policy", str(quick_world.policy),
                       "--rm", str(storage / "rm"), "--out", "runs/online", "--rounds", "1"]) == 0
     summary = json.loads((storage / "runs" / "online" / "summary.json").read_text())
     assert summary["storage"] == str(storage / "runs" / "online")
@@ -111,7 +111,7 @@ def test_the_whole_chain_runs_on_object_storage_with_models_given_as_uris(quick_
     from PIL import Image
     from ray import serve
 
-    from caig_ray.jobs import caig, generate, pretrain_pm, train_rm
+    from caig_ray.jobs import train as train_job, generate, pretrain_pm, train_rm
     from caig_ray.jobs.serve_rm import build_app
     from caig_ray.storage import model_cache_root
 
@@ -126,7 +126,7 @@ def test_the_whole_chain_runs_on_object_storage_with_models_given_as_uris(quick_
     try:
         assert pretrain_pm.main([*st, *world, "--out", "pm"]) == 0
         assert train_rm.main([*st, *world, "--init-from", f"{at}/pm", "--out", "rm"]) == 0
-        assert caig.main([*st, "--catalog", str(quick_world.catalog), "--policy", f"{at}/pm", "--rm", f"{at}/rm",
+        assert train_job.main([*st, "--catalog", str(quick_world.catalog), "--policy", f"{at}/pm", "--rm", f"{at}/rm",
                           "--out", "runs/week-1", "--rounds", "1"]) == 0
         assert generate.main([*st, "--catalog", str(quick_world.catalog), "--policy", f"{at}/runs/week-1/policy",
                               "--rm", f"{at}/rm", "--out", "ads", "--n", "2"]) == 0

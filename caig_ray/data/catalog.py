@@ -122,7 +122,7 @@ def _as_rgba(img: Image.Image, where: str) -> Image.Image:
 
 
 def product_image(image_path: str | None, image_bytes: bytes | None, where: str = "product image") -> Image.Image:
-    """The RGBA product of a validated catalog row (actors/catalog.py keeps a path or the bytes, not
+    """The RGBA product of a validated catalog row (dataplane/catalog.py keeps a path or the bytes, not
     the pixels): decoded and matted where it is used."""
     return _as_rgba(decode_image(image_bytes if image_bytes is not None else image_path, [], where), where)
 
@@ -227,7 +227,7 @@ def product_from_row(row, where: str, roots: list[Path]) -> Product:
 
 def read_catalog(path: str | Path, image_root: str | Path | None = None) -> list[Product]:
     """Read and validate every product into memory (worlds and tests; ``generate`` streams instead:
-    actors/catalog.py); the first bad row stops the read with its location."""
+    dataplane/catalog.py); the first bad row stops the read with its location."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"catalog file not found: {path}")

@@ -19,7 +19,7 @@ def read_click_logs(path: str | Path, check_images: bool = True, with_images: bo
     """Read and validate a click log. Every bad row is reported (up to 20 listed, with the total);
     nothing is dropped: either the whole table is good or the read fails. ``with_images=False``
     leaves the image column out (a driver that only counts; ``check_images`` is then False too --
-    ``caig_ray.actors.catalog.check_click_log_images`` checks them on the cluster)."""
+    ``caig_ray.dataplane.catalog.check_click_log_images`` checks them on the cluster)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"click log file not found: {path}")

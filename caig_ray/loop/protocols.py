@@ -1,5 +1,5 @@
 """What the loop needs of the policy and of the pipeline: the Ray implementations are
-``caig_ray.actors.policy.PolicyGroup`` and ``caig_ray.actors.stream.PairStream`` / ``StagedPipeline``."""
+``caig_ray.actors.policy.PolicyGroup`` and ``caig_ray.dataplane.stream.PairStream`` / ``StagedPipeline``."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
-"""The online CTR-driven loop: ``python -m caig_ray.jobs.caig`` / ``caig-ray train``.
+"""The online CTR-driven loop: ``python -m caig_ray.jobs.train`` / ``caig-ray train``.
 
 Per round (CAIG): the policy samples N=2 descriptions per product (T=1.0); both are rendered with
 the same seed by a Ray Data renderer pool; the frozen RM (a scorer pool) picks chosen/rejected;
 duplicates are skipped and counted; DPO+PCPO steps train the policy (DeepSpeed ZeRO in a
 ``PolicyGroup``) as soon as scored blocks arrive; the reference stays the ``--policy`` the run started
 from (the pretrained PM, or an earlier run's policy a weekly run continues from). The pools
-live for the whole job (``actors/stream.py``). ``online.max_policy_lag`` rounds may be sampled
+live for the whole job (``dataplane/stream.py``). ``online.max_policy_lag`` rounds may be sampled
 ahead of training (0 = CAIG's strict rounds).
 
 Every ``online.eval_every`` rounds (and before the first) the policy writes one description per
@@ -17,7 +17,7 @@ a fresh run refuses a used folder, ``--resume`` continues the folder's run from 
 refuses a finished one (docs/operations.md).
 
 The driver is the control plane: the catalog is validated on the cluster (``catalog/valid`` and
-``catalog/rejects`` parts, actors/catalog.py) and the driver keeps ids, titles and an image reference
+``catalog/rejects`` parts, dataplane/catalog.py) and the driver keeps ids, titles and an image reference
 per product; product images are opened by the renderers and the policy ranks from that reference.
 
 Run folder: run.json, config.yaml, metrics.jsonl, summary.json, checkpoints/, tensorboard/, catalog/, pairs/
@@ -41,18 +41,14 @@ from tqdm.auto import tqdm
 
 from caig_ray.config import CaigConfig, load_config, save_config
 from caig_ray.faults import should_fire
-from caig_ray.loop import Checkpoints, Evaluator, Feed, RoundPlan, RoundTrainer, RunLog, check_same_run
-from caig_ray.online import MarketOracle, RunRecord
-from caig_ray.storage import (Output, OutputInUse, atomic_write_text, is_used, new_run_id, refuse_used,
-                              resolve_output)
+from caig_ray.loop import (Checkpoints, Evaluator, Feed, RoundPlan, RoundTrainer, RunLog, check_same_run,
+                           claim_run_folder, run_summary, write_run_record)
+from caig_ray.online import MarketOracle
+from caig_ray.storage import Output, resolve_output
 from caig_ray.jobs._entry import model_arg, pick, add_config_args, run_job
 from caig_ray.jobs._ray import init_ray
 
 logger = logging.getLogger(__name__)
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 class OnlineLoop:
@@ -65,7 +61,7 @@ class OnlineLoop:
         self.cfg, self.oc, self.store, self.out, self.policy_path, self.rm_path = (
             cfg, cfg.online, out, out.local, policy, rm)
         self.catalog, self.image_root, self.progress = catalog, image_root, progress
-        self.record = self._claim(resume)
+        self.record = claim_run_folder(out, cfg.online.rounds, resume)
         if out.staged:  # the object store is the run: the local staging copy (our cache, not an output) is rebuilt from it
             shutil.rmtree(self.out, ignore_errors=True)
             if resume:
@@ -89,46 +85,13 @@ class OnlineLoop:
         self.recoveries = {"policy": 0, "feed": 0}
         save_config(cfg, self.out / "config.yaml")
 
-    def _claim(self, resume: bool) -> RunRecord:
-        """The run this job is: a new one in an unused folder, or (``--resume``) the one the folder holds
-        while it has rounds left to train. Nothing of another run is reused or replaced."""
-        held = self.store.child("run.json")
-        record = RunRecord.from_json(held.local.read_text()) if held.download() else None
-        if not resume:
-            if record is None:
-                remedy = "give a new --out (an unused folder)"
-            elif record.status == "finished":
-                remedy = f"it holds {record.describe()}; pass a new --out"
-            else:
-                remedy = f"it holds {record.describe()}: pass --resume to continue it, or a new --out"
-            refuse_used(self.store, remedy)
-        elif record is None and is_used(self.store):
-            raise OutputInUse(f"--resume: {self.store} holds no caig-ray run (no run.json): give the run's own folder, "
-                              "or a new --out")
-        elif record is not None:
-            if record.status == "finished":
-                raise OutputInUse(f"--resume: {record.describe()}; pass a new --out")
-            if record.rounds_done >= self.oc.rounds:  # stopped after its last checkpoint, before its policy was saved
-                print(f"--resume: finishing {record.describe()}: its policy is saved from the last checkpoint",
-                      file=sys.stderr)
-            else:
-                print(f"--resume: continuing {record.describe()} to round {self.oc.rounds}", file=sys.stderr)
-            record.rounds = self.oc.rounds
-            return record
-        else:
-            print(f"--resume: {self.store} is empty: starting a new run", file=sys.stderr)
-        return RunRecord(run_id=new_run_id(), started_at=_now(), rounds=self.oc.rounds)
-
     def _write_record(self, **changes) -> None:
-        for k, v in changes.items():
-            setattr(self.record, k, v)
-        atomic_write_text(self.out / "run.json", self.record.to_json())
-        self.store.child("run.json").upload()
+        write_run_record(self.store, self.record, **changes)
 
     def _read_catalog(self) -> RoundPlan:
         """The catalog, validated on the cluster (a bad row stops the job, named, before any model loads);
         the driver keeps each product's text and where its image is, never the image."""
-        from caig_ray.actors.catalog import catalog_records, validate_catalog
+        from caig_ray.dataplane.catalog import catalog_records, validate_catalog
 
         check = validate_catalog(self.catalog, self.out / "catalog", "stop", self.image_root)
         return RoundPlan(self.oc, {p.id: p for p in catalog_records(check.valid)})
@@ -136,7 +99,7 @@ class OnlineLoop:
     def _start(self) -> None:
         """The policy group (at the last checkpoint) and the pipeline for the blocks still to come."""
         from caig_ray.actors.policy import PolicyGroup
-        from caig_ray.actors.stream import PairStream, StagedPipeline
+        from caig_ray.dataplane.stream import PairStream, StagedPipeline
 
         oc = self.oc
         steps = oc.rounds * -(-oc.products_per_round // oc.train_batch_size)  # the lr schedule's length
@@ -210,7 +173,7 @@ class OnlineLoop:
         import ray
 
         from caig_ray.actors.policy import PolicyRankLost
-        from caig_ray.actors.stream import PipelineLost
+        from caig_ray.dataplane.stream import PipelineLost
 
         t0 = time.perf_counter()
         self.log = RunLog(self.out)
@@ -232,7 +195,7 @@ class OnlineLoop:
                         self._recover("feed", e)
                 policy = self.store.child("policy")  # a plain model folder: --policy OUT/policy
                 self.group.save_model(policy.local, policy.uri)
-                self._write_record(status="finished", rounds_done=self.state.next_round, finished_at=_now())
+                self._write_record(finished=True, rounds_done=self.state.next_round)
             finally:
                 self._stop()
             # the pool sizes over time (every pipeline the job ran), as metrics
@@ -253,38 +216,11 @@ class OnlineLoop:
     def _summary(self, wall_s: float, pool_trace, wait_s: float, pool_max: int) -> dict:
         from caig_ray.report import online_plots, write_run_report
 
-        rounds, evals = self.state.rounds, self.state.evals
-        tot = lambda k: sum(r[k] for r in rounds)  # noqa: E731
-        summary = {
-            "rounds": len(rounds), "steps": self.state.step,
-            "true_ctr_by_round": [e.get("true_ctr") for e in evals],
-            "base_true_ctr_by_round": [e.get("base_true_ctr") for e in evals],
-            "match_rate_by_round": [e.get("match_rate") for e in evals],
-            "base_match_rate_by_round": [e.get("base_match_rate") for e in evals],
-            "mismatch_share_by_round": [e.get("mismatch_share") for e in evals],
-            "base_mismatch_share_by_round": [e.get("base_mismatch_share") for e in evals],
-            "mismatch_share_by_category": evals[-1].get("mismatch_share_by_category") if evals else None,
-            "base_mismatch_share_by_category": evals[-1].get("base_mismatch_share_by_category") if evals else None,
-            "eval_samples": self.oc.eval_samples,
-            "rm_win_rate_by_round": [e["rm_win_rate"] for e in evals],
-            "eval_after_rounds": [e["after_rounds"] for e in evals],
-            "pairs_planned": tot("pairs_planned"), "pairs_rendered": tot("pairs_rendered"),
-            "pairs_scored": tot("pairs_scored"), "pairs_trained": tot("pairs_trained"),
-            "pairs_skipped": tot("pairs_skipped"), "pairs_lost": tot("pairs_lost"),
-            "pairs_skipped_tie": sum(r["skipped_reasons"].get("tie", 0) for r in rounds),
-            "pairs_skipped_duplicate": sum(r["skipped_reasons"].get("duplicate", 0) for r in rounds),
-            "pairs_duplicated": tot("pairs_duplicated"),
-            "renderer_pool_size_max": pool_max, "renderer_pool_trace": pool_trace,
-            "pool_sample_errors": self.pool_sample_errors,
-            "max_policy_lag": self.oc.max_policy_lag, "policy_lag_steps_max": self.trainer.max_lag_steps,
-            "driver_wait_s": wait_s, "render_busy_s": tot("render_busy_s"), "train_s": tot("train_s"),
-            "pipeline": self.oc.pipeline, "online_wall_s": wall_s, "policy_path": str(self.store.child("policy")),
-            "recoveries": sum(self.recoveries.values()), "recoveries_by_kind": dict(self.recoveries),
-            "storage": str(self.store),
-        }
-        if evals and "lift" in evals[-1]:
-            summary["true_ctr_lift"] = evals[-1]["lift"]
-        summary["plots"] = online_plots(self.out, rounds, evals, pool_trace)
+        summary = run_summary(self.oc, self.state, wall_s=wall_s, pool_trace=pool_trace, pool_max=pool_max,
+                              pool_sample_errors=self.pool_sample_errors, wait_s=wait_s,
+                              max_lag_steps=self.trainer.max_lag_steps, recoveries=self.recoveries,
+                              policy_path=str(self.store.child("policy")), storage=str(self.store))
+        summary["plots"] = online_plots(self.out, self.state.rounds, self.state.evals, pool_trace)
         summary["report"] = "report.html"
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         self.store.child("pairs/ads").download()  # object-store storage: the pipeline wrote them there
