@@ -22,7 +22,7 @@ from caig_ray.config import FaultConfig, PolicyConfig, WorkerGroupPlacement
 from caig_ray.losses import pcpo_kind_means
 from caig_ray.data.catalog import load_product_image
 from caig_ray.ds import WORKER_ENV
-from caig_ray.rows import PreferenceExample
+from caig_ray.rows import PreferenceExample, ProductPrompt
 from caig_ray.faults import BatchFault
 from caig_ray.storage import Output
 
@@ -38,15 +38,13 @@ def _free_port() -> int:
 
 
 def with_images(items: list) -> list:
-    """Products to describe (dicts) or ``PreferenceExample`` rows that say where their image is
+    """``ProductPrompt``s to describe or ``PreferenceExample``s to train on that say where their image is
     (``image_ref``: the online loop's driver never holds an image) get it here, on the rank that uses it."""
     return [_with_image(x) for x in items]
 
 
-def _with_image(x):
-    if isinstance(x, PreferenceExample):
-        return dataclasses.replace(x, image=load_product_image(x.image_ref)) if x.image is None else x
-    return {**x, "image": load_product_image(x["image_ref"])} if x.get("image") is None and x.get("image_ref") else x
+def _with_image(x: ProductPrompt | PreferenceExample) -> ProductPrompt | PreferenceExample:
+    return dataclasses.replace(x, image=load_product_image(x.image_ref)) if x.image is None else x
 
 
 class PolicyWorker:
@@ -76,7 +74,7 @@ class PolicyWorker:
         init_distributed(self.placement.use_gpu)
         self.policy = PolicyEngine(self.model_path, self.cfg, self.placement, self.rank, self.total_steps)
 
-    def generate(self, products: list[dict], n: int, temperature: float, seed: int) -> list[dict]:
+    def generate(self, products: list[ProductPrompt], n: int, temperature: float, seed: int) -> list[dict]:
         return self.policy.generate(with_images(products), n, temperature, seed)
 
     def train_step(self, examples: list[PreferenceExample], n_micro: int | None = None) -> dict:
@@ -168,7 +166,7 @@ class PolicyGroup:
             start += size
         return shards
 
-    def generate(self, products: list[dict], n: int = 2, temperature: float = 1.0, seed: int = 0) -> list[dict]:
+    def generate(self, products: list[ProductPrompt], n: int = 2, temperature: float = 1.0, seed: int = 0) -> list[dict]:
         shards = self._split(products)
         outs = self._gather([w.generate.remote(s, n, temperature, seed + 1000 * r)
                         for r, (w, s) in enumerate(zip(self.workers, shards))])

@@ -64,7 +64,7 @@ async def _load(url: str, bodies: list[dict], concurrency: int) -> dict:
 
 def _meets_contract(status: int, headers, body: bytes) -> dict:
     """The documented 503: status 503, an ``ErrorBody`` JSON body, a Retry-After header."""
-    from caig_ray.jobs.serve_rm import ErrorBody
+    from caig_ray.serve_api import ErrorBody
 
     try:
         ErrorBody.model_validate_json(body)

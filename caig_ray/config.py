@@ -31,6 +31,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
+class OptimizerConfig(_Strict):
+    """The optimizer of every role that trains (policy, train-rm, pretrain-pm): AdamW at a peak ``lr`` on
+    a schedule. One definition, one reader (``caig_ray/ds.py: adamw_with_schedule``; TRL's arguments for
+    pretrain-pm); a role only sets its own defaults. The keys sit in the role's block (``policy.lr``)."""
+
+    lr: float = Field(2e-5, gt=0)
+    """Peak learning rate of AdamW (CAIG: 2e-5)."""
+    lr_schedule: LrSchedule = "constant"
+    """constant, or cosine: linear warmup over warmup_ratio of the steps, then cosine decay to 0."""
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    """Fraction of the training steps spent warming the learning rate up linearly."""
+
+
 class MarketConfig(_Strict):
     """The simulated ad market: the catalog, the historical creatives and the hidden click model that
     scores them (``caig_ray/market/clicks.py``). Every knob of the hidden click model lives here."""
@@ -279,7 +292,7 @@ class LoraConfig(_Strict):
     """Projection names adapted, inside the language model only."""
 
 
-class PolicyConfig(_Strict):
+class PolicyConfig(OptimizerConfig):
     """The prompt model (PM). ``model_path`` None means: the tiny model from ``make-world``."""
 
     model_path: str | None = None
@@ -308,12 +321,6 @@ class PolicyConfig(_Strict):
     With LoRA the reference is the policy with its adapter disabled (no copy), whatever this says."""
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage of the policy's training (PolicyGroup; ranks and devices: resources.policy)."""
-    lr: float = Field(2e-5, gt=0)
-    """Peak learning rate of the policy's AdamW."""
-    lr_schedule: LrSchedule = "constant"
-    """constant, or cosine: linear warmup over warmup_ratio of the steps, then cosine decay to 0."""
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    """Fraction of the training steps spent warming the learning rate up linearly."""
     beta: float = Field(0.5, gt=0)
     """DPO / PCPO temperature (CAIG: 0.5)."""
     pcpo_weight: float = Field(1.0, ge=0.0)
@@ -423,7 +430,7 @@ class DataConfig(_Strict):
     """The historical click logs (a Parquet file); None = the world's click_logs.parquet."""
 
 
-class RMTrainConfig(_Strict):
+class RMTrainConfig(OptimizerConfig):
     """``train-rm``: Ray Train ``TorchTrainer`` with DeepSpeed ZeRO inside ``train_func``
     (workers and devices: resources.reward_training)."""
 
@@ -435,10 +442,6 @@ class RMTrainConfig(_Strict):
     """Pairs per optimizer step, per worker."""
     lr: float = Field(1e-3, gt=0)
     """Peak learning rate: the tiny RM starts from random weights; CAIG: 2e-5."""
-    lr_schedule: LrSchedule = "constant"
-    """constant, or cosine: linear warmup over warmup_ratio of the steps, then cosine decay to 0."""
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    """Fraction of the training steps spent warming the learning rate up linearly."""
     ctr_target_scale: float = Field(1.0, gt=0)
     """Scale of the CTR head's target: 1.0 = CAIG's raw CTR target; 100 = CTR in percent."""
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
@@ -454,7 +457,7 @@ class RMTrainConfig(_Strict):
     """Seed of the train/test split, the shuffle, the left/right draw, the question templates and the heads' init."""
 
 
-class PretrainConfig(_Strict):
+class PretrainConfig(OptimizerConfig):
     """``pretrain-pm``: SFT on the three e-commerce tasks (TRL SFTTrainer inside TorchTrainer;
     workers and devices: resources.pretraining)."""
 
@@ -465,9 +468,7 @@ class PretrainConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
     """Peak learning rate: the tiny PM starts from random weights; CAIG: 2e-5."""
     lr_schedule: LrSchedule = "cosine"
-    """constant, or cosine: linear warmup over warmup_ratio of the steps, then cosine decay to 0."""
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    """Fraction of the training steps spent warming the learning rate up linearly."""
+    """constant, or cosine (this role's default): linear warmup over warmup_ratio, then cosine decay to 0."""
     batch_size: int = Field(8, ge=1)
     """Examples per step, per worker."""
     max_examples: int | None = Field(None, ge=2)

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from caig_ray.config import OptimizerConfig
 
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 """Environment of every worker process the jobs start (Ray Train workers, policy ranks, Serve replicas):
@@ -93,12 +97,16 @@ def gathered_for_generation(engine, zero_stage: int):
             add_hooks(engine)
 
 
-def lr_scheduler(optimizer, schedule: str, warmup_ratio: float, total_steps: int):
-    """The LR schedule of one engine (transformers' own schedulers): ``cosine`` is CAIG's linear
-    warmup over ``warmup_ratio`` of the steps, then cosine decay to 0; ``constant`` keeps the lr
-    (after the same warmup, if any). DeepSpeed steps it with every ``engine.step()``."""
+def adamw_with_schedule(params, opt: OptimizerConfig, total_steps: int):
+    """AdamW at ``opt.lr`` and its LR schedule (transformers' own schedulers), for one engine of any role
+    that trains: ``cosine`` is CAIG's linear warmup over ``warmup_ratio`` of the steps, then cosine decay
+    to 0; ``constant`` keeps the lr (after the same warmup, if any). DeepSpeed steps the schedule with
+    every ``engine.step()``."""
+    import torch
     from transformers import get_scheduler
 
+    optimizer = torch.optim.AdamW(params, lr=opt.lr)
     total = max(1, int(total_steps))
-    name = "cosine" if schedule == "cosine" else "constant_with_warmup"
-    return get_scheduler(name, optimizer, num_warmup_steps=int(warmup_ratio * total), num_training_steps=total)
+    name = "cosine" if opt.lr_schedule == "cosine" else "constant_with_warmup"
+    return optimizer, get_scheduler(name, optimizer, num_warmup_steps=int(opt.warmup_ratio * total),
+                                    num_training_steps=total)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from caig_ray.config import PolicyConfig, WorkerGroupPlacement
-from caig_ray.rows import PreferenceExample
+from caig_ray.rows import PreferenceExample, ProductPrompt
 
 
 class PolicyEngine:
@@ -27,7 +27,7 @@ class PolicyEngine:
         import deepspeed
         import torch
 
-        from caig_ray.ds import deepspeed_config, lr_scheduler
+        from caig_ray.ds import adamw_with_schedule, deepspeed_config
         from caig_ray.models.policy import load_policy
 
         self.model_path, self.cfg, self.placement, self.rank = model_path, cfg, placement, rank
@@ -70,12 +70,11 @@ class PolicyEngine:
                 r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
                 target_modules=r".*language_model.*\.(" + "|".join(lc.target_modules) + ")$"))
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr)
-        scheduler = lr_scheduler(optimizer, cfg.lr_schedule, cfg.warmup_ratio, total_steps)
+        optimizer, scheduler = adamw_with_schedule(params, cfg, total_steps)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 
-    def generate(self, products: list[dict], n: int, temperature: float, seed: int) -> list[dict]:
+    def generate(self, products: list[ProductPrompt], n: int, temperature: float, seed: int) -> list[dict]:
         from caig_ray.ds import gathered_for_generation
         from caig_ray.policy_ops import as_image, generate_descriptions
         from caig_ray.prompts import pm_instruction
@@ -83,8 +82,8 @@ class PolicyEngine:
         self.engine.eval()
         if not products:  # PolicyGroup pads short shards: under ZeRO-3 every rank must run generate
             raise ValueError("PolicyWorker.generate got no products")
-        images = [as_image(p["image"], self.cfg.image_size) for p in products]
-        ins = [pm_instruction(p["title"], p.get("attributes"), p.get("template", 0)) for p in products]
+        images = [as_image(p.image, self.cfg.image_size) for p in products]
+        ins = [pm_instruction(p.title, p.attributes, p.template) for p in products]
         size, out = self.cfg.generate_batch_size, []
         # ZeRO-3: the whole model gathered once for this call (docs/models.md, memory per GPU), ranks decode independently;
         # products in chunks of generate_batch_size so the KV cache fits

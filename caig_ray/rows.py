@@ -3,6 +3,7 @@
 
     driver (caig_ray.loop.Feed) --CandidatePair--> PairFeed --> Renderer pool --> RewardScorer pool
         --ScoredPair--> driver (RoundTrainer, Evaluator)
+    driver --ProductPrompt--> policy ranks (generate: descriptions to sample)
     driver --PreferenceExample--> policy ranks (DPO+PCPO steps)
     driver --PairRecord--> pairs/round_XXX.parquet          driver --eval_table--> pairs/eval_XXX.parquet
 
@@ -121,6 +122,20 @@ class ScoredPair(CandidatePair):
     def p_first(self, debiased: bool) -> float:
         """The RM's P(ad of ``desc_a`` wins) the loop decides with (``online.debias_rm``)."""
         return self.p_left_debiased if debiased else self.p_left
+
+
+@dataclass
+class ProductPrompt:
+    """One product for the policy to describe (driver -> policy ranks, ``generate``): its text, the
+    instruction template (``caig_ray.prompts.pm_instruction``) and its image -- ``image_ref`` (where it
+    is: the online loop's driver never holds an image, the rank loads it) or the ``image`` itself
+    (PNG bytes or a PIL image)."""
+
+    title: str
+    attributes: dict[str, str] | None = None
+    template: int = 0
+    image_ref: str = ""
+    image: Any = None
 
 
 @dataclass

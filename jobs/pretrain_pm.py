@@ -77,7 +77,8 @@ def train_func(loop: PretrainLoop) -> None:
     with tempfile.TemporaryDirectory() as work:
         args = SFTConfig(
             output_dir=work, per_device_train_batch_size=pc.batch_size, num_train_epochs=pc.epochs,
-            learning_rate=pc.lr, lr_scheduler_type=pc.lr_schedule, warmup_steps=pc.warmup_ratio,
+            learning_rate=pc.lr, lr_scheduler_type=pc.lr_schedule,
+            warmup_steps=pc.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the steps
             bf16=placement.dtype == "bfloat16", fp16=placement.dtype == "float16", use_cpu=not placement.use_gpu,
             ddp_backend=backend(placement.use_gpu), deepspeed=ds_config if pc.zero_stage else None,
             report_to=["tensorboard"], logging_steps=5, save_strategy="no",

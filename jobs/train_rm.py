@@ -22,7 +22,7 @@ from pathlib import Path
 from caig_ray.config import CaigConfig
 from caig_ray.data import DataError, read_click_logs
 from caig_ray.data.clicklogs import pair_images
-from caig_ray.ds import consolidated_state, deepspeed_config, init_distributed, lr_scheduler
+from caig_ray.ds import adamw_with_schedule, consolidated_state, deepspeed_config, init_distributed
 from caig_ray.pairs import mine_rm_pairs, redraw_pair
 from caig_ray.prompts import template_index
 from caig_ray.storage import Output, model_location, new_run_id, resolve_output
@@ -82,9 +82,8 @@ def train_func(loop: RmLoop) -> None:
 
     model, processor = load_reward_model(loop.backbone, from_backbone=True, dtype=placement.dtype)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr)
     steps_per_epoch = max(1, per_rank // tc.batch_size)
-    scheduler = lr_scheduler(optimizer, tc.lr_schedule, tc.warmup_ratio, tc.epochs * steps_per_epoch)
+    optimizer, scheduler = adamw_with_schedule(list(model.parameters()), tc, tc.epochs * steps_per_epoch)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(tc.zero_stage, placement.dtype, tc.batch_size))
 

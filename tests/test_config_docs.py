@@ -15,7 +15,7 @@ from caig_ray.config_docs import COMMAND, main, render
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "configuration.md"
 # where a key must be read: the package's code, outside the schema itself and its renderer
-READERS = ("caig_ray", "actors", "jobs")
+READERS = ("caig_ray", "actors", "dataplane", "jobs")
 SCHEMA_FILES = {ROOT / "caig_ray" / "config.py", ROOT / "caig_ray" / "config_docs.py"}
 
 # Leaf keys that no `.name` / "name" in the code names, because the code reads them generically

@@ -224,7 +224,9 @@ def test_policy_7b_size_step(tmp_path, check_device, gpu_record):
         losses.append(m["loss"])
     step_peak = _peak_mb(check_device)
     assert all(v == v for v in losses)  # finite steps through the whole path
-    products = [{"image": png.getvalue(), "title": f"red sneakers {k}", "attributes": {}} for k in range(n_products)]
+    from caig_ray.rows import ProductPrompt
+
+    products = [ProductPrompt(title=f"red sneakers {k}", attributes={}, image=png.getvalue()) for k in range(n_products)]
     _sync(check_device)
     t = time.perf_counter()
     out = engine.generate(products, 2, 1.0, 0)

@@ -172,36 +172,6 @@ def test_the_entrypoints_install_under_the_projects_name_only(tmp_path):
     assert res.returncode == 0, res.stderr
 
 
-def test_a_non_editable_install_holds_every_module_of_the_checkout(tmp_path):
-    """The image and a cluster's ``pip install .`` get a wheel, not the editable finder: every package
-    folder of the checkout (a new subpackage too) must be listed in pyproject.toml, or the installed
-    project lacks it and fails at import on the cluster only."""
-    import subprocess
-    import sys
-    import zipfile
-    from pathlib import Path
-
-    import shutil
-
-    root = Path(__file__).resolve().parents[1]
-    src = tmp_path / "src"  # a copy, as the Dockerfile builds: no build/ left in the checkout, none reused
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(root / name, src / name)
-    for top in ("caig_ray", "actors", "dataplane", "jobs"):
-        shutil.copytree(root / top, src / top, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                          "-w", str(tmp_path), str(src)], capture_output=True, text=True, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
-    (wheel,) = tmp_path.glob("caig_ray-*.whl")
-    installed = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".py")}
-    home = {"caig_ray": "caig_ray", "actors": "caig_ray/actors", "dataplane": "caig_ray/dataplane", "jobs": "caig_ray/jobs"}
-    expected = {home[top] + str(f)[len(top):]
-                for top in home for f in (p.relative_to(root) for p in (root / top).rglob("*.py"))
-                if "__pycache__" not in f.parts}
-    assert expected - installed == set(), "modules of the checkout missing from the wheel (pyproject packages)"
-
-
 def test_every_flag_wins_over_the_config_key_it_overrides(quick_world, tmp_path, monkeypatch, capsys):
     """Each job's flags against a config that sets the same keys otherwise: the job receives the
     flag's value (the job function is replaced by one that records what it was given)."""

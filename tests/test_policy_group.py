@@ -7,7 +7,7 @@ from caig_ray.config import load_config
 from caig_ray.data import read_catalog
 from caig_ray.imaging import png_bytes
 from caig_ray.prompts import pm_instruction
-from caig_ray.rows import PreferenceExample
+from caig_ray.rows import PreferenceExample, ProductPrompt
 
 
 @pytest.fixture(scope="module")
@@ -19,12 +19,12 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def products(quick_world):
-    return [{"id": p.id, "title": p.title, "attributes": p.attributes, "image": png_bytes(p.image)}
+    return [ProductPrompt(title=p.title, attributes=p.attributes, image=png_bytes(p.image))
             for p in read_catalog(quick_world.catalog)[:4]]
 
 
 def _examples(products):
-    return [PreferenceExample(pair_id=str(i), image=p["image"], instruction=pm_instruction(p["title"], p["attributes"]),
+    return [PreferenceExample(pair_id=str(i), image=p.image, instruction=pm_instruction(p.title, p.attributes),
                               chosen="a bright stadium background with vivid tones", rejected="dim kitchen, busy",
                               seed=i) for i, p in enumerate(products)]
 

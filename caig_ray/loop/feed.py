@@ -10,7 +10,7 @@ from caig_ray.config import CaigConfig
 from caig_ray.loop.plan import RoundPlan
 from caig_ray.loop.protocols import Pipeline, Policy
 from caig_ray.online import RunState, candidate_pairs, pm_template
-from caig_ray.rows import CandidatePair, ScoredPair
+from caig_ray.rows import CandidatePair, ProductPrompt, ScoredPair
 
 
 class Feed:
@@ -41,8 +41,7 @@ class Feed:
             k = self.cfg.policy.instruction_templates  # each product's instruction for this round (CAIG's variety)
             block, pairs, t = self.oc.pairs_per_batch, [], time.perf_counter()
             for c in range(0, len(prods), block):
-                inputs = [{**policy_input(p), "template": pm_template(self.oc.seed, p.id, r, k)}
-                          for p in prods[c:c + block]]
+                inputs = [policy_input(p, pm_template(self.oc.seed, p.id, r, k)) for p in prods[c:c + block]]
                 gens = self.group.generate(inputs, n=self.oc.samples_per_product, temperature=self.cfg.policy.temperature,
                                            seed=self.oc.seed * 7919 + r + 104729 * (c // block))
                 rows = candidate_pairs(prods[c:c + block], gens, r, self.oc.seed, state.step, n_templates=k)
@@ -69,6 +68,7 @@ class Feed:
             yield rows
 
 
-def policy_input(p) -> dict:
-    """What a policy rank needs of a product to describe it: text, and where the image is."""
-    return {"image_ref": p.image_ref, "title": p.title, "attributes": p.attributes}
+def policy_input(p, template: int = 0) -> ProductPrompt:
+    """What a policy rank needs of a product to describe it: text, the instruction template, and where
+    the image is."""
+    return ProductPrompt(title=p.title, attributes=p.attributes, template=template, image_ref=p.image_ref)

@@ -6,15 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from caig_ray.rows import CandidatePair, PreferenceExample, ScoredPair
+from caig_ray.rows import CandidatePair, PreferenceExample, ProductPrompt, ScoredPair
 
 
 class Policy(Protocol):
     """The policy being tuned (every rank of it)."""
 
-    def generate(self, products: list[dict], n: int, temperature: float, seed: int) -> list[dict]:
-        """``n`` descriptions per product (``image_ref``, ``title``, ``attributes``, optional ``template``):
-        one dict per product with ``descriptions`` (and the sampled token ids)."""
+    def generate(self, products: list[ProductPrompt], n: int, temperature: float, seed: int) -> list[dict]:
+        """``n`` descriptions per product: one dict per product with ``descriptions`` (and the sampled
+        token ids)."""
 
     def train_step(self, examples: list[PreferenceExample]) -> dict:
         """One DPO+PCPO optimizer step over ``examples``; its metrics (``caig_ray.losses``)."""
