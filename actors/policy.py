@@ -81,7 +81,7 @@ class PolicyWorker:
         self.fault.tick()
         return self.policy.train_step(with_images(examples), n_micro)
 
-    def logps(self, examples: list[dict]) -> list[float]:
+    def logps(self, examples: list[PreferenceExample]) -> list[float]:
         return self.policy.logps(with_images(examples))
 
     def save(self, path: str) -> None:
@@ -191,7 +191,8 @@ class PolicyGroup:
         size = self.cfg.micro_batch_size or max(len(s) for s in shards)
         return max(-(-len(s) // size) for s in shards)
 
-    def logps(self, examples: list[dict]) -> list[float]:
+    def logps(self, examples: list[PreferenceExample]) -> list[float]:
+        """Each example's chosen description's log-probability under the policy."""
         outs = self._gather([w.logps.remote(s) for w, s in zip(self.workers, self._split(examples))])
         return [x for o, r in zip(outs, self._real_sizes(len(examples))) for x in o[:len(r)]]
 

@@ -127,14 +127,15 @@ class PolicyEngine:
         metrics["lr"] = float(self.scheduler.get_last_lr()[0]) if self.scheduler else self.cfg.lr
         return metrics
 
-    def logps(self, examples: list[dict]) -> list[float]:
+    def logps(self, examples: list[PreferenceExample]) -> list[float]:
+        """Summed log-probability of each example's chosen description under the policy (no gradient)."""
         import torch
 
         from caig_ray.policy_ops import as_image, build_batch, response_logps
 
         self.engine.eval()
-        batch = build_batch(self.processor, [as_image(e["image"], self.cfg.image_size) for e in examples],
-                            [e["instruction"] for e in examples], [e["response"] for e in examples])
+        batch = build_batch(self.processor, [as_image(e.image, self.cfg.image_size) for e in examples],
+                            [e.instruction for e in examples], [e.chosen for e in examples])
         with torch.no_grad():
             return response_logps(self.engine, batch.to(self.device)).tolist()
 

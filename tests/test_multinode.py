@@ -48,7 +48,7 @@ def test_ranks_on_two_nodes_checkpoint_to_storage_and_resume(s3_store, two_node_
     batch = [PreferenceExample(pair_id=str(i), image=p["image"], instruction=pm_instruction(p["title"], p["attributes"]),
                                chosen="a bright stadium background with vivid tones", rejected="dim kitchen, busy",
                                seed=i) for i, p in enumerate(products)]
-    probe = [{"image": e.image, "instruction": e.instruction, "response": e.chosen} for e in batch]
+    probe = batch  # logps scores the chosen description of each
     group = PolicyGroup(quick_world.policy, full.policy, full.resources.policy)
     try:
         nodes = group.node_ids()

@@ -50,7 +50,7 @@ def test_policy_group_trains_saves_and_loads(local_ray, quick_world, products, t
         gen = group.generate(products[:3], n=2, temperature=1.0, seed=7)
         assert len(gen) == 3 and all(len(g["descriptions"]) == 2 for g in gen)
         assert gen == group.generate(products[:3], n=2, temperature=1.0, seed=7)
-        probe = [{"image": e.image, "instruction": e.instruction, "response": e.chosen} for e in batch]
+        probe = batch  # logps scores the chosen description of each
         lp = group.logps(probe)
         group.save(tmp_path / "ckpt")
     finally:

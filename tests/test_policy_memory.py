@@ -37,7 +37,7 @@ examples = [PreferenceExample(pair_id=str(k), image=product(k),
                               instruction="Write a background for product %d %s" % (k, "x " * k),
                               chosen="a bright stadium, vivid" + " neon" * k, rejected="dim kitchen", seed=k)
             for k in range(5)]
-probe = [{"image": e.image, "instruction": e.instruction, "response": e.chosen} for e in examples]
+probe = examples  # logps scores the chosen description of each
 result = {}
 for mb in ([None] if lora else [None, 1, 2]):
     over = {"policy": {"zero_stage": stage, "lr": 1e-3, "micro_batch_size": mb, "gradient_checkpointing": mb == 1,
