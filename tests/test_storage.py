@@ -8,6 +8,7 @@ import pytest
 
 from caig_ray.config import ConfigError
 from caig_ray.storage import Output, resolve_output, staging_root
+from caig_ray.testing.hub_families import OBJECT_STORE_CHAIN_FAMILY
 
 
 def test_out_resolves_under_a_posix_storage_and_outside_is_refused(tmp_path):
@@ -96,11 +97,13 @@ def _run_every_entrypoint(st: list[str], storage: Path, quick_world) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_the_whole_chain_runs_on_object_storage_with_models_given_as_uris(quick_world, s3_store, tmp_path,
-                                                                         monkeypatch):
-    """pretrain-pm -> train-rm -> train -> generate -> serve with --storage on the local S3 server and
-    every model a later job reads given as the URI an earlier one wrote (no local model folder passed):
-    each is read through the node's model cache, and the Serve replica answers a real request."""
+def test_the_whole_chain_runs_on_object_storage_with_models_given_as_uris(quick_world, s3_store, hub_models,
+                                                                         tmp_path, monkeypatch):
+    """pretrain-pm -> train-rm -> evaluate-rm -> train -> generate -> serve with --storage on the local S3
+    server and every model a later job reads given as the URI an earlier one wrote (no local model folder
+    passed): each is read through the node's model cache, and the Serve replica answers a real request.
+    The chain starts from the tiny Qwen2-VL in its hub layout: this is that family's every-entrypoint
+    chain (tests/test_families_entrypoints.py runs the other families')."""
     import base64
     import io
     import socket
@@ -111,7 +114,7 @@ def test_the_whole_chain_runs_on_object_storage_with_models_given_as_uris(quick_
     from PIL import Image
     from ray import serve
 
-    from caig_ray.jobs import train as train_job, generate, pretrain_pm, train_rm
+    from caig_ray.jobs import train as train_job, evaluate_rm, generate, pretrain_pm, train_rm
     from caig_ray.jobs.serve_rm import build_app
     from caig_ray.storage import model_cache_root
 
@@ -119,13 +122,21 @@ def test_the_whole_chain_runs_on_object_storage_with_models_given_as_uris(quick_
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     cfg = tmp_path / "chain.yaml"
-    cfg.write_text("base: quick\npretrain: {max_examples: 16, epochs: 1}\ntrain_rm: {max_pairs: 16, epochs: 1}\n")
+    family = OBJECT_STORE_CHAIN_FAMILY
+    # as tests/test_families_entrypoints.py: tie_margin null, since the random tiny PM's two samples often
+    # render the same plain ad (a tie, skipped by default) and the chain must take DPO+PCPO steps
+    cfg.write_text(f"base: quick\npolicy: {{model_path: '{hub_models[family]}', lr: 1.0e-3, max_new_tokens: 8}}\n"
+                   "pretrain: {max_examples: 8, epochs: 1, batch_size: 2, eval_products: 2}\n"
+                   "train_rm: {max_pairs: 8, epochs: 1, batch_size: 2}\n"
+                   "online: {products_per_round: 4, eval_products: 2, pairs_per_batch: 2, train_batch_size: 4,"
+                   " tie_margin: null}\n")
     st = ["--config", str(cfg), "--storage", s3_store]
     at = s3_store.split("?")[0]  # s3://caig-runs/storage: what a user types; the storage's endpoint is carried over
     world = ["--world", str(quick_world.root)]
     try:
         assert pretrain_pm.main([*st, *world, "--out", "pm"]) == 0
         assert train_rm.main([*st, *world, "--init-from", f"{at}/pm", "--out", "rm"]) == 0
+        assert evaluate_rm.main([*st, *world, "--rm", f"{at}/rm", "--out", "rm_eval.json"]) == 0
         assert train_job.main([*st, "--catalog", str(quick_world.catalog), "--policy", f"{at}/pm", "--rm", f"{at}/rm",
                           "--out", "runs/week-1", "--rounds", "1"]) == 0
         assert generate.main([*st, "--catalog", str(quick_world.catalog), "--policy", f"{at}/runs/week-1/policy",
@@ -158,9 +169,23 @@ def test_the_whole_chain_runs_on_object_storage_with_models_given_as_uris(quick_
             ray.shutdown()
     assert not any((tmp_path / "cwd").iterdir())  # nothing written where the jobs ran
     fs_listing = {f for f in _stored(s3_store)}
-    for expected in ("pm/config.json", "rm/config.json", "runs/week-1/run.json", "runs/week-1/policy/config.json",
-                     "ads/generate_summary.json"):
+    for expected in ("pm/config.json", "rm/config.json", "rm_eval.json", "runs/week-1/run.json",
+                     "runs/week-1/policy/config.json", "ads/generate_summary.json"):
         assert expected in fs_listing, expected
+    for model in ("pm", "rm", "runs/week-1/policy"):  # the family carried through every job
+        assert json.loads(_read(s3_store, f"{model}/config.json"))["model_type"] == family, model
+    evaluation = json.loads(_read(s3_store, "rm_eval.json"))
+    assert evaluation["n_test_pairs"] > 0 and 0 <= evaluation["rm_accuracy_logged"] <= 1
+    week = json.loads(_read(s3_store, "runs/week-1/summary.json"))
+    assert week["pairs_lost"] == 0 and week["steps"] >= 1
+
+
+def _read(storage: str, name: str) -> bytes:
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(storage)
+    with fs.open_input_stream(f"{root}/{name}") as f:
+        return f.read()
 
 
 def _stored(storage: str) -> list[str]:

@@ -29,6 +29,9 @@ from caig_ray.market.corpus import market_corpus
 from caig_ray.models.tokenizers import QWEN_SPECIAL
 
 FAMILIES = ("llava_next", "qwen2_vl", "qwen2_5_vl")
+# the family whose every-entrypoint chain the tests run on the object store (tests/test_storage.py);
+# tests/test_families_entrypoints.py runs the others' chains on local folders
+OBJECT_STORE_CHAIN_FAMILY = "qwen2_vl"
 
 # llava-hf's Vicuna template: images first, then the text of the turn (so "Left ad: <img>" needs care)
 LLAVA_VICUNA_TEMPLATE = (
