@@ -19,7 +19,7 @@ from PIL import Image
 
 from caig_ray.config import load_config
 from caig_ray.data import read_catalog, write_catalog
-from caig_ray.testing.hub_families import FAMILIES, OBJECT_STORE_CHAIN_FAMILY
+from caig_ray.testing.hub_families import FAMILIES, OBJECT_STORE_CHAIN_FAMILY, tiny_chain_overrides
 
 LOCAL_CHAIN_FAMILIES = [f for f in FAMILIES if f != OBJECT_STORE_CHAIN_FAMILY]
 ZERO2_FAMILY = "llava_next"
@@ -33,15 +33,7 @@ def local_ray():
 
 
 def _cfg(family_dir, **extra):
-    over = {
-        "policy": {"model_path": str(family_dir), "lr": 1e-3, "max_new_tokens": 8},
-        "pretrain": {"epochs": 1, "max_examples": 8, "batch_size": 2, "eval_products": 2},
-        "train_rm": {"epochs": 1, "max_pairs": 8, "batch_size": 2, "zero_stage": 3},
-        # tie_margin None: the random tiny PM's two samples often render the same plain ad (a tie, which
-        # the default skips); here every family must take DPO+PCPO steps through the loop
-        "online": {"rounds": 1, "products_per_round": 4, "eval_products": 2, "pairs_per_batch": 2,
-                   "train_batch_size": 4, "seed": 3, "tie_margin": None},
-    }
+    over = tiny_chain_overrides(family_dir)
     for key, value in extra.items():
         over.setdefault(key, {}).update(value)
     return load_config("quick", overrides=over)

@@ -48,14 +48,13 @@ def test_ranks_on_two_nodes_checkpoint_to_storage_and_resume(s3_store, two_node_
     batch = [PreferenceExample(pair_id=str(i), image=p["image"], instruction=pm_instruction(p["title"], p["attributes"]),
                                chosen="a bright stadium background with vivid tones", rejected="dim kitchen, busy",
                                seed=i) for i, p in enumerate(products)]
-    probe = batch  # logps scores the chosen description of each
     group = PolicyGroup(quick_world.policy, full.policy, full.resources.policy)
     try:
         nodes = group.node_ids()
         assert len(set(nodes)) == 2  # one rank per node
         for _ in range(2):
             group.train_step(batch)
-        trained = group.logps(probe)
+        trained = group.logps(batch)
         group.save(ckpt.local, ckpt.uri)
     finally:
         group.shutdown()
@@ -66,8 +65,8 @@ def test_ranks_on_two_nodes_checkpoint_to_storage_and_resume(s3_store, two_node_
     fresh = PolicyGroup(quick_world.policy, full.policy, full.resources.policy)
     try:
         assert len(set(fresh.node_ids())) == 2
-        assert fresh.logps(probe) != pytest.approx(trained, abs=1e-6)
+        assert fresh.logps(batch) != pytest.approx(trained, abs=1e-6)
         fresh.load(ckpt.local, ckpt.uri)
-        assert fresh.logps(probe) == pytest.approx(trained, abs=1e-5)
+        assert fresh.logps(batch) == pytest.approx(trained, abs=1e-5)
     finally:
         fresh.shutdown()

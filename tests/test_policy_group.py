@@ -50,17 +50,16 @@ def test_policy_group_trains_saves_and_loads(local_ray, quick_world, products, t
         gen = group.generate(products[:3], n=2, temperature=1.0, seed=7)
         assert len(gen) == 3 and all(len(g["descriptions"]) == 2 for g in gen)
         assert gen == group.generate(products[:3], n=2, temperature=1.0, seed=7)
-        probe = batch  # logps scores the chosen description of each
-        lp = group.logps(probe)
+        lp = group.logps(batch)
         group.save(tmp_path / "ckpt")
     finally:
         group.shutdown()
     assert (tmp_path / "ckpt" / "hf" / "config.json").is_file()
     fresh = PolicyGroup(quick_world.policy, cfg, placement)
     try:
-        assert fresh.logps(probe) != pytest.approx(lp, abs=1e-6)  # a fresh group starts from PM0
+        assert fresh.logps(batch) != pytest.approx(lp, abs=1e-6)  # a fresh group starts from PM0
         fresh.load(tmp_path / "ckpt")
-        assert fresh.logps(probe) == pytest.approx(lp, abs=1e-5)
+        assert fresh.logps(batch) == pytest.approx(lp, abs=1e-5)
     finally:
         fresh.shutdown()
 

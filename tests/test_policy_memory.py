@@ -37,7 +37,6 @@ examples = [PreferenceExample(pair_id=str(k), image=product(k),
                               instruction="Write a background for product %d %s" % (k, "x " * k),
                               chosen="a bright stadium, vivid" + " neon" * k, rejected="dim kitchen", seed=k)
             for k in range(5)]
-probe = examples  # logps scores the chosen description of each
 result = {}
 for mb in ([None] if lora else [None, 1, 2]):
     over = {"policy": {"zero_stage": stage, "lr": 1e-3, "micro_batch_size": mb, "gradient_checkpointing": mb == 1,
@@ -46,7 +45,7 @@ for mb in ([None] if lora else [None, 1, 2]):
     worker = PolicyEngine(path, full.policy, full.resources.policy, 0, 10)
     steps = [worker.train_step(examples) for _ in range(2)]
     torch.save({k: v.float() for k, v in worker._consolidated_state().items()}, out + ".%s.pt" % mb)
-    result[str(mb)] = {"steps": steps, "logps": worker.logps(probe)}
+    result[str(mb)] = {"steps": steps, "logps": worker.logps(examples)}
     if lora:
         worker.save(out + ".ckpt")
         worker.save_model(out + ".merged")

@@ -5,10 +5,11 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from caig_ray.config import ConfigError
 from caig_ray.storage import Output, resolve_output, staging_root
-from caig_ray.testing.hub_families import OBJECT_STORE_CHAIN_FAMILY
+from caig_ray.testing.hub_families import OBJECT_STORE_CHAIN_FAMILY, tiny_chain_overrides
 
 
 def test_out_resolves_under_a_posix_storage_and_outside_is_refused(tmp_path):
@@ -123,13 +124,7 @@ def test_the_whole_chain_runs_on_object_storage_with_models_given_as_uris(quick_
     monkeypatch.chdir(tmp_path / "cwd")
     cfg = tmp_path / "chain.yaml"
     family = OBJECT_STORE_CHAIN_FAMILY
-    # as tests/test_families_entrypoints.py: tie_margin null, since the random tiny PM's two samples often
-    # render the same plain ad (a tie, skipped by default) and the chain must take DPO+PCPO steps
-    cfg.write_text(f"base: quick\npolicy: {{model_path: '{hub_models[family]}', lr: 1.0e-3, max_new_tokens: 8}}\n"
-                   "pretrain: {max_examples: 8, epochs: 1, batch_size: 2, eval_products: 2}\n"
-                   "train_rm: {max_pairs: 8, epochs: 1, batch_size: 2}\n"
-                   "online: {products_per_round: 4, eval_products: 2, pairs_per_batch: 2, train_batch_size: 4,"
-                   " tie_margin: null}\n")
+    cfg.write_text(yaml.safe_dump({"base": "quick", **tiny_chain_overrides(hub_models[family])}))
     st = ["--config", str(cfg), "--storage", s3_store]
     at = s3_store.split("?")[0]  # s3://caig-runs/storage: what a user types; the storage's endpoint is carried over
     world = ["--world", str(quick_world.root)]

@@ -33,6 +33,20 @@ FAMILIES = ("llava_next", "qwen2_vl", "qwen2_5_vl")
 # tests/test_families_entrypoints.py runs the others' chains on local folders
 OBJECT_STORE_CHAIN_FAMILY = "qwen2_vl"
 
+
+def tiny_chain_overrides(model_path) -> dict:
+    """Config overrides (over the ``quick`` preset) for one quick pass of every entrypoint on a family's
+    tiny checkpoint: a few examples per job, one online round of 4 products. ``tie_margin`` None: the
+    random tiny PM's two samples often render the same plain ad (a tie, which the default skips), and
+    every family must take DPO+PCPO steps through the loop."""
+    return {
+        "policy": {"model_path": str(model_path), "lr": 1e-3, "max_new_tokens": 8},
+        "pretrain": {"epochs": 1, "max_examples": 8, "batch_size": 2, "eval_products": 2},
+        "train_rm": {"epochs": 1, "max_pairs": 8, "batch_size": 2, "zero_stage": 3},
+        "online": {"rounds": 1, "products_per_round": 4, "eval_products": 2, "pairs_per_batch": 2,
+                   "train_batch_size": 4, "seed": 3, "tie_margin": None},
+    }
+
 # llava-hf's Vicuna template: images first, then the text of the turn (so "Left ad: <img>" needs care)
 LLAVA_VICUNA_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
