@@ -1,9 +1,8 @@
-"""pretrain-pm: TRL SFTTrainer inside Ray Train's TorchTrainer with DeepSpeed ZeRO-2 on 2 CPU workers."""
+"""pretrain-pm: its examples cover three tasks. The job itself (TRL SFTTrainer in Ray Train, DeepSpeed over gloo)
+runs in every family chain (tests/test_families_entrypoints.py, tests/test_storage.py) and in the demo."""
 
 import pytest
-import ray
 
-from caig_ray.config import load_config
 from caig_ray.data import read_catalog, read_click_logs
 from caig_ray.sft_data import pretraining_examples
 
@@ -21,21 +20,3 @@ def test_pretraining_examples_cover_three_tasks(quick_world):
     assert all(len(e["images"]) == 1 and e["prompt"][0]["role"] == "user" for e in ex)
     with pytest.raises(ValueError, match="no 'description' column"):
         pretraining_examples(products, logs.drop_columns(["description"]), lambda r: blank, lambda p: blank)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_pretrain_pm_job(quick_world, tmp_path):
-    from caig_ray.models.policy import load_policy
-    from caig_ray.jobs.pretrain_pm import pretrain_pm
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    try:
-        cfg = load_config("quick", overrides={"pretrain": {"epochs": 1, "eval_products": 4}})
-        summary = pretrain_pm(cfg, quick_world.root, tmp_path / "pm")
-    finally:
-        ray.shutdown()
-    assert summary["steps"] >= 1 and summary["n_examples"] > 10 and summary["held_out_products"] == 4
-    assert 0.0 <= summary["scene_word_share_after"] <= 1.0
-    model, processor = load_policy(tmp_path / "pm")
-    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
