@@ -187,15 +187,20 @@ def test_killed_driver_resumes_from_object_storage_to_the_same_state(uninterrupt
 @pytest.mark.slow
 @pytest.mark.timeout(500)
 def test_lost_policy_rank_and_lost_feed_recover_in_job(uninterrupted, quick_world, tmp_path):
-    """The PairFeed actor dies while round 0 is fed (before any checkpoint) and, after that recovery,
-    the last PolicyWorker dies in its 3rd train step (round 1, mid-round). The job rebuilds what it
-    lost, reloads the last checkpoint, re-feeds, and ends as the uninterrupted run: every pair once,
-    the same pairs, curve and weights."""
+    """A renderer process dies after 2 batches and a scorer process after 1 (Ray Data restarts them and
+    retries the batches), the PairFeed actor dies while round 0 is fed (before any checkpoint) and,
+    after that recovery, the last PolicyWorker dies in its 3rd train step (round 1, mid-round). The job
+    rebuilds what it lost, reloads the last checkpoint, re-feeds, and ends as the uninterrupted run:
+    every pair once, the same pairs, curve and weights. (One run for the four faults: each is a
+    separate mechanism, and together they also show that one recovery does not undo another's.)"""
     ref_out, ref = uninterrupted
     marker = tmp_path / "faults"
-    cfg = _cfg(faults={"marker_dir": str(marker), "feed_die_after_blocks": 3, "policy_rank_die_at_step": 3})
+    cfg = _cfg(faults={"marker_dir": str(marker), "feed_die_after_blocks": 3, "policy_rank_die_at_step": 3,
+                       "renderer_die_after_batches": 2, "scorer_die_after_batches": 1})
     s = _train(cfg, quick_world, tmp_path / "run")
-    assert (marker / "feed.fired").exists() and (marker / "policy_rank.fired").exists()
+    for fault in ("feed", "policy_rank", "renderer", "scorer"):
+        assert (marker / f"{fault}.fired").exists(), fault
+    assert s["pairs_rendered"] >= s["pairs_planned"] and s["pairs_scored"] >= s["pairs_planned"]
     assert s["recoveries"] == 2 and s["recoveries_by_kind"] == {"policy": 1, "feed": 1}
     assert s["rounds"] == ROUNDS and s["pairs_lost"] == 0 and s["pairs_duplicated"] == 0
     assert s["pairs_planned"] == ref["pairs_planned"] and s["steps"] == ref["steps"]
@@ -215,20 +220,3 @@ def test_recoveries_past_the_budget_end_the_job(quick_world, tmp_path):
                faults={"marker_dir": str(tmp_path / "faults"), "policy_rank_die_at_step": 1})
     with pytest.raises(RuntimeError, match="max_policy_restarts=0"):
         _train(cfg, quick_world, tmp_path / "run")
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_renderer_and_scorer_crashes_lose_no_pair(quick_world, tmp_path):
-    """A renderer process dies after 2 batches and a scorer process after 1, mid-round; Ray Data
-    restarts them and retries the batches; the round completes with every pair exactly once."""
-    marker = tmp_path / "faults"
-    cfg = _cfg(rounds=1, faults={"marker_dir": str(marker), "renderer_die_after_batches": 2,
-                                 "scorer_die_after_batches": 1})
-    s = _train(cfg, quick_world, tmp_path / "run")
-    assert (marker / "renderer.fired").exists() and (marker / "scorer.fired").exists()
-    assert s["pairs_planned"] == 8 and s["pairs_rendered"] == s["pairs_scored"] == 8
-    assert s["pairs_lost"] == 0 and s["pairs_duplicated"] == 0
-    assert s["pairs_trained"] + s["pairs_skipped"] == 8
-    rows = _pairs(tmp_path / "run")
-    assert sorted(r["pair_id"] for r in rows) == sorted({r["pair_id"] for r in rows}) and len(rows) == 8
