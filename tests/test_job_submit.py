@@ -29,8 +29,10 @@ def _run(args, env, timeout=300):
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
-def ray_head(tmp_path):
+@pytest.fixture(scope="module")
+def ray_head():
+    """One real head for the module: the jobs are submitted to it, and it is the other cluster on the host
+    that stopping ours must leave running."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
@@ -45,7 +47,7 @@ def ray_head(tmp_path):
             if _run([RAY, "job", "list", "--address", address], env, timeout=60).returncode == 0:
                 break
             time.sleep(1)
-        yield address, env
+        yield address, env, temp_dir
     finally:
         stop_own_ray(temp_dir)  # this head only: other clusters on the host stay up
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -68,7 +70,7 @@ def _submit(address, env, entrypoint: list[str], timeout=600):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_train_and_generate_jobs_succeed_on_a_real_head(ray_head, quick_world, tmp_path):
-    address, env = ray_head
+    address, env, _ = ray_head
     _submit(address, env, ["-m", "caig_ray.jobs.train_rm", "--preset", "quick", "--world", str(quick_world.root),
                            "--out", str(tmp_path / "rm"), "--epochs", "1", "--max-pairs", "16"])
     metrics = json.loads((tmp_path / "rm" / "train_metrics.json").read_text())
@@ -82,21 +84,20 @@ def test_train_and_generate_jobs_succeed_on_a_real_head(ray_head, quick_world, t
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_cleanup_stops_only_the_ray_it_started():
-    """Two local heads, each under its own temp dir: stopping ours leaves the other one running (what
-    scripts/test.sh does on exit)."""
+def test_cleanup_stops_only_the_ray_it_started(ray_head):
+    """Two local heads, each under its own temp dir (the other: the module's head, which ran the jobs):
+    stopping ours leaves the other one running (what scripts/test.sh does on exit)."""
     import psutil
     from ray_cleanup import own_ray_processes
 
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    ours, theirs = (tempfile.mkdtemp(prefix=f"caig-{k}-", dir="/tmp") for k in ("ours", "theirs"))
+    ours, theirs = tempfile.mkdtemp(prefix="caig-ours-", dir="/tmp"), ray_head[2]
     try:
-        for temp_dir in (ours, theirs):
-            started = _run([RAY, "start", "--head", "--temp-dir", temp_dir, "--node-ip-address", "127.0.0.1",
-                            "--port", str(_free_port()), "--num-cpus", "1", "--include-dashboard", "false",
-                            "--disable-usage-stats"], env)
-            assert started.returncode == 0, started.stderr[-2000:]
+        started = _run([RAY, "start", "--head", "--temp-dir", ours, "--node-ip-address", "127.0.0.1",
+                        "--port", str(_free_port()), "--num-cpus", "1", "--include-dashboard", "false",
+                        "--disable-usage-stats"], env)
+        assert started.returncode == 0, started.stderr[-2000:]
         # the other cluster's own daemons (gcs_server, raylet, ...: their command lines name its temp dir);
         # its worker processes come and go by themselves, so they are not compared
         daemons = {p.pid: p.name() for p in own_ray_processes(theirs) if theirs in " ".join(p.cmdline())}
@@ -105,7 +106,8 @@ def test_cleanup_stops_only_the_ray_it_started():
         assert not own_ray_processes(ours)
         gone = {pid: name for pid, name in daemons.items() if not psutil.pid_exists(pid)}
         assert not gone, f"stopping our cluster ended the other one's {gone}"
+        address, head_env, _ = ray_head  # and theirs still answers
+        assert _run([RAY, "job", "list", "--address", address], head_env, timeout=60).returncode == 0
     finally:
-        for temp_dir in (ours, theirs):
-            stop_own_ray(temp_dir)
-            shutil.rmtree(temp_dir, ignore_errors=True)
+        stop_own_ray(ours)
+        shutil.rmtree(ours, ignore_errors=True)
