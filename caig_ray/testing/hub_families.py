@@ -30,7 +30,8 @@ from caig_ray.models.tokenizers import QWEN_SPECIAL
 
 FAMILIES = ("llava_next", "qwen2_vl", "qwen2_5_vl")
 # the family whose every-entrypoint chain the tests run on the object store (tests/test_storage.py);
-# tests/test_families_entrypoints.py runs the others' chains on local folders
+# tests/test_families_entrypoints.py runs the others' chains on local folders (one by the job functions,
+# one by the CLI mains with --storage)
 OBJECT_STORE_CHAIN_FAMILY = "qwen2_vl"
 
 
