@@ -181,7 +181,11 @@ def validate_catalog(catalog: str | Path, out: str | Path, on_bad_rows: str = "s
         for part in (out / old).glob("*.parquet") if (out / old).is_dir() else []:
             part.unlink()
     roots = [str(r) for r in image_roots(path, image_root)]
-    ds = ray.data.read_datasource(CatalogSource(path), num_cpus=0.5)
+    source = CatalogSource(path)
+    # one output block per read task: the read tasks already cut the catalog into blocks of
+    # rows_per_block; Ray Data's default would split them further towards 200 blocks (a 40-row
+    # catalog into 40 one-row validation tasks, each a task worker to start)
+    ds = ray.data.read_datasource(source, num_cpus=0.5, override_num_blocks=len(source.get_read_tasks(1)))
     ds = ds.map_batches(validate_rows, batch_format="pyarrow", batch_size=None, num_cpus=0.5,
                         fn_kwargs={"source": str(path), "roots": roots, "out": str(out),
                                    "rows_per_group": rows_per_group})

@@ -28,7 +28,6 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from caig_ray.actors.renderer import Renderer
-from caig_ray.actors.scorer import RewardScorer
 from caig_ray.config import ActorPoolConfig, CaigConfig, FaultConfig, RendererConfig
 from caig_ray.faults import BatchFault
 from caig_ray.rows import CandidatePair, ScoredPair
@@ -115,6 +114,9 @@ def map_renderers(ds, renderer: RendererConfig, pool: ActorPoolConfig, batch_siz
 def map_scorers(ds, cfg: CaigConfig, rm_path: str, batch_size: int | None, ads: Output | None = None):
     """``ds.map_batches(RewardScorer)`` on the ``resources.scorers`` actor pool; with ``ads`` the scorer
     writes each block's ads there once scored and passes the rows on without them."""
+    # imported here: the feed's actor and read tasks import this module and need no model stack
+    from caig_ray.actors.scorer import RewardScorer
+
     oc, pool = cfg.online, cfg.resources.scorers
     kwargs = {"model_path": rm_path, "batch_size": oc.scorer_batch_size, "dtype": pool.dtype,
               "device": pool.device, "debias": oc.debias_rm, "fault": oc.faults,

@@ -9,16 +9,19 @@ kept. Both candidates of a pair are rendered with the same seed, so they differ 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image
 
 from caig_ray.config import RendererConfig
 from caig_ray.imaging import RenderedAd, paste_product, place_product
-from caig_ray.models.vlm import DTYPES, ModelFolderError
+from caig_ray.errors import ModelFolderError
 from caig_ray.prompts import clean_prompt
+
+if TYPE_CHECKING:  # torch is imported where the diffusers renderer needs it: the procedural one runs without it
+    import torch
 
 
 SCHEDULERS = {"euler_ancestral": "EulerAncestralDiscreteScheduler", "euler": "EulerDiscreteScheduler",
@@ -73,7 +76,10 @@ class DiffusersRenderer:
 
     def __init__(self, cfg: RendererConfig, device: str = "cpu", dtype: str = "float32"):
         import diffusers
+        import torch
         from diffusers import ControlNetModel, StableDiffusionControlNetInpaintPipeline
+
+        from caig_ray.models.vlm import DTYPES
 
         check_sd_folders(cfg)
         self.cfg = cfg
@@ -103,6 +109,8 @@ class DiffusersRenderer:
         if self.cfg.guidance_scale <= 1:  # the pipeline runs no unconditional branch
             return None
         if n not in self._empty_prompt_embeds:
+            import torch
+
             with torch.no_grad():  # as the pipeline's call: no autograd graph kept with the cache
                 self._empty_prompt_embeds[n] = self.pipe.encode_prompt(
                     [""] * n, self.pipe._execution_device, 1, do_classifier_free_guidance=False)[0]
@@ -114,6 +122,8 @@ class DiffusersRenderer:
                 f"render: products, descriptions and seeds must have one entry each "
                 f"(got {len(products)}, {len(descriptions)}, {len(seeds)})"
             )
+        import torch
+
         c, out = self.cfg, []
         for start in range(0, len(products), c.batch_size):
             sl = slice(start, start + c.batch_size)
@@ -138,6 +148,8 @@ def accelerate(pipe, cfg: RendererConfig) -> None:
     """Apply ``cfg``'s speed options (all off by default) to a loaded pipeline, in place: fused q/k/v
     projections, channels_last weights, then ``torch.compile`` of the UNet and the ControlNet, whose
     forwards are all but a few ops of a denoising step."""
+    import torch
+
     if cfg.fuse_qkv:
         from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
 
@@ -177,6 +189,8 @@ def make_tiny_sd(sd_dir: str | Path, controlnet_dir: str | Path, corpus: list[st
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    import torch
 
     from caig_ray.models.tokenizers import build_clip_tokenizer
 
