@@ -65,6 +65,7 @@ def test_the_whole_chain_runs_on_object_storage_with_models_given_as_uris(quick_
     from PIL import Image
     from ray import serve
 
+    from caig_ray.data import read_catalog, write_catalog
     from caig_ray.jobs import train as train_job, evaluate_rm, generate, pretrain_pm, train_rm
     from caig_ray.jobs.serve_rm import build_app
     from caig_ray.storage import model_cache_root
@@ -78,21 +79,23 @@ def test_the_whole_chain_runs_on_object_storage_with_models_given_as_uris(quick_
     st = ["--config", str(cfg), "--storage", s3_store]
     at = s3_store.split("?")[0]  # s3://caig-runs/storage: what a user types; the storage's endpoint is carried over
     world = ["--world", str(quick_world.root)]
+    # one Ray for the chain (each main joins it, as under `ray job submit`; mains starting their own
+    # local Ray run in tests/test_online_loop.py and tests/test_cli.py): its workers see CAIG_MODEL_CACHE
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         assert pretrain_pm.main([*st, *world, "--out", "pm"]) == 0
         assert train_rm.main([*st, *world, "--init-from", f"{at}/pm", "--out", "rm"]) == 0
         assert evaluate_rm.main([*st, *world, "--rm", f"{at}/rm", "--out", "rm_eval.json"]) == 0
         assert train_job.main([*st, "--catalog", str(quick_world.catalog), "--policy", f"{at}/pm", "--rm", f"{at}/rm",
                           "--out", "runs/week-1", "--rounds", "1"]) == 0
-        assert generate.main([*st, "--catalog", str(quick_world.catalog), "--policy", f"{at}/runs/week-1/policy",
+        shop = write_catalog(read_catalog(quick_world.catalog)[:2], tmp_path / "shop" / "catalog.json")  # 2 products: enough
+        assert generate.main([*st, "--catalog", str(shop), "--policy", f"{at}/runs/week-1/policy",
                               "--rm", f"{at}/rm", "--out", "ads", "--n", "2"]) == 0
         cached = sorted(p.name for p in model_cache_root().iterdir() if p.is_dir())
         assert len(cached) >= 3, cached  # pm, rm, the run's policy: each downloaded once to this node
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if not ray.is_initialized():
-            ray.init(address="local", num_cpus=2, include_dashboard=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({"reward": {"model_path": f"{at}/rm{s3_store[len(at):]}"},
                              "resources": {"serve": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5}}}),
@@ -109,9 +112,8 @@ def test_the_whole_chain_runs_on_object_storage_with_models_given_as_uris(quick_
         assert r.status_code == 200, r.text
         assert 0 < r.json()["p_first_better"] < 1 and health["model_path"].startswith(f"{at}/rm")
     finally:
-        if ray.is_initialized():
-            serve.shutdown()
-            ray.shutdown()
+        serve.shutdown()
+        ray.shutdown()
     assert not any((tmp_path / "cwd").iterdir())  # nothing written where the jobs ran
     fs_listing = {f for f in _stored(s3_store)}
     for expected in ("pm/config.json", "rm/config.json", "rm_eval.json", "runs/week-1/run.json",
