@@ -2,8 +2,9 @@
 ``map_batches`` callable class on an actor pool (``resources.generators``; a GPU each on a cluster).
 
 Input rows are validated catalog rows (dataplane/catalog.py: ``row``, ``id``, ``title``,
-``attributes``, ``image_path`` / ``image_bytes``); each gets ``descriptions`` and ``duplicate`` (N
-each) and ``seed`` = base seed + catalog row, the seed its ads are rendered with. The policy is loaded
+``attributes``, ``image_path`` / ``image_bytes``); each leaves as a ``ProductCandidates`` row
+(caig_ray/rows.py) with ``descriptions`` and ``duplicate`` (N each) and ``seed`` = base seed +
+catalog row, the seed its ads are rendered with. The policy is loaded
 once per actor, from the folder: the driver never loads a model.
 """
 
@@ -15,6 +16,7 @@ import pyarrow as pa
 
 from caig_ray.config import PolicyConfig
 from caig_ray.data.catalog import product_image
+from caig_ray.rows import ProductCandidates
 
 
 class Describer:
@@ -32,6 +34,7 @@ class Describer:
         from caig_ray.prompts import pm_instruction
 
         rows, bs = batch.to_pylist(), self.cfg.generate_batch_size
+        out: list[ProductCandidates] = []
         for start in range(0, len(rows), bs):
             chunk = rows[start:start + bs]
             images = [as_image(product_image(r["image_path"], r["image_bytes"], f"product {r['id']!r}"),
@@ -42,6 +45,6 @@ class Describer:
             gen = generate_descriptions(self.model, self.processor, images, instructions, self.n,
                                         self.cfg.temperature, self.seed + chunk[0]["row"], self.cfg.max_new_tokens,
                                         device=self.device)
-            for r, g in zip(chunk, gen):
-                r.update(descriptions=g["descriptions"], duplicate=g["duplicate"], seed=self.seed + r["row"])
-        return pa.Table.from_pylist(rows)
+            out += [ProductCandidates.of_catalog_row(r, g["descriptions"], g["duplicate"], self.seed + r["row"])
+                    for r, g in zip(chunk, gen)]
+        return ProductCandidates.table(out)

@@ -1,19 +1,21 @@
-"""``Renderer``: a Ray Data ``map_batches`` callable class around either renderer.
+"""``Renderer`` and ``CandidateRenderer``: Ray Data ``map_batches`` callable classes around either renderer.
 
 The model is loaded once in ``__init__`` (from paths in the config, so a restarted actor reloads
 it); run it with ``compute=ActorPoolStrategy(min_size=..., max_size=...)`` so the pool grows with
-the backlog. Two input shapes:
+the backlog. One class per row type (caig_ray/rows.py), so neither decides by what a block holds:
 
-- candidate pairs (the online loop: a block of ``caig_ray.rows.CandidatePair.SCHEMA`` columns):
+- ``Renderer``, candidate pairs (the online loop: a block of ``CandidatePair.SCHEMA`` columns):
   the product at ``image_ref``, ``desc_a``, ``desc_b``, ``seed`` -> adds ``left_image`` / ``right_image``
   (ad of a / ad of b, the same seed for both, as CAIG renders them), ``latent_a`` / ``latent_b`` (what
   the procedural renderer painted, JSON; "" from a diffusion model), ``render_s``, ``renderer_pid``;
-- ``generate``'s products (a pyarrow batch): ``image_path``/``image_bytes``, ``descriptions`` (N),
-  ``seed`` -> ``ads`` (N PNGs, one seed for all, as CAIG renders the candidates of a product).
+- ``CandidateRenderer``, ``generate``'s ``ProductCandidates`` (a pyarrow block): ``image_path`` /
+  ``image_bytes``, ``descriptions`` (N), ``seed`` -> ``ads`` (N PNGs, one seed for all, as CAIG
+  renders the candidates of a product).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -26,6 +28,7 @@ from caig_ray.data.catalog import load_product_image, product_image
 from caig_ray.faults import BatchFault
 from caig_ray.imaging import png_bytes
 from caig_ray.models.renderer import make_renderer
+from caig_ray.rows import ProductCandidates
 
 
 class Renderer:
@@ -41,9 +44,8 @@ class Renderer:
         latents = np.array([json.dumps(a.latent) if a.latent else "" for a in ads], dtype=object)
         return images, latents
 
-    def __call__(self, batch: dict[str, np.ndarray] | pa.Table) -> dict[str, np.ndarray] | pa.Table:
-        if isinstance(batch, pa.Table):
-            return self._render_candidates(batch)
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The online loop's block of ``CandidatePair`` columns: both ads of each pair, same seed."""
         t0 = time.perf_counter()
         # the rows say where the product image is (the driver never holds it)
         products = [load_product_image(str(ref)) for ref in batch["image_ref"]]
@@ -62,22 +64,25 @@ class Renderer:
         if self.latency_s:  # renderer.simulated_latency_s: a remote GPU's render time (bench/pipeline.py)
             time.sleep(self.latency_s * images)
 
-    def _render_candidates(self, batch: pa.Table) -> pa.Table:
-        """``generate``'s rows: one product (``image_path`` / ``image_bytes``, ``seed``) with its N
-        ``descriptions`` -> ``ads``, the N ads in one list, all painted with the product's seed."""
-        rows = batch.to_pylist()
+
+class CandidateRenderer(Renderer):
+    """``generate``'s renderer stage: a block of ``ProductCandidates`` -> the same rows with ``ads``,
+    the N ads of each product in one list, all painted with the product's seed."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = ProductCandidates.from_table(batch)
         products, descriptions, seeds, owner = [], [], [], []
         for i, r in enumerate(rows):
-            image = product_image(r["image_path"], r["image_bytes"], f"product {r['id']!r}")
-            for d in r["descriptions"]:
+            image = product_image(r.image_path, r.image_bytes, f"product {r.id!r}")
+            for d in r.descriptions:
                 products.append(image)
                 descriptions.append(d)
-                seeds.append(r["seed"])
+                seeds.append(r.seed)
                 owner.append(i)
-            r["ads"] = []
         ads, _ = self._render(products, descriptions, seeds)
+        out = [dataclasses.replace(r, ads=[]) for r in rows]
         for i, ad in zip(owner, ads):
-            rows[i]["ads"].append(bytes(ad))
+            out[i].ads.append(bytes(ad))
         self._simulated_latency(len(products))
         self.fault.tick()
-        return pa.Table.from_pylist(rows)
+        return ProductCandidates.table(out)

@@ -1,14 +1,16 @@
-"""``RewardScorer``: the frozen RM, batched and in eval mode, for Ray.
+"""``RewardScorer`` and ``CandidateRanker``: the frozen RM, batched and in eval mode, for Ray.
 
-Use it as a Ray Data ``map_batches`` callable class (columns ``left_image``, ``right_image`` as
-encoded image bytes, ``title``, ``rm_score``; adds ``p_left``, ``p_left_debiased``, ``ctr_left``, ``ctr_right``;
-with ``ads``, the online loop's storage, the ads are written there and replaced by ``ads_part``)
-or on ``generate``'s product rows (a pyarrow batch with ``ads``: the N candidates ranked in the row).
+``RewardScorer`` is the online loop's Ray Data ``map_batches`` callable class (columns ``left_image``,
+``right_image`` as encoded image bytes, ``title``, ``rm_score``; adds ``p_left``, ``p_left_debiased``,
+``ctr_left``, ``ctr_right``; with ``ads``, the online loop's storage, the ads are written there and
+replaced by ``ads_part``); ``CandidateRanker`` is ``generate``'s, on ``ProductCandidates`` rows (the N
+candidates ranked inside the row). One class per row type: neither decides by what a block holds.
 ``__init__`` loads from the path, so a restarted pool actor is the same scorer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -18,6 +20,7 @@ from PIL import Image
 
 from caig_ray.config import FaultConfig
 from caig_ray.faults import BatchFault
+from caig_ray.rows import ProductCandidates
 from caig_ray.models.reward import load_reward_model
 from caig_ray.scoring import PairScorer, PairToScore, rank_round_robin, round_robin
 from caig_ray.storage import Output, part_name, write_part
@@ -57,9 +60,8 @@ class RewardScorer:
     def score(self, pairs: list[PairToScore]) -> dict[str, list[float]]:
         return self.scorer.score(pairs, debias=self.debias)
 
-    def __call__(self, batch: dict[str, np.ndarray] | pa.Table) -> dict[str, np.ndarray] | pa.Table:
-        if isinstance(batch, pa.Table):
-            return self._rank_candidates(batch)
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The online loop's block of rendered ``CandidatePair`` columns: each pair scored once."""
         n = len(batch["title"])
         # the online loop's evaluation marks the ads only the market judges (rm_score False): not scored
         wanted = np.flatnonzero(batch["rm_score"])
@@ -74,22 +76,27 @@ class RewardScorer:
         self.fault.tick()
         return write_ads(batch, self.ads) if self.ads is not None else batch
 
-    def _rank_candidates(self, batch: pa.Table) -> pa.Table:
-        """``generate``'s rows: the N ``ads`` of one product ranked inside the row (every pair of them
-        scored, both orders) -> ``win_rate``, ``ctr``, ``rank`` (0 = best) per candidate."""
-        rows = batch.to_pylist()
+
+class CandidateRanker(RewardScorer):
+    """``generate``'s scorer stage: a block of ``ProductCandidates`` with ``ads`` -> the same rows with
+    the N candidates ranked inside each (every pair scored, both orders): ``win_rate``, ``ctr``,
+    ``rank`` (0 = best) per candidate; the ranking code is Serve's /v1/rank's."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = ProductCandidates.from_table(batch)
         pairs, starts = [], []
         for r in rows:
-            images = [_image(a) for a in r["ads"]]
-            attributes = json.loads(r["attributes"] or "{}")
+            images = [_image(a) for a in r.ads]
+            attributes = json.loads(r.attributes or "{}")
             starts.append(len(pairs))
-            pairs += [PairToScore(images[i], images[j], r["title"], attributes) for i, j in round_robin(len(images))]
+            pairs += [PairToScore(images[i], images[j], r.title, attributes) for i, j in round_robin(len(images))]
         res = self.scorer.score(pairs, debias=True) if pairs else {}
+        out = []
         for r, start in zip(rows, starts):
-            k = len(round_robin(len(r["ads"])))
-            win_rate, ctr, order = rank_round_robin(len(r["ads"]), *(res.get(key, [])[start:start + k] for key in
-                                                                      ("p_left_debiased", "ctr_left", "ctr_right")))
-            r["win_rate"], r["ctr"] = win_rate, ctr
-            r["rank"] = [order.index(c) for c in range(len(order))]
+            k = len(round_robin(len(r.ads)))
+            win_rate, ctr, order = rank_round_robin(len(r.ads), *(res.get(key, [])[start:start + k] for key in
+                                                                   ("p_left_debiased", "ctr_left", "ctr_right")))
+            out.append(dataclasses.replace(r, win_rate=list(win_rate), ctr=list(ctr),
+                                           rank=[order.index(c) for c in range(len(order))]))
         self.fault.tick()
-        return pa.Table.from_pylist(rows)
+        return ProductCandidates.table(out)

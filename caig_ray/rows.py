@@ -1,11 +1,16 @@
-"""The rows that cross process boundaries in ``caig-ray train``, one typed class each (as OpenRLHF's
-``Experience``), with the Arrow schema of their columnar form (Ray Data blocks, parquet files).
+"""The rows that cross process boundaries in ``caig-ray train`` and ``generate``, one typed class
+each (as OpenRLHF's ``Experience``), with the Arrow schema of their columnar form (Ray Data blocks,
+parquet files).
 
     driver (caig_ray.loop.Feed) --CandidatePair--> PairFeed --> Renderer pool --> RewardScorer pool
         --ScoredPair--> driver (RoundTrainer, Evaluator)
     driver --ProductPrompt--> policy ranks (generate: descriptions to sample)
     driver --PreferenceExample--> policy ranks (DPO+PCPO steps)
     driver --PairRecord--> pairs/round_XXX.parquet          driver --eval_table--> pairs/eval_XXX.parquet
+
+and in ``caig-ray generate`` (a streaming Ray Data pipeline, no driver in the data path):
+
+    catalog rows --> Describer --ProductCandidates--> CandidateRenderer --> CandidateRanker --> write_generated
 
 Every field is always present: a stage never decides what to do by which columns a row has. Inside a
 Ray Data stage a block is columns (a dict of numpy arrays); ``CandidatePair.SCHEMA`` names the columns
@@ -160,6 +165,52 @@ class PreferenceExample(_Row):
         ("pair_id", pa.string()), ("instruction", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()),
         ("seed", pa.int64()), ("image_ref", pa.string()), ("image", pa.binary()), ("chosen_ids", _IDS),
         ("rejected_ids", _IDS), ("p_chosen", pa.float64())])
+
+
+@dataclass
+class ProductCandidates(_Row):
+    """``caig-ray generate``'s row: one catalog product and its N candidate ads, filled stage by stage
+    (jobs/generate.py): ``Describer`` (``descriptions``, ``duplicate``: N each, and ``seed``, the seed
+    all N are painted with) -> ``CandidateRenderer`` (``ads``: N PNGs) -> ``CandidateRanker``
+    (``win_rate``, ``ctr``, ``rank``: N each, rank 0 = best) -> ``write_generated``. The catalog fields
+    are a validated catalog row's (dataplane/catalog.py's ``VALID_SCHEMA``); a stage not yet run leaves
+    its fields empty lists."""
+
+    row: int
+    id: str
+    title: str
+    category: str | None
+    attributes: str | None
+    image_path: str | None
+    image_bytes: bytes | None
+    descriptions: list[str]
+    duplicate: list[bool]
+    seed: int
+    ads: list[bytes] = dataclasses.field(default_factory=list)
+    win_rate: list[float] = dataclasses.field(default_factory=list)
+    ctr: list[float] = dataclasses.field(default_factory=list)
+    rank: list[int] = dataclasses.field(default_factory=list)
+
+    SCHEMA: ClassVar[pa.Schema] = pa.schema([
+        ("row", pa.int64()), ("id", pa.string()), ("title", pa.string()), ("category", pa.string()),
+        ("attributes", pa.string()), ("image_path", pa.string()), ("image_bytes", pa.binary()),
+        ("descriptions", pa.list_(pa.string())), ("duplicate", pa.list_(pa.bool_())), ("seed", pa.int64()),
+        ("ads", pa.list_(pa.binary())), ("win_rate", pa.list_(pa.float64())), ("ctr", pa.list_(pa.float64())),
+        ("rank", pa.list_(pa.int64()))])
+
+    CATALOG_FIELDS: ClassVar[tuple[str, ...]] = ("row", "id", "title", "category", "attributes", "image_path",
+                                                 "image_bytes")
+
+    @classmethod
+    def of_catalog_row(cls, row: dict, descriptions: list[str], duplicate: list[bool], seed: int) -> "ProductCandidates":
+        """A validated catalog row with the policy's N descriptions (the Describer's output)."""
+        return cls(**{k: row[k] for k in cls.CATALOG_FIELDS}, descriptions=list(descriptions),
+                   duplicate=list(duplicate), seed=int(seed))
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> list["ProductCandidates"]:
+        """A block of ``SCHEMA`` (a stage's input) as typed rows; a missing column is named."""
+        return [cls.from_row(r) for r in table.to_pylist()]
 
 
 VERDICT_FIELDS = [("true_ctr", pa.float64()), ("scene", pa.string()), ("match", pa.bool_()), ("has_scene", pa.bool_())]

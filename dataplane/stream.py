@@ -104,10 +104,11 @@ def map_pool(ds, fn, pool: ActorPoolConfig, batch_size: int | None = None, **kwa
 
 
 def map_renderers(ds, renderer: RendererConfig, pool: ActorPoolConfig, batch_size: int | None,
-                  fault: FaultConfig | None = None, **kwargs):
-    """``ds.map_batches(Renderer)`` on an autoscaling actor pool (``pool``); ``batch_size`` None keeps
-    the dataset's blocks as the batches."""
-    return map_pool(ds, Renderer, pool, batch_size,
+                  fault: FaultConfig | None = None, stage: type = Renderer, **kwargs):
+    """``ds.map_batches(stage)`` on an autoscaling actor pool (``pool``): ``Renderer`` for the online
+    loop's pairs, ``CandidateRenderer`` for generate's products; ``batch_size`` None keeps the dataset's
+    blocks as the batches."""
+    return map_pool(ds, stage, pool, batch_size,
                     fn_constructor_args=(renderer, fault, pool.device, pool.dtype), **kwargs)
 
 

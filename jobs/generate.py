@@ -5,9 +5,11 @@ an image or a model:
 
     catalog (dataplane/catalog.py: read lazily, validated in parallel; bad rows stop the job or go to
     rejects/)  --> Describer pool (resources.generators: the policy writes N descriptions a product)
-    --> Renderer pool (resources.renderers: the N ads, one seed a product)
-    --> RewardScorer pool (resources.scorers: the N candidates ranked inside their row, every pair
+    --> CandidateRenderer pool (resources.renderers: the N ads, one seed a product)
+    --> CandidateRanker pool (resources.scorers: the N candidates ranked inside their row, every pair
     scored in both orders; the ranking code is Serve's /v1/rank's)
+
+Between the stages a row is a ``ProductCandidates`` (caig_ray/rows.py), filled stage by stage.
     --> write_generated: ads/*.png and one parquet part per batch in candidates/ and best/, as it goes.
 
 ``--resume`` skips the products already written (a part is written whole or not at all, named by
@@ -38,26 +40,28 @@ logger = logging.getLogger(__name__)
 
 
 def write_generated(batch: pa.Table, out: str) -> pa.Table:
-    """Ray Data map (a task): write a batch's ads as PNGs, then its rows as one parquet part in
-    ``best/`` and then ``candidates/`` (the part that marks the products done), and return counts."""
+    """Ray Data map (a task): write a block of ranked ``ProductCandidates``' ads as PNGs, then its rows
+    as one parquet part in ``best/`` and then ``candidates/`` (the part that marks the products done),
+    and return counts."""
     from caig_ray.dataplane.catalog import safe_name
+    from caig_ray.rows import ProductCandidates
     from caig_ray.storage import part_name, write_part
 
     out_dir, candidates, best = Path(out), [], []
     (out_dir / "ads").mkdir(parents=True, exist_ok=True)
-    rows = batch.to_pylist()
+    rows = ProductCandidates.from_table(batch)
     for r in rows:
         for k, (description, duplicate, ad, win_rate, ctr, rank) in enumerate(zip(
-                r["descriptions"], r["duplicate"], r["ads"], r["win_rate"], r["ctr"], r["rank"])):
-            ad_path = f"ads/{safe_name(r['id'])}_{k}.png"
+                r.descriptions, r.duplicate, r.ads, r.win_rate, r.ctr, r.rank, strict=True)):
+            ad_path = f"ads/{safe_name(r.id)}_{k}.png"
             (out_dir / ad_path).write_bytes(ad)
-            row = {"product_id": r["id"], "catalog_row": r["row"], "title": r["title"], "candidate": k,
-                   "description": description, "duplicate": duplicate, "seed": r["seed"], "win_rate": win_rate,
+            row = {"product_id": r.id, "catalog_row": r.row, "title": r.title, "candidate": k,
+                   "description": description, "duplicate": duplicate, "seed": r.seed, "win_rate": win_rate,
                    "ctr": ctr, "rank": rank, "ad_path": ad_path}
             candidates.append(row)
             if rank == 0:
                 best.append(row)
-    name = part_name(sorted(r["id"] for r in rows))
+    name = part_name(sorted(r.id for r in rows))
     write_part(pa.Table.from_pylist(best), out_dir / "best", name)
     write_part(pa.Table.from_pylist(candidates), out_dir / "candidates", name)
     return pa.table({"products": [len(rows)], "candidates": [len(candidates)]})
@@ -153,15 +157,16 @@ def generate_stages(ds, cfg: CaigConfig, policy: str, rm: str, n: int, seed: int
     takes whole blocks (a row group of 4 policy batches) and batches inside the actor
     (policy.generate_batch_size, renderer.batch_size, online.scorer_batch_size)."""
     from caig_ray.actors.describer import Describer
-    from caig_ray.actors.scorer import RewardScorer
+    from caig_ray.actors.renderer import CandidateRenderer
+    from caig_ray.actors.scorer import CandidateRanker
     from caig_ray.dataplane.stream import map_pool, map_renderers
 
     res = cfg.resources
     ds = map_pool(ds, Describer, res.generators, batch_format="pyarrow",
                   fn_constructor_args=(policy, cfg.policy, n, seed,
                                        res.generators.device, res.generators.dtype))
-    ds = map_renderers(ds, cfg.renderer, res.renderers, None, None, batch_format="pyarrow")
-    return map_pool(ds, RewardScorer, res.scorers, batch_format="pyarrow", fn_constructor_kwargs={
+    ds = map_renderers(ds, cfg.renderer, res.renderers, None, None, batch_format="pyarrow", stage=CandidateRenderer)
+    return map_pool(ds, CandidateRanker, res.scorers, batch_format="pyarrow", fn_constructor_kwargs={
         "model_path": rm, "batch_size": cfg.online.scorer_batch_size, "dtype": res.scorers.dtype,
         "device": res.scorers.device})
 

@@ -1,6 +1,7 @@
 """caig-ray generate: one streaming pipeline from a CAIG-format catalog to ranked ads, bad rows never
 lost, and a killed run resumed writing every product exactly once."""
 
+import io
 import json
 import os
 import re
@@ -33,6 +34,40 @@ def _caig_tiny_dataset(products, root: Path, extra_rows=()) -> Path:
         rows.append({"id": p.id, "image": f"tiny_dataset/images/{p.id}.png", "new_caption": p.title})
     (folder / "tiny.json").write_text(json.dumps(rows + list(extra_rows), ensure_ascii=False))
     return folder / "tiny.json"
+
+
+def test_generate_rows_are_typed_stage_by_stage(quick_world):
+    """generate's three model stages, called in process as their pool actors call them, on validated
+    catalog rows (dataplane/catalog.py's VALID_SCHEMA): every block between them is a
+    ``ProductCandidates`` table of exactly its schema, round-trips through it, and each stage fills its
+    own fields (descriptions -> ads -> ranks)."""
+    import pyarrow as pa
+
+    from caig_ray.actors.describer import Describer
+    from caig_ray.actors.renderer import CandidateRenderer
+    from caig_ray.actors.scorer import CandidateRanker
+    from caig_ray.dataplane.catalog import VALID_SCHEMA
+    from caig_ray.imaging import png_bytes
+    from caig_ray.rows import ProductCandidates
+
+    cfg = load_config("quick")
+    products = read_catalog(quick_world.catalog)[:3]
+    catalog_rows = pa.Table.from_pylist([
+        {"row": i, "id": p.id, "title": p.title, "category": p.category, "attributes": json.dumps(p.attributes),
+         "image_path": None, "image_bytes": png_bytes(p.image)} for i, p in enumerate(products)], schema=VALID_SCHEMA)
+    described = Describer(str(quick_world.policy), cfg.policy, 3, 5)(catalog_rows)
+    rendered = CandidateRenderer(cfg.renderer)(described)
+    ranked = CandidateRanker(str(quick_world.reward), cfg.reward.pair_image_size, batch_size=4)(rendered)
+    for block in (described, rendered, ranked):
+        assert block.schema == ProductCandidates.SCHEMA
+        assert ProductCandidates.table(ProductCandidates.from_table(block)).equals(block)
+    rows = ProductCandidates.from_table(ranked)
+    assert [r.id for r in rows] == [p.id for p in products] and [r.seed for r in rows] == [5, 6, 7]
+    for r in rows:
+        assert len(r.descriptions) == len(r.duplicate) == len(r.ads) == len(r.win_rate) == len(r.ctr) == 3
+        assert sorted(r.rank) == [0, 1, 2] and all(0 <= w <= 1 for w in r.win_rate)
+        assert all(Image.open(io.BytesIO(ad)).size == (cfg.renderer.image_size,) * 2 for ad in r.ads)
+    assert all(r.ads == [] and r.rank == [] for r in ProductCandidates.from_table(described))
 
 
 @pytest.mark.slow

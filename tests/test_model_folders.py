@@ -57,6 +57,6 @@ def test_generate_policy_actors_load_with_resources_generators(quick_world):
     assert next(describer.model.parameters()).dtype == torch.bfloat16
     products = read_catalog(quick_world.catalog)[:2]
     out = describer(pa.Table.from_pylist([
-        {"row": 10 + i, "id": p.id, "title": p.title, "attributes": json.dumps(p.attributes), "image_path": None,
-         "image_bytes": png_bytes(p.image)} for i, p in enumerate(products)])).to_pylist()
+        {"row": 10 + i, "id": p.id, "title": p.title, "category": p.category, "attributes": json.dumps(p.attributes),
+         "image_path": None, "image_bytes": png_bytes(p.image)} for i, p in enumerate(products)])).to_pylist()
     assert [len(r["descriptions"]) for r in out] == [2, 2] and [r["seed"] for r in out] == [17, 18]

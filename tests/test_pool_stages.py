@@ -56,7 +56,8 @@ def test_train_and_generate_stages_build_on_gpu_pools(local_ray, tmp_path):
         assert (op.compute.min_size, op.compute.max_size) == (pool.min_size, pool.max_size)
 
     ops = _map_ops(generate_stages(source, cfg, "policy", "rm", n=4, seed=0))
-    assert [o._name for o in ops] == ["MapBatches(Describer)", "MapBatches(Renderer)", "MapBatches(RewardScorer)"]
+    assert [o._name for o in ops] == ["MapBatches(Describer)", "MapBatches(CandidateRenderer)",
+                                         "MapBatches(CandidateRanker)"]
     for op, pool in zip(ops, (res.generators, res.renderers, res.scorers)):
         assert op.ray_remote_args["num_gpus"] == pool.num_gpus and op.min_rows_per_bundled_input is None
 
