@@ -40,7 +40,7 @@ def mcnemar(a_right: np.ndarray, b_right: np.ndarray) -> dict:
 def evaluate_rm(cfg: CaigConfig, world_dir: str | Path | None, rm_path: str | Path, out: str | Path) -> dict:
     from caig_ray.baselines import cnn_p_left, to_tensor, train_pair_cnn
     from caig_ray.models.reward import load_reward_model
-    from caig_ray.models.vlm import check_model_folder
+    from caig_ray.models.folders import check_model_folder
     from caig_ray.scoring import PairScorer, PairToScore
 
     lay = WorldLayout(world_dir) if world_dir else None

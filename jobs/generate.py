@@ -177,7 +177,7 @@ def generate(cfg: CaigConfig, catalog: str | Path, out: str | Path, policy: str,
 
     from caig_ray.dataplane.catalog import ValidCatalogSource, validate_catalog
     from caig_ray.models.renderer import check_sd_folders
-    from caig_ray.models.vlm import check_model_folder
+    from caig_ray.models.folders import check_model_folder
 
     t0 = time.perf_counter()
     if n < 1:

@@ -125,7 +125,7 @@ def pretrain_pm(cfg: CaigConfig, world_dir: str | Path | None, out: str | Path |
     policy = model_location(pick("--world", None, "policy.model_path", cfg.policy.model_path, lay and lay.policy),
                             cfg.storage)
     run_id = new_run_id()
-    from caig_ray.models.vlm import check_model_folder
+    from caig_ray.models.folders import check_model_folder
 
     check_model_folder(policy, "policy.model_path", kind="policy")
     products = read_catalog(catalog)

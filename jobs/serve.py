@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from caig_ray.errors import CaigError
     from caig_ray.jobs._ray import init_ray
     from caig_ray.jobs.serve_rm import api_key_env_vars, build_app
-    from caig_ray.models.vlm import check_model_folder
+    from caig_ray.models.folders import check_model_folder
 
     over = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     try:

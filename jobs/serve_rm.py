@@ -37,7 +37,7 @@ from ray.serve.exceptions import RayServeException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from caig_ray.config import CaigConfig, ConfigError, ReplicaPlacement, ServeConfig, config_from_dict
-from caig_ray.models.vlm import check_model_folder
+from caig_ray.models.folders import check_model_folder
 from caig_ray.scoring import PairToScore, rank_round_robin, round_robin
 from caig_ray.serve_api import (DOCUMENT_NOTE, ERRORS, OTHER_ANSWERS, Health, RankedImage, RankRequest,
                                 RankResponse, ScoreRequest, ScoreResponse, check_product, decode_image,

@@ -67,7 +67,7 @@ class OnlineLoop:
             if resume:
                 out.download(exclude=("checkpoints", "policy"))
         from caig_ray.models.renderer import check_sd_folders
-        from caig_ray.models.vlm import check_model_folder
+        from caig_ray.models.folders import check_model_folder
 
         check_model_folder(policy, "--policy (the pretrained PM)", kind="policy")
         check_model_folder(rm, "--rm (the trained reward model)", kind="reward")

@@ -175,7 +175,7 @@ def train_rm(cfg: CaigConfig, world_dir: str | Path | None, out: str | Path | Ou
         raise DataError(f"{click_logs}: {n_train} training pair(s) for {placement.num_workers} worker(s): a pair is two "
                         f"creatives of one product, each with > {cfg.market.min_impressions} impressions, whose CTR "
                         f"ratio lies in {list(band)} (train_rm.train_band / market.band)")
-    from caig_ray.models.vlm import check_model_folder
+    from caig_ray.models.folders import check_model_folder
 
     check_model_folder(backbone, "reward.backbone_path", kind="backbone")
     init_ray(None if placement.use_gpu else max(2, placement.num_workers))
