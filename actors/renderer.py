@@ -23,7 +23,6 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from caig_ray.actors.census import report_alive
 from caig_ray.config import FaultConfig, RendererConfig
 from caig_ray.data.catalog import load_product_image, product_image
 from caig_ray.faults import BatchFault
@@ -34,11 +33,10 @@ from caig_ray.rows import ProductCandidates
 
 class Renderer:
     def __init__(self, cfg: RendererConfig, fault: FaultConfig | None = None, device: str = "cpu",
-                 dtype: str = "float32", census=None):
+                 dtype: str = "float32"):
         self.renderer = make_renderer(cfg, device, dtype)
         self.latency_s = cfg.simulated_latency_s
         self.fault = BatchFault.of(fault, "renderer", "renderer_die_after_batches")
-        report_alive(census, "renderer")  # counted in the pool trace from now on (actors/census.py)
 
     def _render(self, products, descriptions, seeds) -> tuple[np.ndarray, np.ndarray]:
         ads = self.renderer.render(products, [str(d) for d in descriptions], [int(s) for s in seeds])

@@ -18,7 +18,6 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from caig_ray.actors.census import report_alive
 from caig_ray.config import FaultConfig
 from caig_ray.faults import BatchFault
 from caig_ray.rows import ProductCandidates
@@ -51,7 +50,7 @@ SCORE_KEYS = ("p_left", "p_left_debiased", "ctr_left", "ctr_right")
 class RewardScorer:
     def __init__(self, model_path: str, pair_image_size: int | None = None, batch_size: int = 16,
                  device: str = "cpu", dtype: str = "float32", debias: bool = True, fault: FaultConfig | None = None,
-                 ads: Output | None = None, census=None):
+                 ads: Output | None = None):
         # imported here, in the actor: the driver that builds the pool imports this module for the class
         # alone and needs no transformers (~4 s of CPU)
         from caig_ray.models.reward import load_reward_model
@@ -60,7 +59,6 @@ class RewardScorer:
         self.scorer = PairScorer(model, processor, pair_image_size, batch_size, device)
         self.debias, self.ads = debias, ads
         self.fault = BatchFault.of(fault, "scorer", "scorer_die_after_batches")
-        report_alive(census, "scorer")  # counted in the pool trace from now on (actors/census.py)
 
     def score(self, pairs: list[PairToScore]) -> dict[str, list[float]]:
         return self.scorer.score(pairs, debias=self.debias)

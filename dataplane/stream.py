@@ -27,14 +27,11 @@ from ray.data import ActorPoolStrategy
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from caig_ray.actors.census import PoolCensus
 from caig_ray.actors.renderer import Renderer
 from caig_ray.config import ActorPoolConfig, CaigConfig, FaultConfig, RendererConfig
 from caig_ray.faults import BatchFault
 from caig_ray.rows import CandidatePair, ScoredPair
 from caig_ray.storage import Output
-
-logger = logging.getLogger(__name__)
 
 
 class PipelineLost(RuntimeError):
@@ -107,39 +104,45 @@ def map_pool(ds, fn, pool: ActorPoolConfig, batch_size: int | None = None, **kwa
 
 
 def map_renderers(ds, renderer: RendererConfig, pool: ActorPoolConfig, batch_size: int | None,
-                  fault: FaultConfig | None = None, census=None, stage: type = Renderer, **kwargs):
+                  fault: FaultConfig | None = None, stage: type = Renderer, **kwargs):
     """``ds.map_batches(stage)`` on an autoscaling actor pool (``pool``): ``Renderer`` for the online
     loop's pairs, ``CandidateRenderer`` for generate's products; ``batch_size`` None keeps the dataset's
-    blocks as the batches; each actor reports to ``census`` (a ``PoolCensus``) if given."""
+    blocks as the batches."""
     return map_pool(ds, stage, pool, batch_size,
-                    fn_constructor_args=(renderer, fault, pool.device, pool.dtype, census), **kwargs)
+                    fn_constructor_args=(renderer, fault, pool.device, pool.dtype), **kwargs)
 
 
-def map_scorers(ds, cfg: CaigConfig, rm_path: str, batch_size: int | None, ads: Output | None = None,
-                census=None):
+def map_scorers(ds, cfg: CaigConfig, rm_path: str, batch_size: int | None, ads: Output | None = None):
     """``ds.map_batches(RewardScorer)`` on the ``resources.scorers`` actor pool; with ``ads`` the scorer
-    writes each block's ads there once scored and passes the rows on without them; each actor reports
-    to ``census`` (a ``PoolCensus``) if given."""
+    writes each block's ads there once scored and passes the rows on without them."""
     # imported here: the feed's actor and read tasks import this module and need no model stack
     from caig_ray.actors.scorer import RewardScorer
 
     oc, pool = cfg.online, cfg.resources.scorers
     kwargs = {"model_path": rm_path, "batch_size": oc.scorer_batch_size, "dtype": pool.dtype,
               "device": pool.device, "debias": oc.debias_rm, "fault": oc.faults,
-              "ads": ads, "census": census}
+              "ads": ads}
     return map_pool(ds, RewardScorer, pool, batch_size, fn_constructor_kwargs=kwargs)
 
 
-def render_and_score(ds, cfg: CaigConfig, rm_path: str, ads: Output, census=None):
+def render_and_score(ds, cfg: CaigConfig, rm_path: str, ads: Output):
     """The online loop's two model stages on their pools, each call one whole block (``map_pool``)."""
-    ds = map_renderers(ds, cfg.renderer, cfg.resources.renderers, None, cfg.online.faults, census)
-    return map_scorers(ds, cfg, rm_path, None, ads, census)
+    ds = map_renderers(ds, cfg.renderer, cfg.resources.renderers, None, cfg.online.faults)
+    return map_scorers(ds, cfg, rm_path, None, ads)
 
 
 def pool_args(pool: ActorPoolConfig) -> dict:
     extra = {"resources": pool.resources} if pool.resources else {}
     return {"compute": ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
             "num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, **extra}
+
+
+def _pool_sizes() -> tuple[int, int]:
+    """Alive renderer and scorer actors of the Ray Data pools (GCS actor table; no dashboard needed)."""
+    from ray._private import state
+
+    alive = [a["ActorClassName"] for a in state.actors().values() if a["State"] == "ALIVE"]
+    return (sum("MapBatches(Renderer)" in n for n in alive), sum("MapBatches(RewardScorer)" in n for n in alive))
 
 
 def _ray_data_settings() -> None:
@@ -151,18 +154,13 @@ def _ray_data_settings() -> None:
     ctx.enable_progress_bars = False
 
 
-SAMPLE_TIMEOUT_S = 1.0  # the longest a pool-size sample waits for the census
-
-
 class _PoolTrace:
-    """Samples the pools' sizes every ``every`` seconds in a thread while a pipeline runs: the renderer
-    and scorer actors up, as they report themselves to ``self.census`` (``actors/census.py``)."""
+    """Samples the pools' sizes every ``every`` seconds in a thread while a pipeline runs."""
 
     def __init__(self, every: float):
-        self.census = PoolCensus.remote()
         self.t0 = time.perf_counter()
         self.pool_trace: list[tuple[float, int, int]] = []  # (seconds since start, renderers, scorers)
-        self.sample_errors = 0  # failed reads of the census (e.g. while Ray shuts down); reported
+        self.sample_errors = 0  # failed reads of the actor table (e.g. while Ray shuts down); reported
         self.wait_s = 0.0  # time the driver spent blocked waiting for a scored block
         self._stop = threading.Event()
         self._sampler = threading.Thread(target=self._sample, args=(every,), daemon=True)
@@ -171,22 +169,15 @@ class _PoolTrace:
     def _sample(self, every: float) -> None:
         while not self._stop.is_set():
             try:
-                # a short timeout: the thread must never be inside ray.get when the job shuts Ray down
-                # (_stop_sampling waits for it to leave)
-                sizes = ray.get(self.census.sizes.remote(), timeout=SAMPLE_TIMEOUT_S)
-                self.pool_trace.append((time.perf_counter() - self.t0, sizes.get("renderer", 0),
-                                        sizes.get("scorer", 0)))
-            except (ray.exceptions.RaySystemError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
-                    ConnectionError, RuntimeError):
+                r, s = _pool_sizes()
+                self.pool_trace.append((time.perf_counter() - self.t0, r, s))
+            except (ray.exceptions.RaySystemError, ConnectionError, RuntimeError):
                 self.sample_errors += 1
             self._stop.wait(every)
 
     def _stop_sampling(self) -> None:
         self._stop.set()
-        self._sampler.join(timeout=10 * SAMPLE_TIMEOUT_S)  # it leaves within one census call
-        if self._sampler.is_alive():
-            logger.warning("pool trace: the sampler did not stop within %.0f s", 10 * SAMPLE_TIMEOUT_S)
-        self.census = None  # it ends once the pools' actors, which hold it too, are gone (actors/census.py)
+        self._sampler.join(timeout=5)
 
     @property
     def renderer_pool_max(self) -> int:
@@ -206,7 +197,7 @@ class PairStream(_PoolTrace):
         # (2 hid a round's backlog from a pool of 8: it grew to 3)
         ds = ray.data.read_datasource(FeedDatasource(self.feed, n_blocks), override_num_blocks=n_blocks,
                                       concurrency=max(2, cfg.resources.renderers.max_size), num_cpus=0)
-        ds = render_and_score(ds, cfg, rm_path, ads, self.census)
+        ds = render_and_score(ds, cfg, rm_path, ads)
         self._it = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
 
     def put(self, rows: list[CandidatePair]) -> int:
@@ -253,7 +244,7 @@ class PairStream(_PoolTrace):
             try:
                 self._it.close()
             except Exception:  # noqa: BLE001 -- a failed execution may raise again while closing; it is over
-                logger.debug("closing a failed Ray Data iterator", exc_info=True)
+                logging.getLogger(__name__).debug("closing a failed Ray Data iterator", exc_info=True)
         self._it = None
         ray.kill(self.feed)
 
@@ -281,9 +272,9 @@ class StagedPipeline(_PoolTrace):
         sizes = [len(b) for b in self.pending]
         ds = ray.data.from_arrow([CandidatePair.table(b) for b in self.pending])
         rendered = map_renderers(ds, self.cfg.renderer, self.cfg.resources.renderers, oc.pairs_per_batch,
-                                 oc.faults, self.census).take_all()
+                                 oc.faults).take_all()
         scored = map_scorers(ray.data.from_items(rendered, override_num_blocks=len(self.pending)), self.cfg,
-                             self.rm_path, oc.pairs_per_batch, self.ads, self.census).take_all()
+                             self.rm_path, oc.pairs_per_batch, self.ads).take_all()
         if len(scored) != sum(sizes):
             raise RuntimeError(f"sequential pipeline: {sum(sizes)} pairs in, {len(scored)} out")
         start = 0
