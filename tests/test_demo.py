@@ -1,4 +1,7 @@
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +13,34 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_demo_end_to_end_on_quick_preset(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "caig_ray.jobs.cli", "demo", "--preset", "quick", "--out", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+def test_demo_end_to_end_on_quick_preset_with_another_ray_on_the_host(tmp_path):
+    """The README's demo (quick preset) while a second Ray instance runs on this host (started and
+    stopped here): the job's own processes are given its address, so Ray Train's helpers (pretrain-pm,
+    train-rm) do not find two and fail; the log has no traceback, the Ray Train stages no error-level
+    line, and stdout is the summary alone."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import ray, sys, time; ray.init(address='local', num_cpus=1, include_dashboard=False);"
+                               " print('up', flush=True); time.sleep(900)"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert other.stdout.readline().strip() == b"up"
+        res = subprocess.run([sys.executable, "-m", "caig_ray.jobs.cli", "demo", "--preset", "quick", "--out", str(tmp_path)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    finally:
+        other.send_signal(signal.SIGINT)  # its driver shuts its own instance down on the way out
+        try:
+            other.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(other.pid, signal.SIGKILL)
     assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "rm" / "train_metrics.json").read_text())["num_workers"] == 2
+    # Ray's own error lines ("[2026-12-01 22:19:57,852 E 1072 1122] core_worker.cc...") and logging's ERROR,
+    # from the start of pretrain-pm to the end of train-rm (both Ray Train jobs)
+    ray_train = res.stderr[res.stderr.index("demo [3/6] pretrain-pm"):res.stderr.index("demo [5/6] evaluate-rm")]
+    error_lines = [line for line in ray_train.splitlines()
+                   if re.search(r"\[\d{4}-\d\d-\d\d [\d:,.]+ E \d+ \d+\]| ERROR ", line)]
+    assert not error_lines, error_lines[:5]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert json.loads(res.stdout) == summary  # stdout is the summary alone; every log line went to stderr
     assert "Traceback" not in res.stderr and "multiple active Ray instances" not in res.stderr

@@ -29,9 +29,12 @@ from caig_ray.market.corpus import market_corpus
 from caig_ray.models.tokenizers import QWEN_SPECIAL
 
 FAMILIES = ("llava_next", "qwen2_vl", "qwen2_5_vl")
-# the family whose every-entrypoint chain the tests run on the object store (tests/test_storage.py);
-# tests/test_families_entrypoints.py runs the others' chains on local folders (one by the job functions,
-# one by the CLI mains with --storage)
+# Each family's every-entrypoint chain runs once per suite: one by the job functions
+# (tests/test_families_entrypoints.py; also the ZeRO-3 online round's family), one by the CLI mains with
+# --storage on a shared folder, two of its jobs by `ray job submit` (tests/test_job_submit.py), one on
+# the object store (tests/test_storage.py)
+FUNCTION_CHAIN_FAMILY = "llava_next"
+CLI_STORAGE_CHAIN_FAMILY = "qwen2_5_vl"
 OBJECT_STORE_CHAIN_FAMILY = "qwen2_vl"
 
 
