@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from caig_ray.jobs._signals import stop_on_sigterm
 from caig_ray.storage import OutputInUse
 
 
@@ -17,7 +18,7 @@ def init_ray(num_cpus: int | None = None) -> bool:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)  # resources are the cluster's own
-        _stop_on_sigterm()
+        stop_on_sigterm()
         return True
     # A private local instance. Its processes must know its address: Ray Train's helpers look the
     # cluster up themselves (the state API), and with another Ray on the host they find two and fail
@@ -47,27 +48,8 @@ def init_ray(num_cpus: int | None = None) -> bool:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    _stop_on_sigterm()
+    stop_on_sigterm()
     return True
-
-
-def _stop_on_sigterm() -> None:
-    """SIGTERM (Kubernetes, ``ray job stop``, ``kill``) stops a job like Ctrl-C: the job's ``finally``
-    blocks shut down what it started, and ``caig-ray`` prints one line. Installed after ``ray.init``,
-    which sets its own SIGTERM handler (``sys.exit``, nothing shut down)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_interrupt)
-
-
-SIGTERM_RECEIVED: list[bool] = []  # set when SIGTERM arrived: a library may re-raise the interrupt without its text
-
-
-def _raise_interrupt(signum, frame) -> None:
-    SIGTERM_RECEIVED.append(True)
-    raise KeyboardInterrupt("SIGTERM")
 
 
 def fit_to_folder(train_func, loop, *, run_name: str, placement, max_failures: int, storage,

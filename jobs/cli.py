@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import importlib
 import os
-import signal
 import sys
+
+from caig_ray.jobs._signals import SIGTERM_RECEIVED, interrupt_reached_entry_point, stop_on_sigterm
 
 COMMANDS = {
     "make-world": ("caig_ray.jobs.make_world", "write the simulated market and tiny models to a folder"),
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"caig-ray {version('caig-ray')}")
         return 0
     # what Kubernetes, `ray job stop` and `kill` send: like Ctrl-C (caig_ray.jobs._ray installs it again after ray.init)
-    signal.signal(signal.SIGTERM, _stop)
+    stop_on_sigterm()
     try:
         return _run(argv)
     except BrokenPipeError:  # `caig-ray ... | head`: the reader has what it wanted; no traceback
@@ -40,18 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt as e:
         # the job's own finally blocks ran on the way here: its actors and its local Ray are stopped
-        from caig_ray.jobs._ray import SIGTERM_RECEIVED
-
+        interrupt_reached_entry_point()
         how = "SIGTERM" if SIGTERM_RECEIVED or "SIGTERM" in str(e) else "Ctrl-C"
         print(f"caig-ray {argv[0] if argv else ''}: stopped by {how}; what it started is shut down", file=sys.stderr)
         return 143 if how == "SIGTERM" else 130
-
-
-def _stop(signum, frame) -> None:
-    from caig_ray.jobs._ray import SIGTERM_RECEIVED
-
-    SIGTERM_RECEIVED.append(True)
-    raise KeyboardInterrupt("SIGTERM")
 
 
 def _run(argv: list[str]) -> int:
