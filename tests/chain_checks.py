@@ -1,9 +1,11 @@
 """Checks shared by the family chains (tests/test_families_entrypoints.py, tests/test_job_submit.py,
-tests/test_storage.py): what each entrypoint's output must hold, whichever way the job was run."""
+tests/test_storage.py): what each entrypoint's output must hold, whichever way the job was run; and
+``job_lines``, a job's own stderr lines for the tests that read them."""
 
 import base64
 import io
 import json
+import re
 import socket
 import urllib.request
 from pathlib import Path
@@ -100,3 +102,13 @@ def serve_answers(rm: str, name: str) -> None:
 
 def files_under(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+# What Ray's log monitor forwards from a worker, actor or replica: "(Name pid=123, ip=...) ...", coloured on a tty
+# or under pytest's capture. It can arrive at any time from an earlier test's actors on the same Ray.
+_RAY_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)?\([^()]*pid=\d+[^()]*\)")
+
+
+def job_lines(stderr: str) -> list[str]:
+    """The job's own lines of ``stderr``: Ray's forwarded worker lines left out."""
+    return [line for line in stderr.strip().splitlines() if not _RAY_FORWARDED.match(line)]

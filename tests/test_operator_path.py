@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from chain_checks import job_lines
 
 BAD = Path(__file__).parent / "data" / "bad"
 
@@ -64,11 +65,11 @@ def test_every_job_names_its_config_first_and_a_partial_config_layers_on_its_bas
     from caig_ray.jobs import train_rm
 
     assert train_rm.main(["--preset", "quick", "--world", str(quick_world.root), "--out", str(pm_folder)]) == 2
-    assert capsys.readouterr().err.splitlines()[0] == "caig-ray train-rm: config preset quick"
+    assert job_lines(capsys.readouterr().err)[0] == "caig-ray train-rm: config preset quick"
     mine = tmp_path / "my.yaml"
     mine.write_text("base: gpu-cluster\npolicy:\n  lr: 0.001\n")
     assert train_rm.main(["--config", str(mine), "--world", str(quick_world.root), "--out", str(pm_folder)]) == 2
-    first = capsys.readouterr().err.splitlines()[0]
+    first = job_lines(capsys.readouterr().err)[0]
     assert first == f"caig-ray train-rm: config {mine} on preset gpu-cluster; storage /storage", first
     assert train_rm.main(["--config", str(mine), "--preset", "quick", "--world", str(quick_world.root),
                           "--out", str(pm_folder)]) == 2

@@ -8,6 +8,7 @@ import httpx
 import numpy as np
 import pytest
 import ray
+from chain_checks import job_lines
 from PIL import Image
 
 from caig_ray.scoring import PairToScore
@@ -474,7 +475,7 @@ def test_an_api_key_env_that_is_not_set_is_refused_before_anything_starts(quick_
     cfg = tmp_path / "serve.yaml"
     cfg.write_text("base: quick\nserve:\n  api_key_env: CAIG_TEST_UNSET_KEY\n")
     assert main(["--config", str(cfg), "--rm", str(quick_world.reward)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = job_lines(capsys.readouterr().err)  # a replica of an earlier test may log late on this Ray
     assert err[0] == f"caig-ray serve: config {cfg} on preset quick"  # the job's first line names its config
     assert err[1:] == ["error: serve.api_key_env: the environment variable 'CAIG_TEST_UNSET_KEY' is not set; set it to "
                    "the API key before starting the endpoint (the replicas get it from this process)"], err
