@@ -16,7 +16,7 @@ from PIL import Image
 from caig_ray.testing.hub_families import FAMILIES
 
 WORKER_SCRIPT = r'''
-import importlib, json, os, sys, torch
+import json, os, sys, torch
 import deepspeed
 from PIL import Image
 from caig_ray.config import load_config
@@ -25,8 +25,8 @@ from caig_ray.policy_engine import PolicyEngine
 from caig_ray.rows import PreferenceExample
 path, stage, port, out, lora = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5] == "lora"
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-deepspeed.init_distributed(dist_backend="gloo")
+from caig_ray.ds import init_distributed
+init_distributed(use_gpu=False)  # gloo, DeepSpeed's shm op not built
 
 def product(k):
     im = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
@@ -145,12 +145,12 @@ def test_zero3_generation_gathers_once_and_equals_plain_generation(hub_models, f
     """LLaVA-NeXT's image_newline is used outside a module's forward: under ZeRO-3 it is an empty
     partition unless the model is gathered for the call (it crashed on the first sampling)."""
     script = f"""
-import importlib, json, os, sys, torch
+import json, os, sys, torch
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str({29400 + FAMILIES.index(family)}), RANK="0",
                   WORLD_SIZE="1", LOCAL_RANK="0")
 import deepspeed
-importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-deepspeed.init_distributed(dist_backend="gloo")
+from caig_ray.ds import init_distributed
+init_distributed(use_gpu=False)  # gloo, DeepSpeed's shm op not built
 from PIL import Image
 from caig_ray.ds import deepspeed_config, gathered_for_generation
 from caig_ray.models.policy import load_policy
