@@ -167,14 +167,21 @@ class PreferenceExample(_Row):
         ("rejected_ids", _IDS), ("p_chosen", pa.float64())])
 
 
+CATALOG_ROW_SCHEMA = pa.schema([
+    ("row", pa.int64()), ("id", pa.string()), ("title", pa.string()), ("category", pa.string()),
+    ("attributes", pa.string()), ("image_path", pa.string()), ("image_bytes", pa.binary())])
+"""A validated catalog row (dataplane/catalog.py writes them to ``valid/``): its row number in the
+catalog, the product's text (``attributes`` as JSON) and its image, a file's path or the bytes."""
+
+
 @dataclass
 class ProductCandidates(_Row):
     """``caig-ray generate``'s row: one catalog product and its N candidate ads, filled stage by stage
     (jobs/generate.py): ``Describer`` (``descriptions``, ``duplicate``: N each, and ``seed``, the seed
     all N are painted with) -> ``CandidateRenderer`` (``ads``: N PNGs) -> ``CandidateRanker``
     (``win_rate``, ``ctr``, ``rank``: N each, rank 0 = best) -> ``write_generated``. The catalog fields
-    are a validated catalog row's (dataplane/catalog.py's ``VALID_SCHEMA``); a stage not yet run leaves
-    its fields empty lists."""
+    are a validated catalog row's (``CATALOG_ROW_SCHEMA``); a stage not yet run leaves its fields empty
+    lists."""
 
     row: int
     id: str
@@ -192,19 +199,15 @@ class ProductCandidates(_Row):
     rank: list[int] = dataclasses.field(default_factory=list)
 
     SCHEMA: ClassVar[pa.Schema] = pa.schema([
-        ("row", pa.int64()), ("id", pa.string()), ("title", pa.string()), ("category", pa.string()),
-        ("attributes", pa.string()), ("image_path", pa.string()), ("image_bytes", pa.binary()),
+        *CATALOG_ROW_SCHEMA,
         ("descriptions", pa.list_(pa.string())), ("duplicate", pa.list_(pa.bool_())), ("seed", pa.int64()),
         ("ads", pa.list_(pa.binary())), ("win_rate", pa.list_(pa.float64())), ("ctr", pa.list_(pa.float64())),
         ("rank", pa.list_(pa.int64()))])
 
-    CATALOG_FIELDS: ClassVar[tuple[str, ...]] = ("row", "id", "title", "category", "attributes", "image_path",
-                                                 "image_bytes")
-
     @classmethod
     def of_catalog_row(cls, row: dict, descriptions: list[str], duplicate: list[bool], seed: int) -> "ProductCandidates":
         """A validated catalog row with the policy's N descriptions (the Describer's output)."""
-        return cls(**{k: row[k] for k in cls.CATALOG_FIELDS}, descriptions=list(descriptions),
+        return cls(**{k: row[k] for k in CATALOG_ROW_SCHEMA.names}, descriptions=list(descriptions),
                    duplicate=list(duplicate), seed=int(seed))
 
     @classmethod

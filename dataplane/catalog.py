@@ -28,14 +28,12 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from caig_ray.data.catalog import DataError, ProductRecord, find_image, image_ref, image_roots, product_from_row
+from caig_ray.rows import CATALOG_ROW_SCHEMA
 from caig_ray.storage import write_part
 
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 RAW_SCHEMA = pa.schema([("row", pa.int64()), ("raw", pa.string()), ("image_bytes", pa.binary())])
-VALID_SCHEMA = pa.schema([("row", pa.int64()), ("id", pa.string()), ("title", pa.string()),
-                          ("category", pa.string()), ("attributes", pa.string()), ("image_path", pa.string()),
-                          ("image_bytes", pa.binary())])
 REJECT_SCHEMA = pa.schema([("row", pa.int64()), ("error", pa.string()), ("raw", pa.string()),
                            ("image_bytes", pa.binary())])
 
@@ -143,7 +141,7 @@ def validate_rows(batch: pa.Table, source: str, roots: list[str], out: str, rows
                       "image_bytes": image if isinstance(image, bytes) else None})
     first = batch["row"][0].as_py()
     if valid:
-        write_part(pa.Table.from_pylist(valid, VALID_SCHEMA), Path(out) / "valid", f"part-{first:012d}.parquet",
+        write_part(pa.Table.from_pylist(valid, CATALOG_ROW_SCHEMA), Path(out) / "valid", f"part-{first:012d}.parquet",
                     rows_per_group)
     if rejects:
         write_part(pa.Table.from_pylist(rejects, REJECT_SCHEMA), Path(out) / "rejects", f"part-{first:012d}.parquet")

@@ -6,19 +6,14 @@ import contextlib
 
 import pytest
 import torch
-from PIL import Image
 
 from caig_ray.testing.hub_families import FAMILIES
+from caig_ray.testing.hub_families import PROBE_INSTRUCTIONS as INS
+from caig_ray.testing.hub_families import probe_images as _images
 
 pytestmark = pytest.mark.parametrize("family", FAMILIES)
 
 
-def _images():
-    return [Image.new("RGB", (96, 96), (200, 30, 30)), Image.new("RGB", (60, 90), (10, 90, 200))]
-
-
-INS = ["Write a background for red sneakers",
-       "Describe a scene for a blue desk lamp with a long title, a longer one than the first by many words"]
 
 
 def test_policy_loads_with_the_stock_processor_and_keeps_the_checkpoint_padding(hub_models, family):

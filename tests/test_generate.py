@@ -38,7 +38,7 @@ def _caig_tiny_dataset(products, root: Path, extra_rows=()) -> Path:
 
 def test_generate_rows_are_typed_stage_by_stage(quick_world):
     """generate's three model stages, called in process as their pool actors call them, on validated
-    catalog rows (dataplane/catalog.py's VALID_SCHEMA): every block between them is a
+    catalog rows (caig_ray.rows.CATALOG_ROW_SCHEMA): every block between them is a
     ``ProductCandidates`` table of exactly its schema, round-trips through it, and each stage fills its
     own fields (descriptions -> ads -> ranks)."""
     import pyarrow as pa
@@ -46,15 +46,14 @@ def test_generate_rows_are_typed_stage_by_stage(quick_world):
     from caig_ray.actors.describer import Describer
     from caig_ray.actors.renderer import CandidateRenderer
     from caig_ray.actors.scorer import CandidateRanker
-    from caig_ray.dataplane.catalog import VALID_SCHEMA
     from caig_ray.imaging import png_bytes
-    from caig_ray.rows import ProductCandidates
+    from caig_ray.rows import CATALOG_ROW_SCHEMA, ProductCandidates
 
     cfg = load_config("quick")
     products = read_catalog(quick_world.catalog)[:3]
     catalog_rows = pa.Table.from_pylist([
         {"row": i, "id": p.id, "title": p.title, "category": p.category, "attributes": json.dumps(p.attributes),
-         "image_path": None, "image_bytes": png_bytes(p.image)} for i, p in enumerate(products)], schema=VALID_SCHEMA)
+         "image_path": None, "image_bytes": png_bytes(p.image)} for i, p in enumerate(products)], schema=CATALOG_ROW_SCHEMA)
     described = Describer(str(quick_world.policy), cfg.policy, 3, 5)(catalog_rows)
     rendered = CandidateRenderer(cfg.renderer)(described)
     ranked = CandidateRanker(str(quick_world.reward), cfg.reward.pair_image_size, batch_size=4)(rendered)

@@ -135,10 +135,6 @@ def test_selective_log_softmax_equals_the_full_vocabulary_one(hub_models, family
         assert processor.tokenizer.padding_side == "left"
 
 
-GENERATION_INSTRUCTIONS = ["Write a background for red sneakers",
-                           "Describe a scene for a blue desk lamp with a long title, a longer one than the first by many words"]
-
-
 # LLaVA-NeXT (the family that crashed) in the quick subset; the Qwen families with the end-to-end tests
 @pytest.mark.parametrize("family", [FAMILIES[0], *(pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES[1:])])
 def test_zero3_generation_gathers_once_and_equals_plain_generation(hub_models, family, tmp_path):
@@ -151,13 +147,12 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str({29400 + FAMILIES.ind
 import deepspeed
 from caig_ray.ds import init_distributed
 init_distributed(use_gpu=False)  # gloo, DeepSpeed's shm op not built
-from PIL import Image
 from caig_ray.ds import deepspeed_config, gathered_for_generation
 from caig_ray.models.policy import load_policy
 from caig_ray.policy_ops import generate_descriptions
+from caig_ray.testing.hub_families import PROBE_INSTRUCTIONS as ins, probe_images
 model, processor = load_policy({str(hub_models[family])!r})
-images = [Image.new("RGB", (96, 96), (200, 30, 30)), Image.new("RGB", (60, 90), (10, 90, 200))]
-ins = {GENERATION_INSTRUCTIONS!r}
+images = probe_images()
 plain = generate_descriptions(model, processor, images, ins, 2, 1.0, 0, 8)
 engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-5),
                                   config=deepspeed_config(3, "float32"))

@@ -36,6 +36,16 @@ FAMILIES = ("llava_next", "qwen2_vl", "qwen2_5_vl")
 FUNCTION_CHAIN_FAMILY = "llava_next"
 CLI_STORAGE_CHAIN_FAMILY = "qwen2_5_vl"
 OBJECT_STORE_CHAIN_FAMILY = "qwen2_vl"
+# what the sampling tests give every family: two products of different sizes and aspect ratios, and
+# instructions of different lengths (padding must not change a sample)
+PROBE_INSTRUCTIONS = ["Write a background for red sneakers",
+                      "Describe a scene for a blue desk lamp with a long title, a longer one than the first by many words"]
+
+
+def probe_images() -> list:
+    from PIL import Image
+
+    return [Image.new("RGB", (96, 96), (200, 30, 30)), Image.new("RGB", (60, 90), (10, 90, 200))]
 
 
 def tiny_chain_overrides(model_path) -> dict:
