@@ -244,6 +244,21 @@ class ActorPoolConfig(Placement):
         return self
 
 
+class RendererPoolConfig(ActorPoolConfig):
+    """A Ray Data actor pool of renderers (``ActorPoolStrategy(min_size, max_size)``) and what each
+    asks for, and how ``train`` sizes it in that range (docs/cluster.md, how the renderer pool scales)."""
+
+    sizing: Literal["ray_data", "backlog"] = "ray_data"
+    """How ``train`` sizes the pool. ray_data: Ray Data's actor-pool autoscaler, which grows only onto
+    nodes the cluster already has and keeps its peak of nodes requested while the job runs. backlog:
+    the driver keeps one actor per block fed and not yet consumed (dataplane/elastic.py); pending actors
+    make the cluster autoscaler add the backlog's nodes at once, and surplus actors stop after
+    ``idle_release_s``, so their nodes go idle. ``generate`` always uses ray_data (no driver in its data path)."""
+    idle_release_s: float = Field(5.0, ge=0)
+    """With sizing backlog: seconds the pool must have been larger than the backlog needs before its
+    surplus actors stop (set it above a round's training time to keep the renderers loaded between rounds)."""
+
+
 class ReplicaPlacement(Placement):
     """Ray Serve replicas (autoscaling between ``min_replicas`` and ``max_replicas``)."""
 
@@ -262,7 +277,7 @@ class ResourcesConfig(_Strict):
     """The ``train-rm`` Ray Train workers."""
     pretraining: WorkerGroupPlacement = WorkerGroupPlacement()
     """The ``pretrain-pm`` Ray Train workers."""
-    renderers: ActorPoolConfig = ActorPoolConfig(max_size=2)
+    renderers: RendererPoolConfig = RendererPoolConfig(max_size=2)
     """The renderer actor pool; grows with the backlog (``train``, ``generate``)."""
     scorers: ActorPoolConfig = ActorPoolConfig(max_size=1)
     """The frozen RM scorer actor pool (``train``, ``generate``)."""
@@ -649,6 +664,14 @@ class CaigConfig(_Strict):
     """``train``: the online CTR-driven loop."""
     resources: ResourcesConfig = ResourcesConfig()
     """Where every role runs (GPUs, CPUs, dtype, pool sizes)."""
+
+    @model_validator(mode="after")
+    def _backlog_sizing_streams(self) -> "CaigConfig":
+        # the sequential pipeline renders each round in a Ray Data run of its own: no job-long pool to size
+        if self.resources.renderers.sizing == "backlog" and self.online.pipeline != "streaming":
+            raise ValueError("resources.renderers.sizing backlog needs online.pipeline streaming (the sequential "
+                             f"pipeline starts a Ray Data pool per round), got {self.online.pipeline!r}")
+        return self
 
     @model_validator(mode="after")
     def _one_ad_geometry(self) -> "CaigConfig":

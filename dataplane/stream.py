@@ -13,6 +13,11 @@ out in feed order (``preserve_order``): the data order a job trains on does not 
 renderer finished first, so a resumed job trains on exactly what an uninterrupted one would.
 
 A block stays in the feed until the driver has consumed it, so a read task Ray retries still finds it.
+
+The renderer pool is Ray Data's own (``resources.renderers.sizing: ray_data``) or, with ``backlog``,
+``ElasticRenderers`` (dataplane/elastic.py), which the driver sizes from the blocks it has fed and not
+yet consumed: the render stage's tasks then borrow a renderer per block. Same blocks, same order,
+same renders either way (tests/test_online_loop.py).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from caig_ray.actors.renderer import Renderer
 from caig_ray.config import ActorPoolConfig, CaigConfig, FaultConfig, RendererConfig
+from caig_ray.dataplane.elastic import RENDERER_ACTOR, ElasticRenderers, map_renderers_elastic, on_driver_node
 from caig_ray.faults import BatchFault
 from caig_ray.rows import CandidatePair, ScoredPair
 from caig_ray.storage import Output
@@ -125,9 +131,14 @@ def map_scorers(ds, cfg: CaigConfig, rm_path: str, batch_size: int | None, ads: 
     return map_pool(ds, RewardScorer, pool, batch_size, fn_constructor_kwargs=kwargs)
 
 
-def render_and_score(ds, cfg: CaigConfig, rm_path: str, ads: Output):
-    """The online loop's two model stages on their pools, each call one whole block (``map_pool``)."""
-    ds = map_renderers(ds, cfg.renderer, cfg.resources.renderers, None, cfg.online.faults)
+def render_and_score(ds, cfg: CaigConfig, rm_path: str, ads: Output, renderers=None):
+    """The online loop's two model stages on their pools, each call one whole block (``map_pool``);
+    with ``renderers`` (an ``ElasticRenderers``, ``resources.renderers.sizing: backlog``) the blocks
+    are rendered on that backlog-sized pool instead of Ray Data's."""
+    if renderers is None:
+        ds = map_renderers(ds, cfg.renderer, cfg.resources.renderers, None, cfg.online.faults)
+    else:
+        ds = map_renderers_elastic(ds, renderers, None)
     return map_scorers(ds, cfg, rm_path, None, ads)
 
 
@@ -138,11 +149,13 @@ def pool_args(pool: ActorPoolConfig) -> dict:
 
 
 def _pool_sizes() -> tuple[int, int]:
-    """Alive renderer and scorer actors of the Ray Data pools (GCS actor table; no dashboard needed)."""
+    """Alive renderer actors (of Ray Data's pool or the backlog-sized one) and scorer actors (GCS actor
+    table; no dashboard needed)."""
     from ray._private import state
 
     alive = [a["ActorClassName"] for a in state.actors().values() if a["State"] == "ALIVE"]
-    return (sum("MapBatches(Renderer)" in n for n in alive), sum("MapBatches(RewardScorer)" in n for n in alive))
+    return (sum("MapBatches(Renderer)" in n or n == RENDERER_ACTOR for n in alive),
+            sum("MapBatches(RewardScorer)" in n for n in alive))
 
 
 def _ray_data_settings() -> None:
@@ -189,15 +202,20 @@ class PairStream(_PoolTrace):
 
     def __init__(self, cfg: CaigConfig, rm_path: str, n_blocks: int, ads: Output, sample_every_s: float = 0.25):
         oc = cfg.online
+        pool = cfg.resources.renderers
         self.n_blocks, self.fed, self.consumed = n_blocks, 0, 0
         self.feed = PairFeed.remote(oc.faults)
+        self.renderers, where = None, {}
         super().__init__(sample_every_s)
         _ray_data_settings()
+        if pool.sizing == "backlog":  # the driver sizes the renderer pool (dataplane/elastic.py)
+            self.renderers = ElasticRenderers(cfg.renderer, pool, oc.faults, idle_release_s=pool.idle_release_s)
+            where = on_driver_node()  # a read task waiting on a renderer node would keep that node up
         # read tasks waiting on the feed at once: the blocks the renderer pool's autoscaler can see queued
         # (2 hid a round's backlog from a pool of 8: it grew to 3)
         ds = ray.data.read_datasource(FeedDatasource(self.feed, n_blocks), override_num_blocks=n_blocks,
-                                      concurrency=max(2, cfg.resources.renderers.max_size), num_cpus=0)
-        ds = render_and_score(ds, cfg, rm_path, ads)
+                                      concurrency=max(2, pool.max_size), num_cpus=0, **where)
+        ds = render_and_score(ds, cfg, rm_path, ads, self.renderers)
         self._it = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
 
     def put(self, rows: list[CandidatePair]) -> int:
@@ -211,7 +229,12 @@ class PairStream(_PoolTrace):
         except ray.exceptions.RayActorError as e:
             raise PipelineLost(f"the PairFeed actor died: {e}") from e
         self.fed += 1
+        self._tell_backlog()
         return self.fed - 1
+
+    def _tell_backlog(self) -> None:
+        if self.renderers is not None:
+            self.renderers.set_backlog(self.fed - self.consumed)
 
     def _feed_alive(self) -> bool:
         try:
@@ -234,6 +257,7 @@ class PairStream(_PoolTrace):
         self.wait_s += time.perf_counter() - t
         self.feed.drop.remote(self.consumed)
         self.consumed += 1
+        self._tell_backlog()
         return [ScoredPair.from_row(r) for r in table.to_pylist()]
 
     def close(self) -> None:
@@ -246,6 +270,11 @@ class PairStream(_PoolTrace):
             except Exception:  # noqa: BLE001 -- a failed execution may raise again while closing; it is over
                 logging.getLogger(__name__).debug("closing a failed Ray Data iterator", exc_info=True)
         self._it = None
+        if self.renderers is not None:
+            try:
+                self.renderers.close()
+            except Exception:  # noqa: BLE001 -- a controller lost with the pipeline; its actors die with the job
+                logging.getLogger(__name__).debug("closing the backlog-sized renderer pool", exc_info=True)
         ray.kill(self.feed)
 
 

@@ -131,3 +131,15 @@ def test_the_procedural_renderer_paints_the_market_s_ad_geometry():
     cfg = load_config("quick", overrides={"renderer": {"image_size": 80}, "market": {"ad_image_size": 80}})
     assert cfg.renderer.image_size == cfg.market.ad_image_size == 80
     assert load_config("gpu-cluster").renderer.image_size == 512  # diffusers: its own size
+
+
+def test_a_backlog_sized_renderer_pool_needs_the_streaming_pipeline():
+    """The sequential pipeline starts a Ray Data pool per round: there is no job-long pool for the
+    driver to size, so the combination is refused, naming both keys."""
+    cfg = load_config("quick", overrides={"resources": {"renderers": {"sizing": "backlog"}}})
+    assert cfg.resources.renderers.sizing == "backlog" and cfg.resources.renderers.idle_release_s == 5.0
+    with pytest.raises(ConfigError, match="resources.renderers.sizing backlog needs online.pipeline streaming"):
+        load_config("quick", overrides={"resources": {"renderers": {"sizing": "backlog"}},
+                                        "online": {"pipeline": "sequential"}})
+    with pytest.raises(ConfigError, match="sizing"):
+        load_config("quick", overrides={"resources": {"renderers": {"sizing": "fast"}}})

@@ -136,6 +136,32 @@ def test_a_finished_run_is_not_resumed_and_its_folder_not_reused(uninterrupted, 
     assert files() == before and not ray.is_initialized()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_backlog_sized_renderer_pool_trains_on_the_same_pairs(uninterrupted, quick_world, tmp_path, monkeypatch):
+    """resources.renderers.sizing backlog (the driver sizes the renderer pool, dataplane/elastic.py)
+    changes who renders, not what: round 0's pairs -- samples, RM choices, the step each trained at --
+    and its evaluation equal the Ray Data pool's run."""
+    import caig_ray.dataplane.stream as stream
+
+    def no_ray_data_pool(*args, **kwargs):
+        raise AssertionError("sizing backlog built Ray Data's renderer pool")
+
+    monkeypatch.setattr(stream, "map_renderers", no_ray_data_pool)
+    ref_out, ref = uninterrupted
+    cfg = load_config("quick", overrides={**_cfg(rounds=1).model_dump(mode="json", exclude_defaults=True),
+                                          "resources": {"renderers": {"sizing": "backlog", "idle_release_s": 1.0}}})
+    out = tmp_path / "run"
+    s = _train(cfg, quick_world, out)
+    assert s["pairs_lost"] == 0 and s["pairs_duplicated"] == 0
+    # the pool trace counts only the backlog-sized pool's actors here: they did the rendering
+    assert 1 <= s["renderer_pool_size_max"] <= cfg.resources.renderers.max_size
+    assert _pairs(out) == [r for r in _pairs(ref_out) if r["round"] == 0]
+    n = len(s["eval_after_rounds"])  # the evaluations up to the end of round 0
+    assert n >= 1 and s["eval_after_rounds"] == ref["eval_after_rounds"][:n]
+    assert s["true_ctr_by_round"] == pytest.approx(ref["true_ctr_by_round"][:n], rel=1e-6)
+
+
 def _same_weights(ref_out: Path, out: Path, world) -> None:
     """The two runs' final policies agree to float tolerance, and both moved away from the start."""
     a = load_file(ref_out / "policy" / "model.safetensors")
