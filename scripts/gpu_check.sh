@@ -19,12 +19,12 @@ cd "$(dirname "$0")/.."
 # what the GPU machine's image lacks (/work/.library/device/KINDS.md lists what it holds), pinned to
 # constraints.txt's versions; transformers is the image's own (5.x): carrying ours would not fit in 64 MiB
 # (fastapi imports opentelemetry-api, Serve grpcio-reflection; Serve runs without the rest of ray[serve]:
-# checked with --wheels against a venv of the image's packages)
+# checked with --wheels against a venv of the image's packages; importlib_metadata 10 imports lazy_importer)
 WHEELS=(ray==2.60.0 hjson==3.1.0 diffusers==0.42.1 trl==1.16.0 datasets==5.2.0 dill==0.4.1
         multiprocess==0.70.19 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
         jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1
         fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 opentelemetry-api==1.45.2 importlib_metadata==10.2.0
-        grpcio-reflection==1.85.1)
+        grpcio-reflection==1.85.1 lazy-importer==0.1.0)
 DEVICE=cuda
 PYVER=3.12
 PYTEST_ARGS=()
