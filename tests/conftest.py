@@ -34,6 +34,31 @@ def check_device() -> str:
     return device
 
 
+def _version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _commit() -> str | None:
+    """The checkout's commit, with ``+changes`` when its tree differs; None without git (a copied tree)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        sha = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if sha.returncode != 0:
+        return None
+    return sha.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 @pytest.fixture(scope="session")
 def gpu_record(check_device):
     """What the GPU check measured, one dict for every tests/test_gpu*.py module; written at the end of
@@ -48,7 +73,11 @@ def gpu_record(check_device):
 
     name = torch.cuda.get_device_name(0) if check_device == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     record = {"device": name, "check_device": check_device, "torch": torch.__version__, "cuda": torch.version.cuda,
-              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "python": platform.python_version(),
+              # the machine's own packages or the carried wheels (scripts/gpu_check.sh): which ran
+              "packages": {p: _version(p) for p in ("ray", "deepspeed", "transformers", "diffusers", "trl", "peft",
+                                                    "pydantic", "fastapi")},
+              "commit": _commit()}
     yield record
     default = "gpu_check.json" if check_device == "cuda" else "gpu_check_cpu.json"
     out = Path(os.environ.get("CAIG_GPU_CHECK_OUT", Path(__file__).parents[1] / "bench" / "results" / default))
