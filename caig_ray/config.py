@@ -256,7 +256,8 @@ class RendererPoolConfig(ActorPoolConfig):
     ``idle_release_s``, so their nodes go idle. ``generate`` always uses ray_data (no driver in its data path)."""
     idle_release_s: float = Field(5.0, ge=0)
     """With sizing backlog: seconds the pool must have been larger than the backlog needs before its
-    surplus actors stop (set it above a round's training time to keep the renderers loaded between rounds)."""
+    surplus actors stop (above the gap between a round's last block and the next round's first --
+    last steps, checkpoint, sampling -- keeps the renderers loaded between rounds)."""
 
 
 class ReplicaPlacement(Placement):
@@ -710,8 +711,20 @@ def merge_onto(model: type[BaseModel], base: dict, override: dict) -> dict:
     out = dict(base)
     for k, v in override.items():
         sub = _block_type(model, k)
-        out[k] = merge_onto(sub, out[k], v) if sub and isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        if sub and isinstance(v, dict):
+            # a block the base does not set starts from its parent's default, not the block class's
+            # own (resources.renderers: max_size 2, not RendererPoolConfig's 1)
+            under = out[k] if isinstance(out.get(k), dict) else _default_block(model, k)
+            out[k] = merge_onto(sub, under, v)
+        else:
+            out[k] = v
     return out
+
+
+def _default_block(model: type[BaseModel], key: str) -> dict:
+    """What the field ``key`` of ``model`` sets in its default block beyond the block class's defaults."""
+    default = model.model_fields[key].get_default(call_default_factory=True)
+    return default.model_dump(mode="json", exclude_unset=True) if isinstance(default, BaseModel) else {}
 
 
 def _block_type(model: type[BaseModel], key: str) -> type[BaseModel] | None:

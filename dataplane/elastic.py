@@ -101,6 +101,7 @@ class RendererPoolController:
         self.surplus_since: float | None = None
         self.started = self.stopped = 0
         self.closed = False
+        self.failed: str | None = None  # why a renderer could not start: every acquire() raises it
         self.tick_s, self.ticker = tick_s, None  # started by the first call: __init__ runs outside the event loop
 
     # ----------------------------------------------------------------------------------- sizing
@@ -118,9 +119,11 @@ class RendererPoolController:
     async def _when_ready(self, key: int) -> None:
         try:
             await self.members[key].handle.__ray_ready__.remote()
-        except ray.exceptions.RayActorError:  # killed while pending, or died in __init__
-            self.members.pop(key, None)
-            self._reconcile()
+        except ray.exceptions.RayActorError as e:
+            if self.members.pop(key, None) is not None:  # not stopped by us: its __init__ failed
+                # as Ray Data's pool does, a renderer that cannot start ends the stage, rather than
+                # being started again and again while the stage's tasks wait
+                self._fail(f"a renderer actor failed to start: {e}")
             return
         member = self.members.get(key)
         if member is not None:
@@ -131,8 +134,15 @@ class RendererPoolController:
         ray.kill(self.members.pop(key).handle)  # no restart: ray.kill's default
         self.stopped += 1
 
+    def _fail(self, why: str) -> None:
+        self.failed = why
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(RuntimeError(why))
+
     def _reconcile(self) -> None:
-        if self.closed:
+        if self.closed or self.failed:
             return
         if self.ticker is None:
             self.ticker = asyncio.get_running_loop().create_task(self._tick())
@@ -184,7 +194,8 @@ class RendererPoolController:
         members = list(self.members.values())
         return {"target": self.target(), "backlog": self.backlog, "waiting": len(self.waiters),
                 "pending": sum(not m.ready for m in members), "ready": sum(m.ready for m in members),
-                "busy": sum(m.busy for m in members), "started": self.started, "stopped": self.stopped}
+                "busy": sum(m.busy for m in members), "started": self.started, "stopped": self.stopped,
+                "failed": self.failed}
 
     async def close(self) -> None:
         self.closed = True
@@ -200,8 +211,8 @@ class RendererPoolController:
     async def acquire(self) -> tuple[int, object]:
         """A ready, free renderer actor and its key (waits for one, in arrival order); the caller
         gives the key back with ``release``."""
-        if self.closed:
-            raise RuntimeError("the renderer pool is closed")
+        if self.closed or self.failed:
+            raise RuntimeError(self.failed or "the renderer pool is closed")
         waiter = asyncio.get_running_loop().create_future()
         self.waiters.append(waiter)
         self._hand_out()
@@ -233,6 +244,13 @@ class ElasticRenderers:
 
     def stats(self) -> dict:
         return ray.get(self.controller.stats.remote())
+
+    def alive(self) -> bool:
+        try:
+            ray.get(self.controller.__ray_ready__.remote(), timeout=30)
+            return True
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return False
 
     def close(self) -> None:
         try:

@@ -211,6 +211,9 @@ class PairStream(_PoolTrace):
         if pool.sizing == "backlog":  # the driver sizes the renderer pool (dataplane/elastic.py)
             self.renderers = ElasticRenderers(cfg.renderer, pool, oc.faults, idle_release_s=pool.idle_release_s)
             where = on_driver_node()  # a read task waiting on a renderer node would keep that node up
+        logging.getLogger(__name__).info("renderer pool: %d..%d actors, sized by %s (resources.renderers.sizing %s)",
+                                         pool.min_size, pool.max_size,
+                                         "the driver's backlog" if self.renderers else "Ray Data", pool.sizing)
         # read tasks waiting on the feed at once: the blocks the renderer pool's autoscaler can see queued
         # (2 hid a round's backlog from a pool of 8: it grew to 3)
         ds = ray.data.read_datasource(FeedDatasource(self.feed, n_blocks), override_num_blocks=n_blocks,
@@ -253,6 +256,11 @@ class PairStream(_PoolTrace):
         except Exception as e:  # a read task that waited on a dead feed fails inside Ray Data
             if not self._feed_alive():
                 raise PipelineLost(f"the PairFeed actor died; the pipeline failed with: {e}") from e
+            if self.renderers is not None:
+                if not self.renderers.alive():
+                    raise PipelineLost(f"the renderer pool's controller died; the pipeline failed with: {e}") from e
+                if why := self.renderers.stats()["failed"]:
+                    raise RuntimeError(f"the renderer pool failed: {why}") from e
             raise
         self.wait_s += time.perf_counter() - t
         self.feed.drop.remote(self.consumed)

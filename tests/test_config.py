@@ -143,3 +143,29 @@ def test_a_backlog_sized_renderer_pool_needs_the_streaming_pipeline():
                                         "online": {"pipeline": "sequential"}})
     with pytest.raises(ConfigError, match="sizing"):
         load_config("quick", overrides={"resources": {"renderers": {"sizing": "fast"}}})
+
+
+def test_resume_may_change_how_the_renderer_pool_is_sized_and_nothing_else_of_it(tmp_path):
+    """Both sizings render the same pairs (tests/test_online_loop.py), so --resume may switch them; any
+    other renderer-pool key still makes it another run."""
+    from caig_ray.loop import check_same_run
+
+    saved = load_config("quick")
+    check_same_run(saved, load_config("quick", overrides={"resources": {"renderers": {"sizing": "backlog",
+                                                                                     "idle_release_s": 60}}}), tmp_path)
+    with pytest.raises(ConfigError, match=r"differs from the run's .*: resources.renderers;"):
+        check_same_run(saved, load_config("quick", overrides={"resources": {"renderers": {"max_size": 4}}}), tmp_path)
+
+
+def test_a_layer_on_a_block_its_base_does_not_set_keeps_the_block_s_defaults(tmp_path):
+    """resources.renderers' default is max_size 2 and resources.policy's num_cpus 0.5 (ResourcesConfig),
+    not their classes' own 1 and 1.0: a layer that sets one key of such a block, in a file or as
+    flags, changes that key only."""
+    base = load_config("quick").resources
+    layer = {"resources": {"renderers": {"sizing": "backlog"}, "policy": {"num_workers": 1}}}
+    (tmp_path / "mine.yaml").write_text("base: quick\nresources:\n  renderers: {sizing: backlog}\n  policy: {num_workers: 1}\n")
+    for cfg in (load_config("quick", overrides=layer), load_config(tmp_path / "mine.yaml")):
+        got = cfg.resources
+        assert got.renderers.sizing == "backlog" and got.policy.num_workers == 1
+        assert got.renderers.max_size == base.renderers.max_size == 2
+        assert got.policy.num_cpus == base.policy.num_cpus == 0.5

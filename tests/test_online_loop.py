@@ -19,6 +19,7 @@ from caig_ray.config import load_config, save_config
 from caig_ray.storage import Output
 
 ROUNDS = 2
+BACKLOG_SIZED = {"renderers": {"sizing": "backlog", "idle_release_s": 1.0}}  # resources: the driver sizes the renderer pool
 
 
 def _cfg(resources: dict | None = None, **online):
@@ -64,7 +65,7 @@ def uninterrupted(quick_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("online") / "run"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(stream, "map_renderers", no_ray_data_pool)
-        return out, _train(_cfg(resources={"renderers": {"sizing": "backlog", "idle_release_s": 1.0}}), quick_world, out)
+        return out, _train(_cfg(resources=BACKLOG_SIZED), quick_world, out)
 
 
 @pytest.mark.slow
@@ -165,8 +166,10 @@ def _same_weights(ref_out: Path, out: Path, world) -> None:
 def test_faults_and_a_killed_driver_end_as_the_uninterrupted_run(uninterrupted, quick_world, s3_store, tmp_path):
     """One run through every fault the loop recovers from, each a separate mechanism (together they
     also show that one recovery does not undo another's), ending as the uninterrupted run: every pair
-    once, the same pairs, curve and weights (float tolerance). This run renders on Ray Data's pool,
-    the uninterrupted one on the backlog-sized pool: the equality holds across the two sizings too.
+    once, the same pairs, curve and weights (float tolerance). Like the uninterrupted run, round 0
+    renders on the backlog-sized pool (resources.renderers.sizing backlog: its renderer restarts and
+    its rebuild with the feed); round 1, resumed, on Ray Data's pool (the sizing may change on
+    --resume), so the equality holds across the two sizings too. The scorers are Ray Data's pool.
 
     Outputs go to an object store (a local S3 server). Round 0, in a driver process of its own: a
     renderer process dies after 2 batches and a scorer process after 1 (Ray Data restarts them and
@@ -181,7 +184,7 @@ def test_faults_and_a_killed_driver_end_as_the_uninterrupted_run(uninterrupted, 
     marker = tmp_path / "faults"
     round0 = {"marker_dir": str(marker), "feed_die_after_blocks": 3, "renderer_die_after_batches": 2,
               "scorer_die_after_batches": 1, "driver_kill_after_round": 0}
-    cfg = _cfg(faults=round0).model_copy(update={"storage": s3_store})
+    cfg = _cfg(resources=BACKLOG_SIZED, faults=round0).model_copy(update={"storage": s3_store})
     save_config(cfg, tmp_path / "cfg.yaml")
     store = resolve_output(s3_store, "runs/killed")
     cmd = [sys.executable, "-m", "caig_ray.jobs.train", "--config", str(tmp_path / "cfg.yaml"), "--out", "runs/killed",
@@ -192,6 +195,7 @@ def test_faults_and_a_killed_driver_end_as_the_uninterrupted_run(uninterrupted, 
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # whatever the killed driver left behind
     assert proc.returncode == -signal.SIGKILL, log.decode()[-3000:]
+    assert log.decode().count("sized by the driver's backlog") == 2  # the first pipeline and the one rebuilt with the feed
     for fault in ("feed", "renderer", "scorer", "driver"):
         assert (marker / f"{fault}.fired").exists(), fault
     assert store.child("checkpoints/round_000/state.json").exists()

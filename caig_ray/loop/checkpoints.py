@@ -12,19 +12,24 @@ from caig_ray.online import RunState
 from caig_ray.storage import Output, atomic_write_text
 
 
+RESUME_MAY_CHANGE = "online.rounds, online.faults, resources.renderers.sizing / idle_release_s and storage"
+
+
 def check_same_run(saved: CaigConfig, now: CaigConfig, where: Path) -> None:
-    """--resume must continue the same run: only online.rounds, online.faults and storage (a run copied
-    to another store) may change."""
+    """--resume must continue the same run: only online.rounds, online.faults, how the renderer pool is
+    sized (it renders the same pairs either way: tests/test_online_loop.py) and storage (a run copied to
+    another store) may change."""
     a, b = saved.model_dump(mode="json"), now.model_dump(mode="json")
     for d in (a, b):
         d["online"].pop("rounds"), d["online"].pop("faults"), d.pop("storage")
+        d["resources"]["renderers"].pop("sizing"), d["resources"]["renderers"].pop("idle_release_s")
     if a != b:
         diff = sorted(
             f"{sec}.{k}" if isinstance(a[sec], dict) else sec
             for sec in a for k in (a[sec] if isinstance(a[sec], dict) else [sec])
             if (a[sec].get(k) != b[sec].get(k) if isinstance(a[sec], dict) else a[sec] != b[sec]))
         raise ConfigError(f"--resume with a config that differs from the run's {where}: {', '.join(diff) or 'name'}; "
-                          "only online.rounds, online.faults and storage may change")
+                          f"only {RESUME_MAY_CHANGE} may change")
 
 
 def run_checkpoints(store: Output, run_id: str) -> list[str]:
