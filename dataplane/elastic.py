@@ -246,17 +246,22 @@ class ElasticRenderers:
         return ray.get(self.controller.stats.remote())
 
     def alive(self) -> bool:
-        try:
-            ray.get(self.controller.__ray_ready__.remote(), timeout=30)
-            return True
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            return False
+        return actor_alive(self.controller)
 
     def close(self) -> None:
         try:
             ray.get(self.controller.close.remote(), timeout=30)
         finally:
             ray.kill(self.controller)
+
+
+def actor_alive(handle, timeout_s: float = 30) -> bool:
+    """Whether the actor answers (a dead one raises; a hung one is counted dead after ``timeout_s``)."""
+    try:
+        ray.get(handle.__ray_ready__.remote(), timeout=timeout_s)
+        return True
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return False
 
 
 def _render_on_pool(batch, controller):

@@ -34,7 +34,8 @@ from ray.data.datasource import Datasource, ReadTask
 
 from caig_ray.actors.renderer import Renderer
 from caig_ray.config import ActorPoolConfig, CaigConfig, FaultConfig, RendererConfig
-from caig_ray.dataplane.elastic import RENDERER_ACTOR, ElasticRenderers, map_renderers_elastic, on_driver_node
+from caig_ray.dataplane.elastic import (RENDERER_ACTOR, ElasticRenderers, actor_alive, map_renderers_elastic,
+                                        on_driver_node)
 from caig_ray.faults import BatchFault
 from caig_ray.rows import CandidatePair, ScoredPair
 from caig_ray.storage import Output
@@ -239,13 +240,6 @@ class PairStream(_PoolTrace):
         if self.renderers is not None:
             self.renderers.set_backlog(self.fed - self.consumed)
 
-    def _feed_alive(self) -> bool:
-        try:
-            ray.get(self.feed.__ray_ready__.remote(), timeout=30)
-            return True
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            return False
-
     def next_block(self) -> list[ScoredPair]:
         """The next scored block in feed order (blocks until it is ready)."""
         if self.consumed >= self.fed:
@@ -254,7 +248,7 @@ class PairStream(_PoolTrace):
         try:
             table = next(self._it)
         except Exception as e:  # a read task that waited on a dead feed fails inside Ray Data
-            if not self._feed_alive():
+            if not actor_alive(self.feed):
                 raise PipelineLost(f"the PairFeed actor died; the pipeline failed with: {e}") from e
             if self.renderers is not None:
                 if not self.renderers.alive():
@@ -281,7 +275,7 @@ class PairStream(_PoolTrace):
         if self.renderers is not None:
             try:
                 self.renderers.close()
-            except Exception:  # noqa: BLE001 -- a controller lost with the pipeline; its actors die with the job
+            except ray.exceptions.RayError:  # a controller lost with the pipeline; its actors die with it
                 logging.getLogger(__name__).debug("closing the backlog-sized renderer pool", exc_info=True)
         ray.kill(self.feed)
 
