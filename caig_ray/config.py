@@ -772,7 +772,7 @@ def config_layers(source: str | Path, preset: str | None = None, _seen: tuple[Pa
         raw = _read_yaml(preset_path(str(source)))
         base = raw.pop("base", None)  # a control world: a preset on another preset, holding what differs
         if base is None:
-            return f"preset {source}", raw
+            return f"preset {source}", merge_onto(CaigConfig, {}, raw)
         where, under = config_layers(base)
         return f"preset {source} on {where}", merge_onto(CaigConfig, under, raw)
     path = Path(source)
@@ -788,9 +788,9 @@ def config_layers(source: str | Path, preset: str | None = None, _seen: tuple[Pa
         raise ConfigError(f"{path} says `base: {base}` but --preset {preset} was given: drop one")
     base = base or preset
     if base == "none":
-        return f"{path} (on the field defaults)", raw
+        return f"{path} (on the field defaults)", merge_onto(CaigConfig, {}, raw)
     if base in PRESETS:
-        where, under = f"preset {base}", _read_yaml(preset_path(base))
+        where, under = config_layers(base)  # a preset may itself be on another preset
     else:
         base_path = (path.parent / base).resolve()
         seen = (*_seen, path.resolve())

@@ -1,6 +1,6 @@
 import pytest
 
-from caig_ray.config import PRESETS, CaigConfig, ConfigError, load_config, save_config
+from caig_ray.config import PRESETS, CaigConfig, ConfigError, load_config, load_config_described, save_config
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -164,8 +164,20 @@ def test_a_layer_on_a_block_its_base_does_not_set_keeps_the_block_s_defaults(tmp
     base = load_config("quick").resources
     layer = {"resources": {"renderers": {"sizing": "backlog"}, "policy": {"num_workers": 1}}}
     (tmp_path / "mine.yaml").write_text("base: quick\nresources:\n  renderers: {sizing: backlog}\n  policy: {num_workers: 1}\n")
-    for cfg in (load_config("quick", overrides=layer), load_config(tmp_path / "mine.yaml")):
+    (tmp_path / "none.yaml").write_text("base: none\nresources:\n  renderers: {sizing: backlog}\n  policy: {num_workers: 1}\n")
+    for cfg in (load_config("quick", overrides=layer), load_config(tmp_path / "mine.yaml"),
+                load_config(tmp_path / "none.yaml")):
         got = cfg.resources
         assert got.renderers.sizing == "backlog" and got.policy.num_workers == 1
         assert got.renderers.max_size == base.renderers.max_size == 2
         assert got.policy.num_cpus == base.policy.num_cpus == 0.5
+
+
+def test_a_file_on_a_preset_that_is_itself_on_a_preset_gets_both_layers(tmp_path):
+    """demo-no-attention is a layer on demo (its own ``base: demo``): a file on it is on both."""
+    (tmp_path / "mine.yaml").write_text("base: demo-no-attention\nonline: {rounds: 1}\n")
+    cfg, where = load_config_described(tmp_path / "mine.yaml")
+    assert where == f"{tmp_path / 'mine.yaml'} on preset demo-no-attention on preset demo"
+    want = load_config("demo-no-attention")
+    assert cfg.online.rounds == 1
+    assert cfg.model_dump(exclude={"online"}) == want.model_dump(exclude={"online"})

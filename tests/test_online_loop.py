@@ -55,8 +55,8 @@ def rows_with_ads(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def uninterrupted(quick_world, tmp_path_factory):
     """The reference run. Its renderer pool is sized by the driver (resources.renderers.sizing
-    backlog, dataplane/elastic.py; Ray Data's pool is never built); the fault test's run renders on
-    Ray Data's pool (the default) and must end as this one: same pairs, choices, curve and weights."""
+    backlog, dataplane/elastic.py; Ray Data's pool is never built); the fault test's run, its round 1
+    on Ray Data's pool (the default), must end as this one: same pairs, choices, curve and weights."""
     import caig_ray.dataplane.stream as stream
 
     def no_ray_data_pool(*args, **kwargs):
@@ -172,8 +172,8 @@ def test_faults_and_a_killed_driver_end_as_the_uninterrupted_run(uninterrupted, 
     --resume), so the equality holds across the two sizings too. The scorers are Ray Data's pool.
 
     Outputs go to an object store (a local S3 server). Round 0, in a driver process of its own: a
-    renderer process dies after 2 batches and a scorer process after 1 (Ray Data restarts them and
-    retries the batches), the PairFeed actor dies while round 0 is fed (before any checkpoint: the job
+    renderer process dies after 2 batches and a scorer process after 1 (their pools restart them and
+    retry the batches: the renderer actor's own restart options, Ray Data's for the scorer), the PairFeed actor dies while round 0 is fed (before any checkpoint: the job
     rebuilds it and re-feeds), and the driver SIGKILLs itself after round 0's checkpoint. The local run
     folder is then deleted (a fresh pod) and --resume reads only from the store; in round 1 (mid-round,
     its first train step) the last PolicyWorker dies: the job rebuilds the group and reloads the last
