@@ -117,8 +117,11 @@ class RendererPoolController:
         asyncio.get_running_loop().create_task(self._when_ready(key))
 
     async def _when_ready(self, key: int) -> None:
+        member = self.members.get(key)
+        if member is None:  # stopped before this task ran
+            return
         try:
-            await self.members[key].handle.__ray_ready__.remote()
+            await member.handle.__ray_ready__.remote()
         except ray.exceptions.RayActorError as e:
             if self.members.pop(key, None) is not None:  # not stopped by us: its __init__ failed
                 # as Ray Data's pool does, a renderer that cannot start ends the stage, rather than
