@@ -15,7 +15,8 @@ On an autoscaling cluster (KubeRay's renderer group scales from zero) Ray Data's
   and the autoscaler never idles out a node a resource request still needs: a job-long pipeline
   (``PairStream``) keeps its peak of renderer nodes until the job ends.
 
-Here the pool is ours (``train`` with ``resources.renderers.sizing: backlog``: ``PairStream``). The driver knows the backlog (blocks fed, not yet consumed) and says so with
+Here the pool is ours (``PairStream``, when ``train`` runs with ``resources.renderers.sizing:
+backlog``). The driver knows the backlog (blocks fed, not yet consumed) and says so with
 ``set_backlog``; the controller keeps ``clamp(ceil(backlog / blocks_per_actor), min_size, max_size)``
 renderer actors. An actor the cluster cannot place yet is pending, and pending actors are what the
 cluster autoscaler adds nodes for -- all the backlog's nodes at once, at its arrival. When the

@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from caig_ray.config import PRESETS, CaigConfig, ConfigError, load_config, load_config_described, save_config
 
@@ -163,8 +164,8 @@ def test_a_layer_on_a_block_its_base_does_not_set_keeps_the_block_s_defaults(tmp
     flags, changes that key only."""
     base = load_config("quick").resources
     layer = {"resources": {"renderers": {"sizing": "backlog"}, "policy": {"num_workers": 1}}}
-    (tmp_path / "mine.yaml").write_text("base: quick\nresources:\n  renderers: {sizing: backlog}\n  policy: {num_workers: 1}\n")
-    (tmp_path / "none.yaml").write_text("base: none\nresources:\n  renderers: {sizing: backlog}\n  policy: {num_workers: 1}\n")
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({"base": "quick", **layer}))
+    (tmp_path / "none.yaml").write_text(yaml.safe_dump({"base": "none", **layer}))
     for cfg in (load_config("quick", overrides=layer), load_config(tmp_path / "mine.yaml"),
                 load_config(tmp_path / "none.yaml")):
         got = cfg.resources

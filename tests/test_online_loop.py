@@ -19,7 +19,8 @@ from caig_ray.config import load_config, save_config
 from caig_ray.storage import Output
 
 ROUNDS = 2
-BACKLOG_SIZED = {"renderers": {"sizing": "backlog", "idle_release_s": 1.0}}  # resources: the driver sizes the renderer pool
+# resources: the driver sizes the renderer pool (dataplane/elastic.py)
+BACKLOG_SIZED = {"renderers": {"sizing": "backlog", "idle_release_s": 1.0}}
 
 
 def _cfg(resources: dict | None = None, **online):
@@ -173,8 +174,9 @@ def test_faults_and_a_killed_driver_end_as_the_uninterrupted_run(uninterrupted, 
 
     Outputs go to an object store (a local S3 server). Round 0, in a driver process of its own: a
     renderer process dies after 2 batches and a scorer process after 1 (their pools restart them and
-    retry the batches: the renderer actor's own restart options, Ray Data's for the scorer), the PairFeed actor dies while round 0 is fed (before any checkpoint: the job
-    rebuilds it and re-feeds), and the driver SIGKILLs itself after round 0's checkpoint. The local run
+    retry the batches: the renderer actor's own restart options, Ray Data's for the scorer), the
+    PairFeed actor dies while round 0 is fed (before any checkpoint: the job rebuilds it and
+    re-feeds), and the driver SIGKILLs itself after round 0's checkpoint. The local run
     folder is then deleted (a fresh pod) and --resume reads only from the store; in round 1 (mid-round,
     its first train step) the last PolicyWorker dies: the job rebuilds the group and reloads the last
     checkpoint from the store. (online.faults may change on --resume: caig_ray/loop/checkpoints.py.)"""
